@@ -1,1 +1,26 @@
-//! placeholder
+//! The govshare broker: routes supply-demand requests and data exchanges between government
+//! department nodes over mutual TLS, with all state in sled.
+//!
+//! Domain modules (`registry`, `catalog`, `sharing`, `audit`) know nothing about tonic; the
+//! `service` modules are thin gRPC wrappers over them, and `error` is the one place where
+//! errors become gRPC statuses.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod mask;
+pub mod pki;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod sharing;
+pub mod store;
+pub mod time;
+
+pub use config::Config;
+pub use error::BrokerError;
+pub use server::{start, RunningBroker};

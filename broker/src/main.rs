@@ -1,1 +1,253 @@
-fn main() {}
+//! `govshare-broker`: initialise a data dir, issue identities, run the broker, verify the audit log.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use govshare_broker::{audit, config::Config, pki, server};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The data directory used when none is given.
+const DEFAULT_DATA_DIR: &str = "./govshare-data";
+/// The broker id used when `govshare-broker` initialises a data dir by itself.
+const DEFAULT_BROKER_ID: &str = "000000/broker";
+
+/// govshare broker: routes supply-demand requests and data exchanges between government
+/// departments over mutual TLS. With no command, runs with ./govshare-data, initialising it
+/// on first start.
+#[derive(Debug, Parser)]
+#[command(name = "govshare-broker", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a data dir: config.toml, a development CA, the broker's identity and an admin identity (DIR/admin).
+    Init(InitArgs),
+    /// Write a new node identity (node.pem, node.key, ca.pem) signed by the data dir's CA. Safe while the broker runs.
+    Issue(IssueArgs),
+    /// Serve gRPC over mutual TLS with all state in sled under the data dir.
+    Run(RunArgs),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// The data directory to create.
+    #[arg(long, env = "GOVSHARE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// This broker's node id, REGION/NAME (e.g. 330000/hub).
+    #[arg(long)]
+    id: String,
+    /// Another DNS name or IP address for the broker's certificate (besides localhost, 127.0.0.1, ::1). Repeatable.
+    #[arg(long = "san", value_name = "NAME")]
+    sans: Vec<String>,
+    /// The listen address to write into config.toml.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// The admin identity's node id (default: REGION/admin).
+    #[arg(long, value_name = "ID")]
+    admin_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct IssueArgs {
+    /// The data directory whose CA signs.
+    #[arg(long, env = "GOVSHARE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// The node id the identity is for, REGION/NAME.
+    #[arg(long)]
+    node: String,
+    /// The node's role.
+    #[arg(long, default_value = "department", value_parser = ["department", "admin", "broker"])]
+    role: String,
+    /// Where to write node.pem, node.key and ca.pem.
+    #[arg(long, value_name = "OUTDIR")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The data directory (made by `init`).
+    #[arg(long, env = "GOVSHARE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Listen address, overriding [broker] listen in config.toml.
+    #[arg(long, env = "GOVSHARE_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the audit hash chain offline (the broker must be stopped); names the first entry that does not verify.
+    Verify {
+        /// The data directory.
+        #[arg(long, env = "GOVSHARE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Some(Command::Init(a)) => {
+            let report = pki::init_data_dir(&pki::InitOptions {
+                data_dir: a.data_dir.clone(),
+                broker_id: a.id,
+                sans: a.sans,
+                listen: a.listen,
+                admin_id: a.admin_id,
+            })?;
+            println!("initialised {}", a.data_dir.display());
+            println!("  config:         {}", report.config_path.display());
+            println!(
+                "  admin identity: {} (node {})",
+                report.admin_dir.display(),
+                report.admin_id
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Issue(a)) => {
+            let role = pki::parse_role(&a.role)?;
+            pki::issue_identity(&a.data_dir, &a.node, role, &a.out)?;
+            println!(
+                "wrote {} identity for {} to {} (node.pem, node.key, ca.pem)",
+                a.role,
+                a.node,
+                a.out.display()
+            );
+            if role != govshare_proto::v1::NodeRole::Admin {
+                println!(
+                    "register it before use: govshare --identity {}/admin node register --id {} --name NAME",
+                    a.data_dir.display(),
+                    a.node
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::Run(a)) => run(&a.data_dir, a.listen, false),
+        None => run(Path::new(DEFAULT_DATA_DIR), None, true),
+        Some(Command::Audit(AuditCommand::Verify { data_dir })) => audit_verify(&data_dir),
+    }
+}
+
+fn audit_verify(data_dir: &Path) -> anyhow::Result<std::process::ExitCode> {
+    let cfg = Config::load(data_dir)?;
+    let db = sled::Config::new()
+        .path(cfg.path(&cfg.storage.path))
+        .open()
+        .context("cannot open the database (stop the broker first: audit verify reads it offline)")?;
+    let tree = db.open_tree("audit")?;
+    match audit::verify(&tree)? {
+        audit::VerifyOutcome::Ok(n) => {
+            println!("audit chain OK: {n} entries verified");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        audit::VerifyOutcome::Broken { seq, reason } => {
+            println!("audit chain BROKEN at entry {seq}: {reason}");
+            Ok(std::process::ExitCode::from(3))
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(data_dir: &Path, listen: Option<SocketAddr>, auto_init: bool) -> anyhow::Result<std::process::ExitCode> {
+    if auto_init && !data_dir.join(govshare_broker::config::CONFIG_FILE).exists() {
+        let report = pki::init_data_dir(&pki::InitOptions {
+            data_dir: data_dir.to_path_buf(),
+            broker_id: DEFAULT_BROKER_ID.into(),
+            sans: Vec::new(),
+            listen: None,
+            admin_id: None,
+        })?;
+        println!(
+            "first start: initialised {} (broker {DEFAULT_BROKER_ID}, config {})",
+            data_dir.display(),
+            report.config_path.display()
+        );
+    }
+    let mut cfg = Config::load(data_dir)?;
+    if let Some(l) = listen {
+        cfg.broker.listen = l;
+    }
+    init_logging(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.broker.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.broker.listen))?;
+        let admin_dir = data_dir.join("admin");
+        let broker_id = cfg.broker.id.clone();
+        let admin_id = cfg.broker.admin_id.clone();
+        let mut broker = server::start(cfg, listener).await?;
+        println!(
+            "govshare broker {broker_id} listening on https://{} (mutual TLS)",
+            broker.local_addr
+        );
+        println!(
+            "admin identity ({admin_id}): {}  e.g. govshare --broker https://{} --identity {} whoami",
+            admin_dir.display(),
+            broker.local_addr,
+            admin_dir.display()
+        );
+        let stopped = tokio::select! {
+            r = broker.wait() => { r?; bail!("the server stopped unexpectedly") }
+            s = shutdown_signal() => s,
+        };
+        println!("{stopped}: shutting down (finishing in-flight calls, flushing)");
+        broker.shutdown().await?;
+        println!("stopped cleanly");
+        Ok(std::process::ExitCode::SUCCESS)
+    })
+}
+
+/// Waits for SIGINT or SIGTERM and names the one that came.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "interrupt"
+    }
+}

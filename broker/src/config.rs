@@ -1,0 +1,284 @@
+//! The broker's configuration: one TOML file in the data dir, every setting defaulted.
+
+use crate::error::BrokerError;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Who this broker is and where it listens.
+    pub broker: BrokerSection,
+    /// TLS identity and trust files.
+    pub tls: TlsSection,
+    /// Storage tuning.
+    pub storage: StorageSection,
+    /// Supply-demand rules.
+    pub sharing: SharingSection,
+    /// Logging.
+    pub log: LogSection,
+    /// The directory the file was loaded from; relative paths resolve against it. Not in the file.
+    #[serde(skip)]
+    pub data_dir: PathBuf,
+}
+
+/// `[broker]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSection {
+    /// This broker's node id, REGION/NAME.
+    pub id: String,
+    /// The gRPC listen address.
+    pub listen: SocketAddr,
+    /// The admin node created by `init`; registered automatically at start.
+    pub admin_id: String,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// The broker's certificate (PEM), relative to the data dir.
+    pub cert: PathBuf,
+    /// The broker's private key (PEM, PKCS#8).
+    pub key: PathBuf,
+    /// CA certificates whose client certificates are accepted (PEM bundle).
+    pub client_ca: PathBuf,
+    /// The CA certificate and key `issue` signs with; a real deployment may remove them from the broker host.
+    pub ca_cert: PathBuf,
+    /// The CA's private key.
+    pub ca_key: PathBuf,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// The sled database directory, relative to the data dir.
+    pub path: PathBuf,
+    /// sled's page cache, in bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+/// `[sharing]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharingSection {
+    /// Days a provider has to decide a CONDITIONAL demand before it counts as overdue.
+    pub demand_response_days: u32,
+    /// Days of access when a demand does not say.
+    pub default_period_days: u32,
+    /// Longest period a demand may ask for.
+    pub max_period_days: u32,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// A tracing filter, e.g. "info" or "govshare_broker=debug,info"; RUST_LOG overrides it.
+    pub level: String,
+    /// "text" or "json".
+    pub format: String,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        Self {
+            id: "000000/broker".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            admin_id: "000000/admin".into(),
+        }
+    }
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self {
+            cert: "tls/broker.pem".into(),
+            key: "tls/broker.key".into(),
+            client_ca: "tls/ca.pem".into(),
+            ca_cert: "ca/ca.pem".into(),
+            ca_key: "ca/ca.key".into(),
+        }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            path: "db".into(),
+            cache_capacity_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for SharingSection {
+    fn default() -> Self {
+        Self {
+            demand_response_days: 5,
+            default_period_days: 365,
+            max_period_days: 3650,
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            broker: BrokerSection::default(),
+            tls: TlsSection::default(),
+            storage: StorageSection::default(),
+            sharing: SharingSection::default(),
+            log: LogSection::default(),
+            data_dir: PathBuf::from("."),
+        }
+    }
+}
+
+/// The config file's name inside a data dir.
+pub const CONFIG_FILE: &str = "config.toml";
+
+impl Config {
+    /// Loads `DIR/config.toml` and validates it.
+    pub fn load(data_dir: &Path) -> Result<Self, BrokerError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            BrokerError::invalid(format!(
+                "cannot read {}: {e} (run `govshare-broker init --data-dir {}` first)",
+                path.display(),
+                data_dir.display()
+            ))
+        })?;
+        let mut cfg: Config = toml::from_str(&text)
+            .map_err(|e| BrokerError::invalid(format!("{}: {e}", path.display())))?;
+        cfg.data_dir = data_dir.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every section.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        crate::ids::NodeId::parse(&self.broker.id, "[broker] id")?;
+        crate::ids::NodeId::parse(&self.broker.admin_id, "[broker] admin_id")?;
+        let s = &self.sharing;
+        if s.demand_response_days == 0 || s.max_period_days == 0 {
+            return Err(BrokerError::invalid(
+                "[sharing] demand_response_days and max_period_days must be at least 1",
+            ));
+        }
+        if s.default_period_days == 0 || s.default_period_days > s.max_period_days {
+            return Err(BrokerError::invalid(
+                "[sharing] default_period_days must be between 1 and max_period_days",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(BrokerError::invalid("[log] format must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    /// Resolves a configured path against the data dir.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.data_dir.join(p)
+        }
+    }
+
+    /// The config file as `init` writes it: every setting, its default and what it is for.
+    pub fn render_template(&self) -> String {
+        format!(
+            r#"# govshare broker configuration. Every setting is shown with its default.
+# Relative paths are resolved against the directory holding this file.
+# Flags override the file: `govshare-broker run --listen ADDR`.
+
+[broker]
+# This broker's node id, REGION/NAME (REGION: 6-digit GB/T 2260 division code).
+id = "{id}"
+# gRPC listen address (mutual TLS). Default "127.0.0.1:7443".
+listen = "{listen}"
+# The admin identity made by `init` (in admin/); registered automatically at start.
+admin_id = "{admin}"
+
+[tls]
+# The broker's certificate and key (PEM). Default tls/broker.pem, tls/broker.key.
+cert = "tls/broker.pem"
+key = "tls/broker.key"
+# CA bundle trusted for client certificates. Default tls/ca.pem.
+client_ca = "tls/ca.pem"
+# The CA used by `govshare-broker issue`. Default ca/ca.pem, ca/ca.key.
+ca_cert = "ca/ca.pem"
+ca_key = "ca/ca.key"
+
+[storage]
+# The sled database directory. Default "db".
+path = "db"
+# sled page cache in bytes. Default 268435456 (256 MiB).
+cache_capacity_bytes = {cache}
+
+[sharing]
+# Days a provider has to decide a CONDITIONAL demand before it is overdue. Default 5.
+demand_response_days = {resp}
+# Days of access when a demand does not say. Default 365.
+default_period_days = {defp}
+# Longest period a demand may ask for, in days. Default 3650.
+max_period_days = {maxp}
+
+[log]
+# tracing filter; RUST_LOG overrides it. Default "info".
+level = "{level}"
+# "text" or "json". Default "text".
+format = "{format}"
+"#,
+            id = self.broker.id,
+            listen = self.broker.listen,
+            admin = self.broker.admin_id,
+            cache = self.storage.cache_capacity_bytes,
+            resp = self.sharing.demand_response_days,
+            defp = self.sharing.default_period_days,
+            maxp = self.sharing.max_period_days,
+            level = self.log.level,
+            format = self.log.format,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_round_trips() -> Result<(), Box<dyn std::error::Error>> {
+        let cfg = Config::default();
+        let parsed: Config = toml::from_str(&cfg.render_template())?;
+        assert_eq!(parsed.broker.id, cfg.broker.id);
+        assert_eq!(parsed.broker.listen, cfg.broker.listen);
+        assert_eq!(parsed.sharing.demand_response_days, 5);
+        parsed.validate()?;
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(toml::from_str::<Config>("[broker]\nidd = \"x\"").is_err());
+        let mut cfg = Config::default();
+        cfg.sharing.default_period_days = 0;
+        assert!(cfg.validate().is_err());
+        let mut cfg = Config::default();
+        cfg.broker.id = "nope".into();
+        assert!(cfg.validate().is_err());
+    }
+}

@@ -1,0 +1,156 @@
+//! Starting and stopping a broker: the caller binds the listener and passes it in, so tests
+//! bind port 0 and read the real address.
+
+use crate::config::Config;
+use crate::error::{BrokerError, Result};
+use crate::service::{self, App};
+use crate::store::{self, Store};
+use govshare_proto::v1::{
+    admin_service_server::AdminServiceServer, audit_service_server::AuditServiceServer,
+    catalog_service_server::CatalogServiceServer, exchange_service_server::ExchangeServiceServer,
+    federation_service_server::FederationServiceServer, node_service_server::NodeServiceServer,
+    sharing_service_server::SharingServiceServer,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// Largest gRPC message the broker accepts or sends (4 MiB, tonic's default, stated here).
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// A broker serving on a listener.
+#[derive(Debug)]
+pub struct RunningBroker {
+    /// The address it serves on.
+    pub local_addr: SocketAddr,
+    /// This broker's node id.
+    pub broker_id: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::result::Result<(), tonic::transport::Error>>>,
+    store: Option<Store>,
+}
+
+/// Installs the process-wide rustls crypto provider (ring) once; later calls are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn read_file(cfg: &Config, p: &std::path::Path) -> Result<Vec<u8>> {
+    let path = cfg.path(p);
+    std::fs::read(&path)
+        .map_err(|e| BrokerError::invalid(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Opens the store, registers the broker's own nodes, and serves gRPC over mutual TLS on
+/// `listener` until [`RunningBroker::shutdown`].
+pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> {
+    install_crypto_provider();
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| BrokerError::internal(format!("listener address: {e}")))?;
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read_file(&cfg, &cfg.tls.cert)?,
+            read_file(&cfg, &cfg.tls.key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(read_file(&cfg, &cfg.tls.client_ca)?));
+
+    let db_path = cfg.path(&cfg.storage.path);
+    let cache = cfg.storage.cache_capacity_bytes;
+    let id = cfg.broker.id.clone();
+    let admin = cfg.broker.admin_id.clone();
+    let store = store::blocking(move || {
+        let s = Store::open(&db_path, cache, &id)?;
+        crate::registry::Registry::new(s.clone()).bootstrap(&id, &admin)?;
+        Ok(s)
+    })
+    .await?;
+    store.durable().await?;
+
+    let broker_id = cfg.broker.id.clone();
+    let app = Arc::new(App::new(cfg, store.clone()));
+    let (tx, rx) = oneshot::channel::<()>();
+    let router = Server::builder()
+        .tls_config(tls)
+        .map_err(|e| BrokerError::invalid(format!("TLS configuration: {e}")))?
+        .add_service(
+            NodeServiceServer::new(service::node::NodeSvc(app.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            CatalogServiceServer::new(service::catalog::CatalogSvc(app.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            SharingServiceServer::new(service::sharing::SharingSvc(app.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ExchangeServiceServer::new(service::exchange::ExchangeSvc(app.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(FederationServiceServer::new(
+            service::federation::FederationSvc(app.clone()),
+        ))
+        .add_service(AdminServiceServer::new(service::admin::AdminSvc(app.clone())))
+        .add_service(AuditServiceServer::new(service::admin::AuditSvc(app)));
+    let incoming = TcpListenerStream::new(listener);
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = rx.await;
+    }));
+    tracing::info!(%local_addr, broker = %broker_id, "broker serving");
+    Ok(RunningBroker {
+        local_addr,
+        broker_id,
+        shutdown: Some(tx),
+        task: Some(task),
+        store: Some(store),
+    })
+}
+
+impl RunningBroker {
+    /// Stops accepting, lets in-flight calls finish, flushes storage and releases the data dir.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.stop().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "server ended with an error"),
+                Err(e) => tracing::warn!(error = %e, "server task failed"),
+            }
+        }
+        if let Some(store) = self.store.take() {
+            // The last handle: flushing and dropping it on a blocking thread joins the flusher.
+            store::blocking(move || {
+                store.flush_blocking()?;
+                drop(store);
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the server ends by itself (it only does on a fatal listener error).
+    pub async fn wait(&mut self) -> Result<()> {
+        if let Some(task) = self.task.as_mut() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(BrokerError::internal(format!("server: {e}"))),
+                Err(e) => return Err(BrokerError::internal(format!("server task: {e}"))),
+            }
+            self.task = None;
+        }
+        Ok(())
+    }
+}

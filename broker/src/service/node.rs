@@ -1,0 +1,72 @@
+//! `govshare.v1.NodeService`.
+
+use super::{caller, read, write, App};
+use govshare_proto::v1::node_service_server::NodeService;
+use govshare_proto::v1::*;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// The node registry service.
+#[derive(Debug, Clone)]
+pub struct NodeSvc(pub Arc<App>);
+
+#[tonic::async_trait]
+impl NodeService for NodeSvc {
+    async fn register_node(
+        &self,
+        req: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let c = caller(&self.0, &req).await?;
+        let r = req.into_inner();
+        let out = write(&self.0, move |a| a.registry.register(&c, r)).await?;
+        Ok(Response::new(out))
+    }
+
+    async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        caller(&self.0, &req).await?;
+        let id = req.into_inner().id;
+        Ok(Response::new(read(&self.0, move |a| a.registry.get(&id)).await?))
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let c = caller(&self.0, &req).await?;
+        let r = req.into_inner();
+        let out = read(&self.0, move |a| {
+            a.registry.list(&c, &r.region_prefix, r.page_size, &r.page_token)
+        })
+        .await?;
+        Ok(Response::new(out))
+    }
+
+    async fn suspend_node(&self, req: Request<SuspendNodeRequest>) -> Result<Response<Node>, Status> {
+        let c = caller(&self.0, &req).await?;
+        let r = req.into_inner();
+        let out = write(&self.0, move |a| {
+            a.registry.set_state(&c, &r.id, NodeState::Suspended, &r.reason)
+        })
+        .await?;
+        Ok(Response::new(out))
+    }
+
+    async fn resume_node(&self, req: Request<ResumeNodeRequest>) -> Result<Response<Node>, Status> {
+        let c = caller(&self.0, &req).await?;
+        let r = req.into_inner();
+        let out = write(&self.0, move |a| a.registry.set_state(&c, &r.id, NodeState::Active, "")).await?;
+        Ok(Response::new(out))
+    }
+
+    async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIResponse>, Status> {
+        let c = caller(&self.0, &req).await?;
+        let id = c.id.to_string();
+        let node = read(&self.0, move |a| a.registry.get(&id)).await?;
+        Ok(Response::new(WhoAmIResponse {
+            node_id: c.id.to_string(),
+            role: c.role as i32,
+            node: Some(node),
+            broker_id: self.0.cfg.broker.id.clone(),
+        }))
+    }
+}

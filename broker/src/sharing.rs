@@ -1,0 +1,545 @@
+//! Supply-demand requests (demands) and the grants that approve them.
+
+use crate::audit;
+use crate::auth::Caller;
+use crate::config::SharingSection;
+use crate::error::{BrokerError, Result};
+use crate::ids::{self, DatasetId};
+use crate::registry::page_size;
+use crate::store::{index_key, Store, T};
+use crate::time::{ms, now_ms, ts, DAY_MS};
+use govshare_proto::v1::{
+    ApproveDemandRequest, ApproveDemandResponse, Dataset, DatasetState, Demand, DemandState,
+    DemandView, FileDemandRequest, FileDemandResponse, Grant, GrantState, GrantView,
+    ListDemandsRequest, ListDemandsResponse, ListGrantsRequest, ListGrantsResponse, ShareType,
+};
+use std::collections::BTreeSet;
+
+/// Most items one demand may ask for (a dataset has at most this many).
+const MAX_FIELDS: usize = crate::catalog::MAX_ITEMS;
+
+/// Demand and grant operations. Blocking: call from blocking threads.
+#[derive(Debug, Clone)]
+pub struct Sharing {
+    store: Store,
+    cfg: SharingSection,
+}
+
+/// Fills the fields computed at read time: a demand's `overdue`.
+fn with_overdue(mut d: Demand, now: i64) -> Demand {
+    d.overdue = d.state() == DemandState::Pending && now > ms(&d.respond_by);
+    d
+}
+
+/// Fills the fields computed at read time: a grant's EXPIRED state.
+fn with_expiry(mut g: Grant, now: i64) -> Grant {
+    if g.state() == GrantState::Active && now > ms(&g.valid_until) {
+        g.state = GrantState::Expired as i32;
+    }
+    g
+}
+
+fn check_fields(fields: &[String]) -> Result<()> {
+    if fields.len() > MAX_FIELDS {
+        return Err(BrokerError::invalid(format!(
+            "{} fields given; at most {MAX_FIELDS} are allowed",
+            fields.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for f in fields {
+        ids::check_item_name(f)?;
+        if !seen.insert(f) {
+            return Err(BrokerError::invalid(format!("field {f:?} is listed twice")));
+        }
+    }
+    Ok(())
+}
+
+impl Sharing {
+    /// Sharing over the store, with the configured rules.
+    pub fn new(store: Store, cfg: SharingSection) -> Self {
+        Self { store, cfg }
+    }
+
+    /// Files a demand; decides it at once for UNCONDITIONAL and NOT_SHARED datasets.
+    pub fn file(&self, caller: &Caller, req: FileDemandRequest) -> Result<FileDemandResponse> {
+        caller.require_department("file demands")?;
+        let did = DatasetId::parse(&req.dataset_id)?;
+        if req.fields.is_empty() {
+            return Err(BrokerError::invalid("fields: name at least one information item"));
+        }
+        check_fields(&req.fields)?;
+        ids::check_text("purpose", &req.purpose, true, 1000)?;
+        ids::check_text("legal_basis", &req.legal_basis, false, 1000)?;
+        let period = match req.period_days {
+            0 => self.cfg.default_period_days,
+            n if n > self.cfg.max_period_days => {
+                return Err(BrokerError::invalid(format!(
+                    "period_days {n} is longer than this broker allows ({} days)",
+                    self.cfg.max_period_days
+                )))
+            }
+            n => n,
+        };
+        let dataset: Dataset = self
+            .store
+            .get(T::Datasets, &req.dataset_id)?
+            .ok_or_else(|| BrokerError::not_found(format!("dataset {} is not in the catalog", req.dataset_id)))?;
+        if dataset.state() != DatasetState::Published {
+            return Err(BrokerError::precondition(format!(
+                "dataset {} is withdrawn; no new demands",
+                dataset.id
+            )));
+        }
+        for f in &req.fields {
+            if !dataset.items.iter().any(|i| &i.name == f) {
+                return Err(BrokerError::invalid(format!(
+                    "field {f:?} is not an item of dataset {}; its items are: {}",
+                    dataset.id,
+                    dataset.items.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        let now = now_ms();
+        let mut demand = Demand {
+            id: uuid::Uuid::now_v7().to_string(),
+            dataset_id: dataset.id.clone(),
+            consumer: caller.id.to_string(),
+            provider: did.provider.to_string(),
+            fields: req.fields.clone(),
+            purpose: req.purpose.trim().to_string(),
+            legal_basis: req.legal_basis.trim().to_string(),
+            period_days: period,
+            state: DemandState::Pending as i32,
+            filed_at: Some(ts(now)),
+            respond_by: Some(ts(now + i64::from(self.cfg.demand_response_days) * DAY_MS)),
+            dataset_version: dataset.version,
+            ..Default::default()
+        };
+        let not_shared_item = dataset
+            .items
+            .iter()
+            .find(|i| req.fields.contains(&i.name) && i.share_type() == ShareType::NotShared);
+        let mut grant = None;
+        let mut decision = None;
+        if dataset.share_type() == ShareType::NotShared {
+            let cond = if dataset.share_condition.is_empty() {
+                "the provider does not share it".to_string()
+            } else {
+                dataset.share_condition.clone()
+            };
+            decision = Some(format!("dataset {} is NOT_SHARED: {cond}", dataset.id));
+        } else if let Some(item) = not_shared_item {
+            decision = Some(format!(
+                "item {:?} of dataset {} is NOT_SHARED and cannot be demanded",
+                item.name, dataset.id
+            ));
+        } else if dataset.share_type() == ShareType::Unconditional {
+            let g = self.new_grant(&demand, &demand.fields, period, 0, now);
+            demand.state = DemandState::Approved as i32;
+            demand.grant_id = g.id.clone();
+            demand.decided_at = Some(ts(now));
+            demand.decided_by = self.store.broker_id().to_string();
+            demand.reason = "UNCONDITIONAL dataset: approved at once".into();
+            grant = Some(g);
+        }
+        if let Some(reason) = decision {
+            demand.state = DemandState::Rejected as i32;
+            demand.decided_at = Some(ts(now));
+            demand.decided_by = self.store.broker_id().to_string();
+            demand.reason = reason;
+        }
+        self.store.write(|tx| {
+            tx.put(T::Demands, &demand.id, &demand)?;
+            tx.mark(T::DemandsByConsumer, &index_key(&demand.consumer, &demand.id))?;
+            tx.mark(T::DemandsByProvider, &index_key(&demand.provider, &demand.id))?;
+            let mut entries = vec![demand_entry("demand_filed", caller.id.as_str(), &demand)];
+            match demand.state() {
+                DemandState::Rejected => {
+                    let mut e = demand_entry("demand_rejected", self.store.broker_id(), &demand);
+                    e.reason = demand.reason.clone();
+                    entries.push(e);
+                }
+                DemandState::Approved => {
+                    entries.push(demand_entry("demand_approved", self.store.broker_id(), &demand));
+                    if let Some(g) = &grant {
+                        self.put_grant(tx, g)?;
+                        entries.push(grant_entry("grant_issued", self.store.broker_id(), g));
+                    }
+                }
+                _ => {}
+            }
+            Ok(((), entries))
+        })?;
+        Ok(FileDemandResponse {
+            demand: Some(with_overdue(demand, now)),
+            grant,
+        })
+    }
+
+    fn new_grant(&self, d: &Demand, fields: &[String], days: u32, quota: u64, now: i64) -> Grant {
+        Grant {
+            id: uuid::Uuid::now_v7().to_string(),
+            dataset_id: d.dataset_id.clone(),
+            consumer: d.consumer.clone(),
+            provider: d.provider.clone(),
+            fields: fields.to_vec(),
+            purpose: d.purpose.clone(),
+            valid_from: Some(ts(now)),
+            valid_until: Some(ts(now + i64::from(days) * DAY_MS)),
+            daily_quota: quota,
+            issuer: self.store.broker_id().to_string(),
+            demand_id: d.id.clone(),
+            state: GrantState::Active as i32,
+            issued_at: Some(ts(now)),
+            ..Default::default()
+        }
+    }
+
+    fn put_grant(&self, tx: &crate::store::Tx<'_>, g: &Grant) -> Result<()> {
+        tx.put(T::Grants, &g.id, g)?;
+        tx.mark(T::GrantsByConsumer, &index_key(&g.consumer, &g.id))?;
+        tx.mark(T::GrantsByProvider, &index_key(&g.provider, &g.id))
+    }
+
+    /// Returns one demand, if the caller may see it.
+    pub fn get_demand(&self, caller: &Caller, id: &str) -> Result<Demand> {
+        ids::check_opaque_id("demand id", id)?;
+        let d: Demand = self
+            .store
+            .get(T::Demands, id)?
+            .ok_or_else(|| BrokerError::not_found(format!("demand {id} does not exist")))?;
+        if !caller.is_admin() && d.consumer != caller.id.as_str() && d.provider != caller.id.as_str() {
+            return Err(BrokerError::denied(format!(
+                "demand {id} is between {} and {}; {} may not see it",
+                d.consumer, d.provider, caller.id
+            )));
+        }
+        Ok(with_overdue(d, now_ms()))
+    }
+
+    /// Lists demands in a view.
+    pub fn list_demands(&self, caller: &Caller, req: &ListDemandsRequest) -> Result<ListDemandsResponse> {
+        let view = DemandView::try_from(req.view)
+            .map_err(|_| BrokerError::invalid(format!("view {} is not a DemandView", req.view)))?;
+        let state = DemandState::try_from(req.state)
+            .map_err(|_| BrokerError::invalid(format!("state {} is not a DemandState", req.state)))?;
+        let index = match view {
+            DemandView::Unspecified | DemandView::Outgoing => Some(T::DemandsByConsumer),
+            DemandView::Incoming => Some(T::DemandsByProvider),
+            DemandView::All => {
+                caller.require_admin("list every demand")?;
+                None
+            }
+        };
+        let size = page_size(req.page_size, 100, 1000);
+        let now = now_ms();
+        let keep = |d: &Demand| {
+            (state == DemandState::Unspecified || d.state() == state)
+                && (!req.overdue_only || d.overdue)
+        };
+        let (demands, next) = self.page(index, caller.id.as_str(), T::Demands, &req.page_token, size, |d: Demand| {
+            let d = with_overdue(d, now);
+            keep(&d).then_some(d)
+        })?;
+        Ok(ListDemandsResponse {
+            demands,
+            next_page_token: next,
+        })
+    }
+
+    /// Pages through records, via a per-node index or (None) the whole tree, in id order.
+    #[allow(clippy::too_many_arguments)]
+    fn page<M: prost::Message + Default>(
+        &self,
+        index: Option<T>,
+        node: &str,
+        records: T,
+        token: &str,
+        size: usize,
+        mut keep: impl FnMut(M) -> Option<M>,
+    ) -> Result<(Vec<M>, String)> {
+        let mut out: Vec<(String, M)> = Vec::new();
+        let mut next = String::new();
+        let mut start = token.as_bytes().to_vec();
+        if !start.is_empty() {
+            start.push(0);
+        }
+        let mut visit = |id: String| -> Result<bool> {
+            if out.len() == size {
+                next = out.last().map(|(id, _)| id.clone()).unwrap_or_default();
+                return Ok(false);
+            }
+            if let Some(m) = self.store.get::<M>(records, &id)? {
+                if let Some(m) = keep(m) {
+                    out.push((id, m));
+                }
+            }
+            Ok(true)
+        };
+        match index {
+            Some(ix) => {
+                let prefix = index_key(node, "");
+                let mut lo = prefix.clone();
+                lo.extend_from_slice(&start);
+                for kv in self.store.tree(ix).range(lo..) {
+                    let (k, _) = kv?;
+                    let Some(id) = k.strip_prefix(prefix.as_slice()) else { break };
+                    if !visit(String::from_utf8_lossy(id).into_owned())? {
+                        break;
+                    }
+                }
+            }
+            None => {
+                for kv in self.store.tree(records).range(start..) {
+                    let (k, _) = kv?;
+                    if !visit(String::from_utf8_lossy(&k).into_owned())? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok((out.into_iter().map(|(_, m)| m).collect(), next))
+    }
+
+    /// Approves a pending demand on one of the caller's datasets and issues its grant.
+    pub fn approve(&self, caller: &Caller, req: &ApproveDemandRequest) -> Result<ApproveDemandResponse> {
+        ids::check_opaque_id("demand id", &req.id)?;
+        check_fields(&req.fields)?;
+        ids::check_text("note", &req.note, false, 1000)?;
+        let now = now_ms();
+        self.store.write(|tx| {
+            let mut d = self.decidable(tx, caller, &req.id)?;
+            let fields = if req.fields.is_empty() {
+                d.fields.clone()
+            } else {
+                if let Some(f) = req.fields.iter().find(|f| !d.fields.contains(f)) {
+                    return Err(BrokerError::invalid(format!(
+                        "field {f:?} was not asked for; an approval may only narrow the demand's fields ({})",
+                        d.fields.join(", ")
+                    )));
+                }
+                req.fields.clone()
+            };
+            let days = match req.period_days {
+                0 => d.period_days,
+                n if n > d.period_days => {
+                    return Err(BrokerError::invalid(format!(
+                        "period_days {n} is longer than the {} days asked for; an approval may only shorten it",
+                        d.period_days
+                    )))
+                }
+                n => n,
+            };
+            let g = self.new_grant(&d, &fields, days, req.daily_quota, now);
+            d.state = DemandState::Approved as i32;
+            d.grant_id = g.id.clone();
+            d.decided_at = Some(ts(now));
+            d.decided_by = caller.id.to_string();
+            d.reason = req.note.clone();
+            tx.put(T::Demands, &d.id, &d)?;
+            self.put_grant(tx, &g)?;
+            let entries = vec![
+                demand_entry("demand_approved", caller.id.as_str(), &d),
+                grant_entry("grant_issued", caller.id.as_str(), &g),
+            ];
+            Ok((
+                ApproveDemandResponse {
+                    demand: Some(with_overdue(d, now)),
+                    grant: Some(g),
+                },
+                entries,
+            ))
+        })
+    }
+
+    /// Loads a demand the caller may decide now, inside a transaction.
+    fn decidable(&self, tx: &crate::store::Tx<'_>, caller: &Caller, id: &str) -> Result<Demand> {
+        let d: Demand = tx
+            .get(T::Demands, id)?
+            .ok_or_else(|| BrokerError::not_found(format!("demand {id} does not exist")))?;
+        if d.provider != caller.id.as_str() {
+            return Err(BrokerError::denied(format!(
+                "demand {id} is on a dataset of {}; only that provider may decide it",
+                d.provider
+            )));
+        }
+        if d.state() != DemandState::Pending {
+            return Err(BrokerError::precondition(format!(
+                "demand {id} is {}, not PENDING",
+                short(d.state().as_str_name())
+            )));
+        }
+        Ok(d)
+    }
+
+    /// Rejects a pending demand on one of the caller's datasets.
+    pub fn reject(&self, caller: &Caller, id: &str, reason: &str) -> Result<Demand> {
+        ids::check_opaque_id("demand id", id)?;
+        ids::check_text("reason", reason, true, 1000)?;
+        let now = now_ms();
+        self.store.write(|tx| {
+            let mut d = self.decidable(tx, caller, id)?;
+            d.state = DemandState::Rejected as i32;
+            d.decided_at = Some(ts(now));
+            d.decided_by = caller.id.to_string();
+            d.reason = reason.trim().to_string();
+            tx.put(T::Demands, &d.id, &d)?;
+            let mut e = demand_entry("demand_rejected", caller.id.as_str(), &d);
+            e.reason = d.reason.clone();
+            Ok((with_overdue(d, now), vec![e]))
+        })
+    }
+
+    /// Withdraws one of the caller's own pending demands.
+    pub fn withdraw(&self, caller: &Caller, id: &str) -> Result<Demand> {
+        ids::check_opaque_id("demand id", id)?;
+        let now = now_ms();
+        self.store.write(|tx| {
+            let mut d: Demand = tx
+                .get(T::Demands, id)?
+                .ok_or_else(|| BrokerError::not_found(format!("demand {id} does not exist")))?;
+            if d.consumer != caller.id.as_str() {
+                return Err(BrokerError::denied(format!(
+                    "demand {id} was filed by {}; only it may withdraw it",
+                    d.consumer
+                )));
+            }
+            if d.state() != DemandState::Pending {
+                return Err(BrokerError::precondition(format!(
+                    "demand {id} is {}, not PENDING",
+                    short(d.state().as_str_name())
+                )));
+            }
+            d.state = DemandState::Withdrawn as i32;
+            d.decided_at = Some(ts(now));
+            d.decided_by = caller.id.to_string();
+            tx.put(T::Demands, &d.id, &d)?;
+            Ok((d.clone(), vec![demand_entry("demand_withdrawn", caller.id.as_str(), &d)]))
+        })
+    }
+
+    /// Returns one grant, if the caller may see it.
+    pub fn get_grant(&self, caller: &Caller, id: &str) -> Result<Grant> {
+        ids::check_opaque_id("grant id", id)?;
+        let g: Grant = self
+            .store
+            .get(T::Grants, id)?
+            .ok_or_else(|| BrokerError::not_found(format!("grant {id} does not exist")))?;
+        if !caller.is_admin() && g.consumer != caller.id.as_str() && g.provider != caller.id.as_str() {
+            return Err(BrokerError::denied(format!(
+                "grant {id} is between {} and {}; {} may not see it",
+                g.consumer, g.provider, caller.id
+            )));
+        }
+        Ok(with_expiry(g, now_ms()))
+    }
+
+    /// Lists grants in a view.
+    pub fn list_grants(&self, caller: &Caller, req: &ListGrantsRequest) -> Result<ListGrantsResponse> {
+        let view = GrantView::try_from(req.view)
+            .map_err(|_| BrokerError::invalid(format!("view {} is not a GrantView", req.view)))?;
+        if !req.dataset_id.is_empty() {
+            DatasetId::parse(&req.dataset_id)?;
+        }
+        let index = match view {
+            GrantView::Unspecified | GrantView::Held => Some(T::GrantsByConsumer),
+            GrantView::Issued => Some(T::GrantsByProvider),
+            GrantView::All => {
+                caller.require_admin("list every grant")?;
+                None
+            }
+        };
+        let size = page_size(req.page_size, 100, 1000);
+        let now = now_ms();
+        let (grants, next) = self.page(index, caller.id.as_str(), T::Grants, &req.page_token, size, |g: Grant| {
+            let g = with_expiry(g, now);
+            let keep = (req.include_inactive || g.state() == GrantState::Active)
+                && (req.dataset_id.is_empty() || g.dataset_id == req.dataset_id);
+            keep.then_some(g)
+        })?;
+        Ok(ListGrantsResponse {
+            grants,
+            next_page_token: next,
+        })
+    }
+
+    /// Revokes a grant (its provider or an admin).
+    pub fn revoke(&self, caller: &Caller, id: &str, reason: &str) -> Result<Grant> {
+        ids::check_opaque_id("grant id", id)?;
+        ids::check_text("reason", reason, false, 1000)?;
+        let now = now_ms();
+        self.store.write(|tx| {
+            let mut g: Grant = tx
+                .get(T::Grants, id)?
+                .ok_or_else(|| BrokerError::not_found(format!("grant {id} does not exist")))?;
+            if !caller.is_admin() && g.provider != caller.id.as_str() {
+                return Err(BrokerError::denied(format!(
+                    "grant {id} is on a dataset of {}; only that provider or an admin may revoke it",
+                    g.provider
+                )));
+            }
+            if g.state() == GrantState::Revoked {
+                return Err(BrokerError::precondition(format!("grant {id} is already revoked")));
+            }
+            g.state = GrantState::Revoked as i32;
+            g.revoked_at = Some(ts(now));
+            g.revoked_by = caller.id.to_string();
+            g.revoke_reason = reason.trim().to_string();
+            tx.put(T::Grants, &g.id, &g)?;
+            let mut e = grant_entry("grant_revoked", caller.id.as_str(), &g);
+            e.reason = g.revoke_reason.clone();
+            Ok((g, vec![e]))
+        })
+    }
+
+    /// Counts (pending, overdue) demands and active grants, for status and metrics.
+    pub fn counts(&self) -> Result<(u64, u64, u64)> {
+        let now = now_ms();
+        let (mut pending, mut overdue, mut active) = (0, 0, 0);
+        for kv in self.store.tree(T::Demands).iter() {
+            let (_, v) = kv?;
+            let d = with_overdue(prost::Message::decode(v.as_ref())?, now);
+            if d.state() == DemandState::Pending {
+                pending += 1;
+                if d.overdue {
+                    overdue += 1;
+                }
+            }
+        }
+        for kv in self.store.tree(T::Grants).iter() {
+            let (_, v) = kv?;
+            let g = with_expiry(prost::Message::decode(v.as_ref())?, now);
+            if g.state() == GrantState::Active {
+                active += 1;
+            }
+        }
+        Ok((pending, overdue, active))
+    }
+}
+
+/// "DEMAND_STATE_PENDING" → "PENDING".
+pub fn short(name: &str) -> &str {
+    name.split_once("_STATE_").map(|(_, s)| s).unwrap_or(name)
+}
+
+fn demand_entry(decision: &str, actor: &str, d: &Demand) -> govshare_proto::v1::AuditEntry {
+    let mut e = audit::entry(decision, actor);
+    e.demand_id = d.id.clone();
+    e.dataset_id = d.dataset_id.clone();
+    e.consumer = d.consumer.clone();
+    e.provider = d.provider.clone();
+    e.grant_id = d.grant_id.clone();
+    e
+}
+
+fn grant_entry(decision: &str, actor: &str, g: &Grant) -> govshare_proto::v1::AuditEntry {
+    let mut e = audit::entry(decision, actor);
+    e.grant_id = g.id.clone();
+    e.dataset_id = g.dataset_id.clone();
+    e.consumer = g.consumer.clone();
+    e.provider = g.provider.clone();
+    e.demand_id = g.demand_id.clone();
+    e
+}
