@@ -1,1 +1,275 @@
-//! placeholder
+//! The govshare end-to-end test harness: real brokers on ephemeral ports, real mutual TLS,
+//! real sled in temp dirs, and the real binaries where a process must be real.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let broker = govshare_tests::TestBroker::start().await?;
+//! let hrss = broker.client_for("330000/hrss").await?;
+//! let me = hrss.whoami().await?;
+//! assert_eq!(me.node_id, "330000/hrss");
+//! broker.shutdown().await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use govshare_broker::pki::{self, InitOptions};
+use govshare_broker::{Config, RunningBroker};
+use govshare_client::proto::{NodeRole, RegisterNodeRequest};
+use govshare_client::{Client, ClientConfig};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// A broker running in this process on `127.0.0.1:0`, with its data dir in a temp dir.
+#[derive(Debug)]
+pub struct TestBroker {
+    /// Keeps the temp dir alive as long as the broker.
+    dir: TempDir,
+    /// The broker's data dir (inside `dir`).
+    pub data_dir: PathBuf,
+    /// The broker's node id.
+    pub id: String,
+    /// Where it serves now (changes on restart).
+    pub addr: SocketAddr,
+    running: Option<RunningBroker>,
+}
+
+impl TestBroker {
+    /// Initialises and starts a broker `330000/hub`.
+    pub async fn start() -> Result<Self> {
+        Self::start_with_id("330000/hub").await
+    }
+
+    /// Initialises and starts a broker with the given node id.
+    pub async fn start_with_id(id: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("data");
+        pki::init_data_dir(&InitOptions {
+            data_dir: data_dir.clone(),
+            broker_id: id.into(),
+            sans: Vec::new(),
+            listen: None,
+            admin_id: None,
+        })?;
+        let mut tb = Self {
+            dir,
+            data_dir,
+            id: id.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            running: None,
+        };
+        tb.boot().await?;
+        Ok(tb)
+    }
+
+    async fn boot(&mut self) -> Result<()> {
+        let mut cfg = Config::load(&self.data_dir)?;
+        // Small caches: a test federation runs dozens of brokers on 2 cores.
+        cfg.storage.cache_capacity_bytes = 8 * 1024 * 1024;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let running = govshare_broker::start(cfg, listener).await?;
+        self.addr = running.local_addr;
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// The broker's URL.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// A scratch directory beside the data dir, removed with the broker.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The admin identity made by `init`.
+    pub fn admin_dir(&self) -> PathBuf {
+        self.data_dir.join("admin")
+    }
+
+    /// A client settings block for an identity dir, pointed at this broker.
+    pub fn client_config(&self, identity_dir: &Path) -> ClientConfig {
+        ClientConfig {
+            retries: 0,
+            timeout: Duration::from_secs(10),
+            ..ClientConfig::new(identity_dir).with_broker_url(self.url())
+        }
+    }
+
+    /// A client acting as the admin.
+    pub async fn admin(&self) -> Result<Client> {
+        Ok(Client::connect(self.client_config(&self.admin_dir())).await?)
+    }
+
+    /// Issues an identity for `node` in `role` (not registered); returns its directory.
+    pub fn issue(&self, node: &str, role: NodeRole) -> Result<PathBuf> {
+        let out = self.scratch(&format!("id-{}", node.replace('/', "-")));
+        pki::issue_identity(&self.data_dir, node, role, &out)?;
+        Ok(out)
+    }
+
+    /// Issues, registers (as a department) and connects a node.
+    pub async fn client_for(&self, node: &str) -> Result<Client> {
+        self.client_for_role(node, NodeRole::Department).await
+    }
+
+    /// Issues, registers in `role` and connects a node.
+    pub async fn client_for_role(&self, node: &str, role: NodeRole) -> Result<Client> {
+        let dir = self.issue(node, role)?;
+        self.admin()
+            .await?
+            .register_node(RegisterNodeRequest {
+                id: node.into(),
+                name: format!("test node {node}"),
+                role: role as i32,
+                ..Default::default()
+            })
+            .await?;
+        Ok(Client::connect(self.client_config(&dir)).await?)
+    }
+
+    /// Connects with an identity dir that exists already.
+    pub async fn connect(&self, identity_dir: &Path) -> Result<Client> {
+        Ok(Client::connect(self.client_config(identity_dir)).await?)
+    }
+
+    /// Stops the broker gracefully and starts it again from the same data dir (on a new port).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await?;
+        self.boot().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    /// Stops the broker gracefully.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.stop().await
+    }
+}
+
+/// Awaits `check` until it returns `Ok(Some(v))`, retrying every 20 ms, failing after `timeout`.
+/// For conditions that become true asynchronously; never a fixed sleep.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) if Instant::now() >= deadline => return Err(e.context(format!("waiting for {what}"))),
+            Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The path of a workspace binary (`govshare`, `govshare-broker`), building it if this test
+/// run has not (e.g. `cargo test -p govshare-tests` alone).
+pub fn bin_path(name: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target dir")?
+        .to_path_buf();
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let built = BUILT.get_or_init(|| {
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            cmd.args(["build", "-p", "govshare-client", "-p", "govshare-broker", "--bins"]);
+            if release {
+                cmd.arg("--release");
+            }
+            match cmd.status() {
+                Ok(s) if s.success() => Ok(()),
+                Ok(s) => Err(format!("cargo build of the binaries failed: {s}")),
+                Err(e) => Err(format!("cannot run cargo to build the binaries: {e}")),
+            }
+        });
+        if let Err(e) = built {
+            bail!("{e}");
+        }
+    }
+    if !path.exists() {
+        bail!("binary {} not found", path.display());
+    }
+    Ok(path)
+}
+
+/// The output of a finished CLI run.
+#[derive(Debug)]
+pub struct CliOutput {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Fails with both streams shown unless the command succeeded.
+    pub fn ok(self) -> Result<Self> {
+        if self.code != 0 {
+            bail!(
+                "command failed with {}\nstdout:\n{}\nstderr:\n{}",
+                self.code,
+                self.stdout,
+                self.stderr
+            );
+        }
+        Ok(self)
+    }
+
+    /// Parses stdout as JSON.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("stdout is not JSON:\n{}", self.stdout))
+    }
+}
+
+/// Runs the `govshare` CLI against a broker with an identity (off the async workers).
+pub async fn govshare_cli(broker: &TestBroker, identity: &Path, args: &[&str]) -> Result<CliOutput> {
+    let bin = bin_path("govshare")?;
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("--broker")
+        .arg(broker.url())
+        .arg("--identity")
+        .arg(identity)
+        .args(args)
+        .env_remove("GOVSHARE_BROKER")
+        .env_remove("GOVSHARE_IDENTITY");
+    let out = cmd.output().await?;
+    Ok(CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// The path of a file under the workspace's `deploy/examples`.
+pub fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples")
+        .join(name)
+}
