@@ -94,11 +94,15 @@ pub struct DatasetId {
 impl DatasetId {
     /// Parses `PROVIDER_NODE/CODE`.
     pub fn parse(s: &str) -> Result<Self, BrokerError> {
-        let (provider, code) = s.rsplit_once('/').ok_or_else(|| {
+        let shape = || {
             BrokerError::invalid(format!(
                 "dataset id {s:?} must be PROVIDER_NODE/CODE, e.g. 330000/hrss/pension-status"
             ))
-        })?;
+        };
+        if s.matches('/').count() != 2 {
+            return Err(shape());
+        }
+        let (provider, code) = s.rsplit_once('/').ok_or_else(shape)?;
         let provider = NodeId::parse(provider, "dataset id's provider")?;
         check_dataset_code(code)?;
         Ok(Self {
