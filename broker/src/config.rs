@@ -68,6 +68,8 @@ pub struct StorageSection {
 pub struct SharingSection {
     /// Days a provider has to decide a CONDITIONAL demand before it counts as overdue.
     pub demand_response_days: u32,
+    /// When above 0, the response deadline in seconds instead of days (for drills and tests).
+    pub demand_response_seconds: u64,
     /// Days of access when a demand does not say.
     pub default_period_days: u32,
     /// Longest period a demand may ask for.
@@ -119,6 +121,7 @@ impl Default for SharingSection {
     fn default() -> Self {
         Self {
             demand_response_days: 5,
+            demand_response_seconds: 0,
             default_period_days: 365,
             max_period_days: 3650,
         }
@@ -149,6 +152,17 @@ impl Default for Config {
 
 /// The config file's name inside a data dir.
 pub const CONFIG_FILE: &str = "config.toml";
+
+impl SharingSection {
+    /// The response deadline of a demand, in milliseconds.
+    pub fn response_ms(&self) -> i64 {
+        if self.demand_response_seconds > 0 {
+            i64::try_from(self.demand_response_seconds.saturating_mul(1000)).unwrap_or(i64::MAX)
+        } else {
+            i64::from(self.demand_response_days) * crate::time::DAY_MS
+        }
+    }
+}
 
 impl Config {
     /// Loads `DIR/config.toml` and validates it.
@@ -232,6 +246,8 @@ cache_capacity_bytes = {cache}
 [sharing]
 # Days a provider has to decide a CONDITIONAL demand before it is overdue. Default 5.
 demand_response_days = {resp}
+# When above 0, the response deadline in seconds instead of days (drills and tests). Default 0.
+demand_response_seconds = {resp_s}
 # Days of access when a demand does not say. Default 365.
 default_period_days = {defp}
 # Longest period a demand may ask for, in days. Default 3650.
@@ -248,6 +264,7 @@ format = "{format}"
             admin = self.broker.admin_id,
             cache = self.storage.cache_capacity_bytes,
             resp = self.sharing.demand_response_days,
+            resp_s = self.sharing.demand_response_seconds,
             defp = self.sharing.default_period_days,
             maxp = self.sharing.max_period_days,
             level = self.log.level,

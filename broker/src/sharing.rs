@@ -113,7 +113,7 @@ impl Sharing {
             period_days: period,
             state: DemandState::Pending as i32,
             filed_at: Some(ts(now)),
-            respond_by: Some(ts(now + i64::from(self.cfg.demand_response_days) * DAY_MS)),
+            respond_by: Some(ts(now.saturating_add(self.cfg.response_ms()))),
             dataset_version: dataset.version,
             ..Default::default()
         };

@@ -47,6 +47,12 @@ impl TestBroker {
 
     /// Initialises and starts a broker with the given node id.
     pub async fn start_with_id(id: &str) -> Result<Self> {
+        Self::start_with(id, |_| {}).await
+    }
+
+    /// Initialises a broker, lets `tune` change its config (saved to its config.toml, so it
+    /// holds across restarts), and starts it.
+    pub async fn start_with(id: &str, tune: impl FnOnce(&mut Config)) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let data_dir = dir.path().join("data");
         pki::init_data_dir(&InitOptions {
@@ -56,6 +62,9 @@ impl TestBroker {
             listen: None,
             admin_id: None,
         })?;
+        let mut cfg = Config::load(&data_dir)?;
+        tune(&mut cfg);
+        std::fs::write(data_dir.join("config.toml"), cfg.render_template())?;
         let mut tb = Self {
             dir,
             data_dir,

@@ -388,3 +388,81 @@ async fn a_restart_keeps_all_state() -> Result<()> {
     }
     broker.shutdown().await
 }
+
+#[tokio::test]
+async fn overdue_demands_are_listed_and_counted() -> Result<()> {
+    let broker = TestBroker::start_with("330000/hub", |c| c.sharing.demand_response_seconds = 1).await?;
+    let hrss = broker.client_for("330000/hrss").await?;
+    let civil = broker.client_for("330100/civil").await?;
+    let admin = broker.admin().await?;
+    hrss.publish_dataset(pension(ShareType::Conditional)).await?;
+    let d = civil
+        .file_demand(FileDemandRequest {
+            dataset_id: "330000/hrss/pension-status".into(),
+            fields: vec!["status".into()],
+            purpose: "p".into(),
+            ..Default::default()
+        })
+        .await?
+        .demand
+        .unwrap_or_default();
+    ensure!(!d.overdue);
+    let overdue = govshare_tests::wait_until(std::time::Duration::from_secs(10), "the demand to be overdue", || {
+        let hrss = hrss.clone();
+        async move {
+            let r = hrss
+                .list_demands(ListDemandsRequest {
+                    view: DemandView::Incoming as i32,
+                    overdue_only: true,
+                    ..Default::default()
+                })
+                .await?;
+            Ok((!r.demands.is_empty()).then_some(r.demands))
+        }
+    })
+    .await?;
+    ensure!(overdue.len() == 1 && overdue[0].id == d.id && overdue[0].overdue);
+    let status = admin.broker_status().await?;
+    ensure!(status.pending_demands == 1 && status.overdue_demands == 1, "{status:?}");
+    // Deciding it ends the overdue state.
+    hrss.reject_demand(&d.id, "too late, sorry").await?;
+    let status = admin.broker_status().await?;
+    ensure!(status.pending_demands == 0 && status.overdue_demands == 0);
+    broker.shutdown().await
+}
+
+#[tokio::test]
+async fn search_pages_through_a_larger_catalog() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let hrss = broker.client_for("330000/hrss").await?;
+    let civil = broker.client_for("330100/civil").await?;
+    for i in 0..120 {
+        let mut d = pension(ShareType::Conditional);
+        d.code = format!("ds-{i:03}");
+        d.name = if i % 3 == 0 { format!("第{i}批养老金发放名单") } else { format!("第{i}批医保结算") };
+        hrss.publish_dataset(d).await?;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = civil
+            .search_datasets(SearchDatasetsRequest {
+                text: "养老金".into(),
+                page_size: 7,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await?;
+        ensure!(page.datasets.len() <= 7);
+        seen.extend(page.datasets.into_iter().map(|d| d.code));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let want: Vec<String> = (0..120).filter(|i| i % 3 == 0).map(|i| format!("ds-{i:03}")).collect();
+    ensure!(seen == want, "paged search returned {seen:?}");
+    let all = civil.search_all_datasets(SearchDatasetsRequest::default(), None).await?;
+    ensure!(all.len() == 120);
+    broker.shutdown().await
+}

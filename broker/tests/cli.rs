@@ -1,0 +1,126 @@
+//! The real `govshare-broker` binary: init, issue, run with a graceful SIGTERM, audit verify.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn broker(args: &[&str]) -> std::io::Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_govshare-broker"))
+        .args(args)
+        .env_remove("GOVSHARE_DATA_DIR")
+        .env_remove("GOVSHARE_LISTEN")
+        .output()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn init(dir: &Path) -> TestResult {
+    let d = dir.to_str().ok_or("temp path is not UTF-8")?;
+    let out = broker(&["init", "--data-dir", d, "--id", "330000/hub", "--san", "broker.zj.example"])?;
+    assert!(out.status.success(), "init failed: {}", text(&out.stderr));
+    Ok(())
+}
+
+/// Runs the broker on port 0 until it has printed where it listens, then sends SIGTERM and
+/// expects a clean exit 0.
+fn run_and_term(dir: &Path) -> TestResult {
+    let d = dir.to_str().ok_or("temp path is not UTF-8")?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_govshare-broker"))
+        .args(["run", "--data-dir", d, "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    // Blocks until the line arrives (or the process dies and closes stdout): no sleeping.
+    let first = lines.next().transpose()?.unwrap_or_default();
+    assert!(first.contains("listening on https://127.0.0.1:"), "{first}");
+    let second = lines.next().transpose()?.unwrap_or_default();
+    assert!(second.contains("admin identity (330000/admin)"), "{second}");
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    assert!(kill.success());
+    let rest: Vec<String> = lines.collect::<Result<_, _>>()?;
+    let status = child.wait()?;
+    assert!(status.success(), "exit {status:?}, output {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("stopped cleanly")), "{rest:?}");
+    Ok(())
+}
+
+#[test]
+fn init_writes_config_pki_and_admin_identity() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    init(&dir)?;
+    for f in ["config.toml", "ca/ca.pem", "ca/ca.key", "tls/broker.pem", "tls/broker.key", "tls/ca.pem", "admin/node.pem", "admin/node.key", "admin/ca.pem"] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let cfg = std::fs::read_to_string(dir.join("config.toml"))?;
+    assert!(cfg.contains("id = \"330000/hub\"") && cfg.contains("listen = \"127.0.0.1:7443\""));
+    // A second init refuses to overwrite.
+    let d = dir.to_str().ok_or("path")?;
+    let again = broker(&["init", "--data-dir", d, "--id", "330000/hub"])?;
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("initialised"), "{}", text(&again.stderr));
+    // Bad ids are refused with a message naming the problem.
+    let bad = broker(&["init", "--data-dir", tmp.path().join("x").to_str().ok_or("path")?, "--id", "hub"])?;
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("not a node id"));
+    Ok(())
+}
+
+#[test]
+fn issue_writes_an_identity_and_validates_input() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    init(&dir)?;
+    let d = dir.to_str().ok_or("path")?;
+    let out_dir = tmp.path().join("hrss");
+    let out = broker(&["issue", "--data-dir", d, "--node", "330000/hrss", "--out", out_dir.to_str().ok_or("path")?])?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for f in ["node.pem", "node.key", "ca.pem"] {
+        assert!(out_dir.join(f).exists(), "{f} missing");
+    }
+    let bad_role = broker(&["issue", "--data-dir", d, "--node", "330000/x", "--role", "king", "--out", "/tmp/never"])?;
+    assert!(!bad_role.status.success());
+    let no_dir = broker(&["issue", "--data-dir", tmp.path().join("none").to_str().ok_or("path")?, "--node", "330000/x", "--out", "/tmp/never"])?;
+    assert!(!no_dir.status.success());
+    assert!(text(&no_dir.stderr).contains("govshare-broker init"), "{}", text(&no_dir.stderr));
+    Ok(())
+}
+
+#[test]
+fn run_stops_cleanly_on_sigterm_and_audit_verify_finds_an_edit() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    init(&dir)?;
+    run_and_term(&dir)?;
+    // A second run from the same data dir works (the lock was released, state reopened).
+    run_and_term(&dir)?;
+    let d = dir.to_str().ok_or("path")?;
+    let ok = broker(&["audit", "verify", "--data-dir", d])?;
+    assert!(ok.status.success(), "{}{}", text(&ok.stdout), text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("audit chain OK: 2 entries"), "{}", text(&ok.stdout));
+
+    // Edit the second entry's reason in place, as someone with disk access might.
+    {
+        use prost::Message;
+        let db = sled::open(dir.join("db"))?;
+        let tree = db.open_tree("audit")?;
+        let key = 2u64.to_be_bytes();
+        let raw = tree.get(key)?.ok_or("entry 2 missing")?;
+        let mut e = govshare_proto::v1::AuditEntry::decode(raw.as_ref())?;
+        e.reason = "nothing to see here".into();
+        tree.insert(key, e.encode_to_vec())?;
+        db.flush()?;
+    }
+    let broken = broker(&["audit", "verify", "--data-dir", d])?;
+    assert_eq!(broken.status.code(), Some(3));
+    let msg = text(&broken.stdout);
+    assert!(msg.contains("BROKEN at entry 2") && msg.contains("edited"), "{msg}");
+    Ok(())
+}
