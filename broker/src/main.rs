@@ -12,8 +12,8 @@ const DEFAULT_DATA_DIR: &str = "./govshare-data";
 const DEFAULT_BROKER_ID: &str = "000000/broker";
 
 /// govshare broker: routes supply-demand requests and data exchanges between government
-/// departments over mutual TLS. With no command, runs with ./govshare-data, initialising it
-/// on first start.
+/// departments over mutual TLS. With no command, runs with ./govshare-data (or
+/// $GOVSHARE_DATA_DIR), initialising it on first start as broker 000000/broker.
 #[derive(Debug, Parser)]
 #[command(name = "govshare-broker", version, about, long_about = None)]
 struct Cli {
@@ -138,7 +138,20 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Some(Command::Run(a)) => run(&a.data_dir, a.listen, false),
-        None => run(Path::new(DEFAULT_DATA_DIR), None, true),
+        None => {
+            // The zero-argument start still honours the same environment as `run`.
+            let data_dir = std::env::var_os("GOVSHARE_DATA_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+            let listen = match std::env::var("GOVSHARE_LISTEN") {
+                Ok(v) => Some(
+                    v.parse::<SocketAddr>()
+                        .with_context(|| format!("GOVSHARE_LISTEN={v:?} is not an address like 127.0.0.1:7443"))?,
+                ),
+                Err(_) => None,
+            };
+            run(&data_dir, listen, true)
+        }
         Some(Command::Audit(AuditCommand::Verify { data_dir })) => audit_verify(&data_dir),
     }
 }
