@@ -104,7 +104,12 @@ pub fn verify(tree: &sled::Tree) -> Result<VerifyOutcome> {
                 })
             }
         };
-        let broken = |reason: String| Ok(VerifyOutcome::Broken { seq: key_seq, reason });
+        let broken = |reason: String| {
+            Ok(VerifyOutcome::Broken {
+                seq: key_seq,
+                reason,
+            })
+        };
         if key_seq != expected_seq || e.seq != key_seq {
             return broken(format!(
                 "expected entry {expected_seq}, found key {key_seq} holding entry {}",
@@ -134,7 +139,10 @@ pub fn list(
     if !req.dataset_id.is_empty() {
         crate::ids::DatasetId::parse(&req.dataset_id)?;
     }
-    for (what, v) in [("grant id", &req.grant_id), ("exchange id", &req.exchange_id)] {
+    for (what, v) in [
+        ("grant id", &req.grant_id),
+        ("exchange id", &req.exchange_id),
+    ] {
         if !v.is_empty() {
             crate::ids::check_opaque_id(what, v)?;
         }
@@ -151,7 +159,10 @@ pub fn list(
     let me = caller.id.as_str();
     let mut entries = Vec::new();
     let mut next = String::new();
-    for kv in store.tree(crate::store::T::Audit).range(start.to_be_bytes()..) {
+    for kv in store
+        .tree(crate::store::T::Audit)
+        .range(start.to_be_bytes()..)
+    {
         let (_, v) = kv?;
         let e = AuditEntry::decode(v.as_ref())?;
         let visible = caller.is_admin()

@@ -31,7 +31,10 @@ const MAX_EXAMINED: usize = 20_000;
 
 /// Lower-cases text and drops control characters (which can also never be typed in a query).
 fn normalize(s: &str) -> Vec<char> {
-    s.to_lowercase().chars().filter(|c| !c.is_control()).collect()
+    s.to_lowercase()
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect()
 }
 
 /// The grams of one text: every character and every adjacent pair.
@@ -93,13 +96,17 @@ fn validate(caller: &Caller, mut d: Dataset) -> Result<Dataset> {
         *t = t.trim().to_string();
         ids::check_text("tag", t, true, 64)?;
         if t.chars().any(char::is_control) {
-            return Err(BrokerError::invalid(format!("tag {t:?} has control characters")));
+            return Err(BrokerError::invalid(format!(
+                "tag {t:?} has control characters"
+            )));
         }
     }
     d.tags.sort();
     d.tags.dedup();
     if d.items.is_empty() {
-        return Err(BrokerError::invalid("a dataset needs at least one information item"));
+        return Err(BrokerError::invalid(
+            "a dataset needs at least one information item",
+        ));
     }
     if d.items.len() > MAX_ITEMS {
         return Err(BrokerError::invalid(format!(
@@ -111,7 +118,10 @@ fn validate(caller: &Caller, mut d: Dataset) -> Result<Dataset> {
     for item in &d.items {
         ids::check_item_name(&item.name)?;
         if !seen.insert(item.name.clone()) {
-            return Err(BrokerError::invalid(format!("item {:?} appears twice", item.name)));
+            return Err(BrokerError::invalid(format!(
+                "item {:?} appears twice",
+                item.name
+            )));
         }
         ids::check_text(&format!("item {} type", item.name), &item.r#type, false, 32)?;
         ids::check_text(
@@ -197,11 +207,13 @@ impl Catalog {
             )));
         }
         self.store.write(|tx| {
-            let mut d: Dataset = tx
-                .get(T::Datasets, id)?
-                .ok_or_else(|| BrokerError::not_found(format!("dataset {id} is not in the catalog")))?;
+            let mut d: Dataset = tx.get(T::Datasets, id)?.ok_or_else(|| {
+                BrokerError::not_found(format!("dataset {id} is not in the catalog"))
+            })?;
             if d.state() == DatasetState::Withdrawn {
-                return Err(BrokerError::precondition(format!("dataset {id} is already withdrawn")));
+                return Err(BrokerError::precondition(format!(
+                    "dataset {id} is already withdrawn"
+                )));
             }
             d.state = DatasetState::Withdrawn as i32;
             d.updated_at = Some(now_ts());
@@ -238,10 +250,13 @@ impl Catalog {
             (req.include_withdrawn || d.state() == DatasetState::Published)
                 && (req.provider.is_empty() || d.provider == req.provider)
                 && d.id.starts_with(&req.region_prefix)
-                && (req.tag.is_empty() || d.tags.iter().any(|t| *t == req.tag))
+                && (req.tag.is_empty() || d.tags.contains(&req.tag))
                 && (req.share_type == 0 || d.share_type == req.share_type)
                 && (query.is_empty()
-                    || normalize(&d.name).iter().collect::<String>().contains(&query_str)
+                    || normalize(&d.name)
+                        .iter()
+                        .collect::<String>()
+                        .contains(&query_str)
                     || normalize(&d.description)
                         .iter()
                         .collect::<String>()
@@ -253,7 +268,10 @@ impl Catalog {
         let mut visit = |id: &str| -> Result<bool> {
             examined += 1;
             if out.len() == size {
-                next = out.last().map(|d: &Dataset| d.id.clone()).unwrap_or_default();
+                next = out
+                    .last()
+                    .map(|d: &Dataset| d.id.clone())
+                    .unwrap_or_default();
                 return Ok(false);
             }
             if examined > MAX_EXAMINED {
@@ -283,9 +301,12 @@ impl Catalog {
             } else {
                 format!("{}/", req.provider)
             };
-            scan_ids(self.store.tree(T::Datasets), prefix.as_bytes(), &start, &mut |id| {
-                visit(id)
-            })?;
+            scan_ids(
+                self.store.tree(T::Datasets),
+                prefix.as_bytes(),
+                &start,
+                &mut |id| visit(id),
+            )?;
         }
         Ok(SearchDatasetsResponse {
             datasets: out,
@@ -360,7 +381,9 @@ fn scan_ids(
     lo.extend_from_slice(start);
     for kv in tree.range(lo..) {
         let (k, _) = kv?;
-        let Some(id) = k.strip_prefix(prefix) else { break };
+        let Some(id) = k.strip_prefix(prefix) else {
+            break;
+        };
         if !visit(&String::from_utf8_lossy(id))? {
             break;
         }

@@ -198,7 +198,9 @@ impl Config {
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(BrokerError::invalid("[log] format must be \"text\" or \"json\""));
+            return Err(BrokerError::invalid(
+                "[log] format must be \"text\" or \"json\"",
+            ));
         }
         Ok(())
     }

@@ -232,7 +232,10 @@ mod tests {
     #[test]
     fn dataset_ids() {
         let d = DatasetId::parse("330000/hrss/pension-status");
-        assert_eq!(d.map(|d| d.to_id()), Ok("330000/hrss/pension-status".into()));
+        assert_eq!(
+            d.map(|d| d.to_id()),
+            Ok("330000/hrss/pension-status".into())
+        );
         assert!(DatasetId::parse("330000/hrss").is_err());
         assert!(DatasetId::parse("330000/hrss/Bad").is_err());
     }

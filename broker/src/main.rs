@@ -144,10 +144,9 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
             let listen = match std::env::var("GOVSHARE_LISTEN") {
-                Ok(v) => Some(
-                    v.parse::<SocketAddr>()
-                        .with_context(|| format!("GOVSHARE_LISTEN={v:?} is not an address like 127.0.0.1:7443"))?,
-                ),
+                Ok(v) => Some(v.parse::<SocketAddr>().with_context(|| {
+                    format!("GOVSHARE_LISTEN={v:?} is not an address like 127.0.0.1:7443")
+                })?),
                 Err(_) => None,
             };
             run(&data_dir, listen, true)
@@ -161,7 +160,9 @@ fn audit_verify(data_dir: &Path) -> anyhow::Result<std::process::ExitCode> {
     let db = sled::Config::new()
         .path(cfg.path(&cfg.storage.path))
         .open()
-        .context("cannot open the database (stop the broker first: audit verify reads it offline)")?;
+        .context(
+            "cannot open the database (stop the broker first: audit verify reads it offline)",
+        )?;
     let tree = db.open_tree("audit")?;
     match audit::verify(&tree)? {
         audit::VerifyOutcome::Ok(n) => {
@@ -189,7 +190,11 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-fn run(data_dir: &Path, listen: Option<SocketAddr>, auto_init: bool) -> anyhow::Result<std::process::ExitCode> {
+fn run(
+    data_dir: &Path,
+    listen: Option<SocketAddr>,
+    auto_init: bool,
+) -> anyhow::Result<std::process::ExitCode> {
     if auto_init && !data_dir.join(govshare_broker::config::CONFIG_FILE).exists() {
         let report = pki::init_data_dir(&pki::InitOptions {
             data_dir: data_dir.to_path_buf(),

@@ -110,7 +110,10 @@ mod tests {
             MaskRule::parse("id_number")?.apply("330102199001011234", b""),
             "330102********1234"
         );
-        assert_eq!(MaskRule::parse("mobile")?.apply("13812345678", b""), "138****5678");
+        assert_eq!(
+            MaskRule::parse("mobile")?.apply("13812345678", b""),
+            "138****5678"
+        );
         assert_eq!(MaskRule::parse("name")?.apply("张三丰", b""), "张**");
         assert_eq!(MaskRule::parse("keep:1,1")?.apply("abcd", b""), "a**d");
         assert_eq!(MaskRule::parse("keep:6,4")?.apply("short", b""), "shor*");

@@ -8,8 +8,8 @@ use crate::error::BrokerError;
 use crate::ids::NodeId;
 use govshare_proto::v1::NodeRole;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -122,7 +122,10 @@ pub fn init_data_dir(opts: &InitOptions) -> Result<InitReport, BrokerError> {
     let ca_key = KeyPair::generate().map_err(pki_err)?;
     let mut ca_params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("govshare development CA ({broker_id})"));
+    dn.push(
+        DnType::CommonName,
+        format!("govshare development CA ({broker_id})"),
+    );
     dn.push(DnType::OrganizationName, "govshare");
     ca_params.distinguished_name = dn;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -185,17 +188,15 @@ fn make_leaf(
     dn.push(DnType::OrganizationalUnitName, role_name(role));
     dn.push(DnType::OrganizationName, "govshare");
     params.distinguished_name = dn;
-    params.subject_alt_names = sans
-        .iter()
-        .map(|s| match s.parse::<IpAddr>() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => s
-                .clone()
-                .try_into()
-                .map(SanType::DnsName)
-                .map_err(|_| BrokerError::invalid(format!("--san {s:?} is not a DNS name or IP"))),
-        })
-        .collect::<Result<_, _>>()?;
+    params.subject_alt_names =
+        sans.iter()
+            .map(|s| match s.parse::<IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => s.clone().try_into().map(SanType::DnsName).map_err(|_| {
+                    BrokerError::invalid(format!("--san {s:?} is not a DNS name or IP"))
+                }),
+            })
+            .collect::<Result<_, _>>()?;
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,

@@ -89,7 +89,11 @@ impl Registry {
     }
 
     /// Registers a node (admin only).
-    pub fn register(&self, caller: &Caller, req: RegisterNodeRequest) -> Result<RegisterNodeResponse> {
+    pub fn register(
+        &self,
+        caller: &Caller,
+        req: RegisterNodeRequest,
+    ) -> Result<RegisterNodeResponse> {
         caller.require_admin("register nodes")?;
         let id = NodeId::parse(&req.id, "node id")?;
         ids::check_text("name", &req.name, true, 200)?;
@@ -97,7 +101,12 @@ impl Registry {
         let role = match NodeRole::try_from(req.role) {
             Ok(NodeRole::Unspecified) => NodeRole::Department,
             Ok(r) => r,
-            Err(_) => return Err(BrokerError::invalid(format!("role {} is not a NodeRole", req.role))),
+            Err(_) => {
+                return Err(BrokerError::invalid(format!(
+                    "role {} is not a NodeRole",
+                    req.role
+                )))
+            }
         };
         let mut warnings = Vec::new();
         let credit_code = req.credit_code.trim().to_uppercase();
@@ -126,7 +135,9 @@ impl Registry {
         };
         self.store.write(|tx| {
             if tx.get::<Node>(T::Nodes, id.as_str())?.is_some() {
-                return Err(BrokerError::AlreadyExists(format!("node {id} is already registered")));
+                return Err(BrokerError::AlreadyExists(format!(
+                    "node {id} is already registered"
+                )));
             }
             tx.put(T::Nodes, id.as_str(), &node)?;
             let mut e = audit::entry("node_registered", caller.id.as_str());
@@ -161,13 +172,20 @@ impl Registry {
         let size = page_size(page, PAGE_DEFAULT, PAGE_MAX);
         let mut nodes = Vec::new();
         let mut next = String::new();
-        for kv in self.store.tree(T::Nodes).scan_prefix(region_prefix.as_bytes()) {
+        for kv in self
+            .store
+            .tree(T::Nodes)
+            .scan_prefix(region_prefix.as_bytes())
+        {
             let (k, v) = kv?;
             if !token.is_empty() && k.as_ref() <= token.as_bytes() {
                 continue;
             }
             if nodes.len() == size {
-                next = nodes.last().map(|n: &Node| n.id.clone()).unwrap_or_default();
+                next = nodes
+                    .last()
+                    .map(|n: &Node| n.id.clone())
+                    .unwrap_or_default();
                 break;
             }
             nodes.push(prost::Message::decode(v.as_ref())?);
@@ -179,7 +197,13 @@ impl Registry {
     }
 
     /// Suspends or resumes a node (admin only).
-    pub fn set_state(&self, caller: &Caller, id: &str, state: NodeState, reason: &str) -> Result<Node> {
+    pub fn set_state(
+        &self,
+        caller: &Caller,
+        id: &str,
+        state: NodeState,
+        reason: &str,
+    ) -> Result<Node> {
         caller.require_admin("suspend or resume nodes")?;
         let id = NodeId::parse(id, "node id")?;
         ids::check_text("reason", reason, false, 1000)?;

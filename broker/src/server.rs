@@ -96,7 +96,9 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         .add_service(FederationServiceServer::new(
             service::federation::FederationSvc(app.clone()),
         ))
-        .add_service(AdminServiceServer::new(service::admin::AdminSvc(app.clone())))
+        .add_service(AdminServiceServer::new(service::admin::AdminSvc(
+            app.clone(),
+        )))
         .add_service(AuditServiceServer::new(service::admin::AuditSvc(app)));
     let incoming = TcpListenerStream::new(listener);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {

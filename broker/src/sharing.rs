@@ -67,7 +67,9 @@ impl Sharing {
         caller.require_department("file demands")?;
         let did = DatasetId::parse(&req.dataset_id)?;
         if req.fields.is_empty() {
-            return Err(BrokerError::invalid("fields: name at least one information item"));
+            return Err(BrokerError::invalid(
+                "fields: name at least one information item",
+            ));
         }
         check_fields(&req.fields)?;
         ids::check_text("purpose", &req.purpose, true, 1000)?;
@@ -85,7 +87,9 @@ impl Sharing {
         let dataset: Dataset = self
             .store
             .get(T::Datasets, &req.dataset_id)?
-            .ok_or_else(|| BrokerError::not_found(format!("dataset {} is not in the catalog", req.dataset_id)))?;
+            .ok_or_else(|| {
+                BrokerError::not_found(format!("dataset {} is not in the catalog", req.dataset_id))
+            })?;
         if dataset.state() != DatasetState::Published {
             return Err(BrokerError::precondition(format!(
                 "dataset {} is withdrawn; no new demands",
@@ -97,7 +101,12 @@ impl Sharing {
                 return Err(BrokerError::invalid(format!(
                     "field {f:?} is not an item of dataset {}; its items are: {}",
                     dataset.id,
-                    dataset.items.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+                    dataset
+                        .items
+                        .iter()
+                        .map(|i| i.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
@@ -152,8 +161,14 @@ impl Sharing {
         }
         self.store.write(|tx| {
             tx.put(T::Demands, &demand.id, &demand)?;
-            tx.mark(T::DemandsByConsumer, &index_key(&demand.consumer, &demand.id))?;
-            tx.mark(T::DemandsByProvider, &index_key(&demand.provider, &demand.id))?;
+            tx.mark(
+                T::DemandsByConsumer,
+                &index_key(&demand.consumer, &demand.id),
+            )?;
+            tx.mark(
+                T::DemandsByProvider,
+                &index_key(&demand.provider, &demand.id),
+            )?;
             let mut entries = vec![demand_entry("demand_filed", caller.id.as_str(), &demand)];
             match demand.state() {
                 DemandState::Rejected => {
@@ -162,7 +177,11 @@ impl Sharing {
                     entries.push(e);
                 }
                 DemandState::Approved => {
-                    entries.push(demand_entry("demand_approved", self.store.broker_id(), &demand));
+                    entries.push(demand_entry(
+                        "demand_approved",
+                        self.store.broker_id(),
+                        &demand,
+                    ));
                     if let Some(g) = &grant {
                         self.put_grant(tx, g)?;
                         entries.push(grant_entry("grant_issued", self.store.broker_id(), g));
@@ -210,7 +229,10 @@ impl Sharing {
             .store
             .get(T::Demands, id)?
             .ok_or_else(|| BrokerError::not_found(format!("demand {id} does not exist")))?;
-        if !caller.is_admin() && d.consumer != caller.id.as_str() && d.provider != caller.id.as_str() {
+        if !caller.is_admin()
+            && d.consumer != caller.id.as_str()
+            && d.provider != caller.id.as_str()
+        {
             return Err(BrokerError::denied(format!(
                 "demand {id} is between {} and {}; {} may not see it",
                 d.consumer, d.provider, caller.id
@@ -220,11 +242,16 @@ impl Sharing {
     }
 
     /// Lists demands in a view.
-    pub fn list_demands(&self, caller: &Caller, req: &ListDemandsRequest) -> Result<ListDemandsResponse> {
+    pub fn list_demands(
+        &self,
+        caller: &Caller,
+        req: &ListDemandsRequest,
+    ) -> Result<ListDemandsResponse> {
         let view = DemandView::try_from(req.view)
             .map_err(|_| BrokerError::invalid(format!("view {} is not a DemandView", req.view)))?;
-        let state = DemandState::try_from(req.state)
-            .map_err(|_| BrokerError::invalid(format!("state {} is not a DemandState", req.state)))?;
+        let state = DemandState::try_from(req.state).map_err(|_| {
+            BrokerError::invalid(format!("state {} is not a DemandState", req.state))
+        })?;
         let index = match view {
             DemandView::Unspecified | DemandView::Outgoing => Some(T::DemandsByConsumer),
             DemandView::Incoming => Some(T::DemandsByProvider),
@@ -239,10 +266,17 @@ impl Sharing {
             (state == DemandState::Unspecified || d.state() == state)
                 && (!req.overdue_only || d.overdue)
         };
-        let (demands, next) = self.page(index, caller.id.as_str(), T::Demands, &req.page_token, size, |d: Demand| {
-            let d = with_overdue(d, now);
-            keep(&d).then_some(d)
-        })?;
+        let (demands, next) = self.page(
+            index,
+            caller.id.as_str(),
+            T::Demands,
+            &req.page_token,
+            size,
+            |d: Demand| {
+                let d = with_overdue(d, now);
+                keep(&d).then_some(d)
+            },
+        )?;
         Ok(ListDemandsResponse {
             demands,
             next_page_token: next,
@@ -285,7 +319,9 @@ impl Sharing {
                 lo.extend_from_slice(&start);
                 for kv in self.store.tree(ix).range(lo..) {
                     let (k, _) = kv?;
-                    let Some(id) = k.strip_prefix(prefix.as_slice()) else { break };
+                    let Some(id) = k.strip_prefix(prefix.as_slice()) else {
+                        break;
+                    };
                     if !visit(String::from_utf8_lossy(id).into_owned())? {
                         break;
                     }
@@ -304,7 +340,11 @@ impl Sharing {
     }
 
     /// Approves a pending demand on one of the caller's datasets and issues its grant.
-    pub fn approve(&self, caller: &Caller, req: &ApproveDemandRequest) -> Result<ApproveDemandResponse> {
+    pub fn approve(
+        &self,
+        caller: &Caller,
+        req: &ApproveDemandRequest,
+    ) -> Result<ApproveDemandResponse> {
         ids::check_opaque_id("demand id", &req.id)?;
         check_fields(&req.fields)?;
         ids::check_text("note", &req.note, false, 1000)?;
@@ -416,7 +456,10 @@ impl Sharing {
             d.decided_at = Some(ts(now));
             d.decided_by = caller.id.to_string();
             tx.put(T::Demands, &d.id, &d)?;
-            Ok((d.clone(), vec![demand_entry("demand_withdrawn", caller.id.as_str(), &d)]))
+            Ok((
+                d.clone(),
+                vec![demand_entry("demand_withdrawn", caller.id.as_str(), &d)],
+            ))
         })
     }
 
@@ -427,7 +470,10 @@ impl Sharing {
             .store
             .get(T::Grants, id)?
             .ok_or_else(|| BrokerError::not_found(format!("grant {id} does not exist")))?;
-        if !caller.is_admin() && g.consumer != caller.id.as_str() && g.provider != caller.id.as_str() {
+        if !caller.is_admin()
+            && g.consumer != caller.id.as_str()
+            && g.provider != caller.id.as_str()
+        {
             return Err(BrokerError::denied(format!(
                 "grant {id} is between {} and {}; {} may not see it",
                 g.consumer, g.provider, caller.id
@@ -437,7 +483,11 @@ impl Sharing {
     }
 
     /// Lists grants in a view.
-    pub fn list_grants(&self, caller: &Caller, req: &ListGrantsRequest) -> Result<ListGrantsResponse> {
+    pub fn list_grants(
+        &self,
+        caller: &Caller,
+        req: &ListGrantsRequest,
+    ) -> Result<ListGrantsResponse> {
         let view = GrantView::try_from(req.view)
             .map_err(|_| BrokerError::invalid(format!("view {} is not a GrantView", req.view)))?;
         if !req.dataset_id.is_empty() {
@@ -453,12 +503,19 @@ impl Sharing {
         };
         let size = page_size(req.page_size, 100, 1000);
         let now = now_ms();
-        let (grants, next) = self.page(index, caller.id.as_str(), T::Grants, &req.page_token, size, |g: Grant| {
-            let g = with_expiry(g, now);
-            let keep = (req.include_inactive || g.state() == GrantState::Active)
-                && (req.dataset_id.is_empty() || g.dataset_id == req.dataset_id);
-            keep.then_some(g)
-        })?;
+        let (grants, next) = self.page(
+            index,
+            caller.id.as_str(),
+            T::Grants,
+            &req.page_token,
+            size,
+            |g: Grant| {
+                let g = with_expiry(g, now);
+                let keep = (req.include_inactive || g.state() == GrantState::Active)
+                    && (req.dataset_id.is_empty() || g.dataset_id == req.dataset_id);
+                keep.then_some(g)
+            },
+        )?;
         Ok(ListGrantsResponse {
             grants,
             next_page_token: next,

@@ -4,7 +4,7 @@
 use crate::audit::{self, AuditHead};
 use crate::error::{BrokerError, Result};
 use govshare_proto::v1::AuditEntry;
-use sled::transaction::{ConflictableTransactionError, TransactionalTree, Transactional};
+use sled::transaction::{ConflictableTransactionError, Transactional, TransactionalTree};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -225,8 +225,10 @@ impl Store {
                 let mut h = start.clone();
                 for e in entries {
                     let chained = audit::chain(&mut h, e, &broker);
-                    tx.t(T::Audit)
-                        .insert(&chained.seq.to_be_bytes()[..], prost::Message::encode_to_vec(&chained))?;
+                    tx.t(T::Audit).insert(
+                        &chained.seq.to_be_bytes()[..],
+                        prost::Message::encode_to_vec(&chained),
+                    )?;
                 }
                 Ok((r, h))
             },
@@ -249,7 +251,9 @@ impl Store {
             .map_err(|_| BrokerError::Unavailable("storage is shutting down".into()))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BrokerError::Unavailable(format!("storage flush failed: {e}"))),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(format!(
+                "storage flush failed: {e}"
+            ))),
             Err(_) => Err(BrokerError::Unavailable("storage is shutting down".into())),
         }
     }

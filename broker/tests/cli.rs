@@ -20,7 +20,15 @@ fn text(b: &[u8]) -> String {
 
 fn init(dir: &Path) -> TestResult {
     let d = dir.to_str().ok_or("temp path is not UTF-8")?;
-    let out = broker(&["init", "--data-dir", d, "--id", "330000/hub", "--san", "broker.zj.example"])?;
+    let out = broker(&[
+        "init",
+        "--data-dir",
+        d,
+        "--id",
+        "330000/hub",
+        "--san",
+        "broker.zj.example",
+    ])?;
     assert!(out.status.success(), "init failed: {}", text(&out.stderr));
     Ok(())
 }
@@ -46,13 +54,21 @@ fn term_after_start(mut cmd: Command, admin: &str) -> TestResult {
     let first = lines.next().transpose()?.unwrap_or_default();
     assert!(first.contains("listening on https://127.0.0.1:"), "{first}");
     let second = lines.next().transpose()?.unwrap_or_default();
-    assert!(second.contains(&format!("admin identity ({admin})")), "{second}");
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    assert!(
+        second.contains(&format!("admin identity ({admin})")),
+        "{second}"
+    );
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
     assert!(kill.success());
     let rest: Vec<String> = lines.collect::<Result<_, _>>()?;
     let status = child.wait()?;
     assert!(status.success(), "exit {status:?}, output {rest:?}");
-    assert!(rest.iter().any(|l| l.contains("stopped cleanly")), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("stopped cleanly")),
+        "{rest:?}"
+    );
     Ok(())
 }
 
@@ -61,7 +77,17 @@ fn init_writes_config_pki_and_admin_identity() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("data");
     init(&dir)?;
-    for f in ["config.toml", "ca/ca.pem", "ca/ca.key", "tls/broker.pem", "tls/broker.key", "tls/ca.pem", "admin/node.pem", "admin/node.key", "admin/ca.pem"] {
+    for f in [
+        "config.toml",
+        "ca/ca.pem",
+        "ca/ca.key",
+        "tls/broker.pem",
+        "tls/broker.key",
+        "tls/ca.pem",
+        "admin/node.pem",
+        "admin/node.key",
+        "admin/ca.pem",
+    ] {
         assert!(dir.join(f).exists(), "{f} missing");
     }
     let cfg = std::fs::read_to_string(dir.join("config.toml"))?;
@@ -70,9 +96,19 @@ fn init_writes_config_pki_and_admin_identity() -> TestResult {
     let d = dir.to_str().ok_or("path")?;
     let again = broker(&["init", "--data-dir", d, "--id", "330000/hub"])?;
     assert!(!again.status.success());
-    assert!(text(&again.stderr).contains("initialised"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("initialised"),
+        "{}",
+        text(&again.stderr)
+    );
     // Bad ids are refused with a message naming the problem.
-    let bad = broker(&["init", "--data-dir", tmp.path().join("x").to_str().ok_or("path")?, "--id", "hub"])?;
+    let bad = broker(&[
+        "init",
+        "--data-dir",
+        tmp.path().join("x").to_str().ok_or("path")?,
+        "--id",
+        "hub",
+    ])?;
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("not a node id"));
     Ok(())
@@ -85,16 +121,46 @@ fn issue_writes_an_identity_and_validates_input() -> TestResult {
     init(&dir)?;
     let d = dir.to_str().ok_or("path")?;
     let out_dir = tmp.path().join("hrss");
-    let out = broker(&["issue", "--data-dir", d, "--node", "330000/hrss", "--out", out_dir.to_str().ok_or("path")?])?;
+    let out = broker(&[
+        "issue",
+        "--data-dir",
+        d,
+        "--node",
+        "330000/hrss",
+        "--out",
+        out_dir.to_str().ok_or("path")?,
+    ])?;
     assert!(out.status.success(), "{}", text(&out.stderr));
     for f in ["node.pem", "node.key", "ca.pem"] {
         assert!(out_dir.join(f).exists(), "{f} missing");
     }
-    let bad_role = broker(&["issue", "--data-dir", d, "--node", "330000/x", "--role", "king", "--out", "/tmp/never"])?;
+    let bad_role = broker(&[
+        "issue",
+        "--data-dir",
+        d,
+        "--node",
+        "330000/x",
+        "--role",
+        "king",
+        "--out",
+        "/tmp/never",
+    ])?;
     assert!(!bad_role.status.success());
-    let no_dir = broker(&["issue", "--data-dir", tmp.path().join("none").to_str().ok_or("path")?, "--node", "330000/x", "--out", "/tmp/never"])?;
+    let no_dir = broker(&[
+        "issue",
+        "--data-dir",
+        tmp.path().join("none").to_str().ok_or("path")?,
+        "--node",
+        "330000/x",
+        "--out",
+        "/tmp/never",
+    ])?;
     assert!(!no_dir.status.success());
-    assert!(text(&no_dir.stderr).contains("govshare-broker init"), "{}", text(&no_dir.stderr));
+    assert!(
+        text(&no_dir.stderr).contains("govshare-broker init"),
+        "{}",
+        text(&no_dir.stderr)
+    );
     Ok(())
 }
 
@@ -108,8 +174,17 @@ fn run_stops_cleanly_on_sigterm_and_audit_verify_finds_an_edit() -> TestResult {
     run_and_term(&dir)?;
     let d = dir.to_str().ok_or("path")?;
     let ok = broker(&["audit", "verify", "--data-dir", d])?;
-    assert!(ok.status.success(), "{}{}", text(&ok.stdout), text(&ok.stderr));
-    assert!(text(&ok.stdout).contains("audit chain OK: 2 entries"), "{}", text(&ok.stdout));
+    assert!(
+        ok.status.success(),
+        "{}{}",
+        text(&ok.stdout),
+        text(&ok.stderr)
+    );
+    assert!(
+        text(&ok.stdout).contains("audit chain OK: 2 entries"),
+        "{}",
+        text(&ok.stdout)
+    );
 
     // Edit the second entry's reason in place, as someone with disk access might.
     {
@@ -126,7 +201,10 @@ fn run_stops_cleanly_on_sigterm_and_audit_verify_finds_an_edit() -> TestResult {
     let broken = broker(&["audit", "verify", "--data-dir", d])?;
     assert_eq!(broken.status.code(), Some(3));
     let msg = text(&broken.stdout);
-    assert!(msg.contains("BROKEN at entry 2") && msg.contains("edited"), "{msg}");
+    assert!(
+        msg.contains("BROKEN at entry 2") && msg.contains("edited"),
+        "{msg}"
+    );
     Ok(())
 }
 
@@ -142,12 +220,20 @@ fn no_arguments_initialises_and_runs_govshare_data() -> TestResult {
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next().transpose()?.unwrap_or_default();
-    assert!(first.contains("first start: initialised ./govshare-data"), "{first}");
+    assert!(
+        first.contains("first start: initialised ./govshare-data"),
+        "{first}"
+    );
     let listening = lines.next().transpose()?.unwrap_or_default();
-    assert!(listening.contains("govshare broker 000000/broker listening on https://127.0.0.1:"), "{listening}");
+    assert!(
+        listening.contains("govshare broker 000000/broker listening on https://127.0.0.1:"),
+        "{listening}"
+    );
     let admin = lines.next().transpose()?.unwrap_or_default();
     assert!(admin.contains("./govshare-data/admin"), "{admin}");
-    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
     assert!(kill.success());
     let status = child.wait()?;
     assert!(status.success(), "{status:?}");

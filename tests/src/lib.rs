@@ -179,7 +179,9 @@ where
         match check().await {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
-            Err(e) if Instant::now() >= deadline => return Err(e.context(format!("waiting for {what}"))),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("waiting for {what}")))
+            }
             Err(_) => {}
         }
         if Instant::now() >= deadline {
@@ -205,7 +207,14 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
         let built = BUILT.get_or_init(|| {
             let release = profile_dir.file_name().is_some_and(|n| n == "release");
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.args(["build", "-p", "govshare-client", "-p", "govshare-broker", "--bins"]);
+            cmd.args([
+                "build",
+                "-p",
+                "govshare-client",
+                "-p",
+                "govshare-broker",
+                "--bins",
+            ]);
             if release {
                 cmd.arg("--release");
             }
@@ -258,7 +267,11 @@ impl CliOutput {
 }
 
 /// Runs the `govshare` CLI against a broker with an identity (off the async workers).
-pub async fn govshare_cli(broker: &TestBroker, identity: &Path, args: &[&str]) -> Result<CliOutput> {
+pub async fn govshare_cli(
+    broker: &TestBroker,
+    identity: &Path,
+    args: &[&str],
+) -> Result<CliOutput> {
     let bin = bin_path("govshare")?;
     let mut cmd = tokio::process::Command::new(bin);
     cmd.arg("--broker")

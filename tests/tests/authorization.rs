@@ -13,9 +13,20 @@ fn denied<T: std::fmt::Debug>(r: Result<T, ClientError>, code: Code, needle: &st
         Ok(v) => bail!("expected {code:?}, got success: {v:?}"),
         Err(e) => {
             let status = e.status().cloned();
-            let Some(s) = status else { bail!("expected {code:?}, got {e}") };
-            ensure!(s.code() == code, "expected {code:?}, got {:?}: {}", s.code(), s.message());
-            ensure!(s.message().contains(needle), "message {:?} lacks {needle:?}", s.message());
+            let Some(s) = status else {
+                bail!("expected {code:?}, got {e}")
+            };
+            ensure!(
+                s.code() == code,
+                "expected {code:?}, got {:?}: {}",
+                s.code(),
+                s.message()
+            );
+            ensure!(
+                s.message().contains(needle),
+                "message {:?} lacks {needle:?}",
+                s.message()
+            );
             Ok(())
         }
     }
@@ -39,10 +50,20 @@ async fn an_unregistered_certificate_is_refused_everything() -> Result<()> {
     let broker = TestBroker::start().await?;
     let dir = broker.issue("330000/ghost", NodeRole::Department)?;
     let ghost = broker.connect(&dir).await?;
-    denied(ghost.whoami().await, Code::PermissionDenied, "not registered")?;
-    denied(ghost.publish_dataset(dataset("x")).await, Code::PermissionDenied, "not registered")?;
     denied(
-        ghost.search_datasets(SearchDatasetsRequest::default()).await,
+        ghost.whoami().await,
+        Code::PermissionDenied,
+        "not registered",
+    )?;
+    denied(
+        ghost.publish_dataset(dataset("x")).await,
+        Code::PermissionDenied,
+        "not registered",
+    )?;
+    denied(
+        ghost
+            .search_datasets(SearchDatasetsRequest::default())
+            .await,
         Code::PermissionDenied,
         "not registered",
     )?;
@@ -55,7 +76,9 @@ async fn a_suspended_node_is_refused_until_resumed() -> Result<()> {
     let admin = broker.admin().await?;
     let civil = broker.client_for("330100/civil").await?;
     civil.whoami().await?;
-    admin.suspend_node("330100/civil", "certificate reported stolen").await?;
+    admin
+        .suspend_node("330100/civil", "certificate reported stolen")
+        .await?;
     denied(civil.whoami().await, Code::PermissionDenied, "suspended")?;
     denied(
         civil.list_demands(ListDemandsRequest::default()).await,
@@ -81,14 +104,20 @@ async fn a_certificate_from_another_ca_fails_the_handshake() -> Result<()> {
     broker.client_for("330100/civil").await?;
     let foreign_dir = other.issue("330100/civil", NodeRole::Department)?;
     // Trust `broker`'s CA for the server side, so only the client certificate is foreign.
-    std::fs::copy(broker.admin_dir().join("ca.pem"), foreign_dir.join("ca.pem"))?;
+    std::fs::copy(
+        broker.admin_dir().join("ca.pem"),
+        foreign_dir.join("ca.pem"),
+    )?;
     let outcome = match broker.connect(&foreign_dir).await {
         Err(e) => Err(e.to_string()),
         Ok(c) => c.whoami().await.map_err(|e| e.to_string()),
     };
     match outcome {
         Ok(_) => bail!("a foreign-CA certificate was accepted"),
-        Err(msg) => ensure!(!msg.contains("not registered"), "refused after TLS, not in it: {msg}"),
+        Err(msg) => ensure!(
+            !msg.contains("not registered"),
+            "refused after TLS, not in it: {msg}"
+        ),
     }
     other.shutdown().await?;
     broker.shutdown().await
@@ -109,11 +138,31 @@ async fn a_department_cannot_call_admin_rpcs() -> Result<()> {
         Code::PermissionDenied,
         "only admins",
     )?;
-    denied(civil.list_nodes(ListNodesRequest::default()).await, Code::PermissionDenied, "only admins")?;
-    denied(civil.suspend_node("330000/admin", "").await, Code::PermissionDenied, "only admins")?;
-    denied(civil.resume_node("330100/civil").await, Code::PermissionDenied, "only admins")?;
-    denied(civil.broker_status().await, Code::PermissionDenied, "only admins")?;
-    denied(civil.list_queues().await, Code::PermissionDenied, "only admins")?;
+    denied(
+        civil.list_nodes(ListNodesRequest::default()).await,
+        Code::PermissionDenied,
+        "only admins",
+    )?;
+    denied(
+        civil.suspend_node("330000/admin", "").await,
+        Code::PermissionDenied,
+        "only admins",
+    )?;
+    denied(
+        civil.resume_node("330100/civil").await,
+        Code::PermissionDenied,
+        "only admins",
+    )?;
+    denied(
+        civil.broker_status().await,
+        Code::PermissionDenied,
+        "only admins",
+    )?;
+    denied(
+        civil.list_queues().await,
+        Code::PermissionDenied,
+        "only admins",
+    )?;
     denied(
         civil
             .list_demands(ListDemandsRequest {
@@ -144,10 +193,20 @@ async fn a_certificate_role_must_match_the_registration() -> Result<()> {
     broker.client_for("330100/civil").await?;
     let forged_role = broker.issue("330100/civil", NodeRole::Admin)?;
     let c = broker.connect(&forged_role).await?;
-    denied(c.list_nodes(ListNodesRequest::default()).await, Code::PermissionDenied, "registered as department")?;
+    denied(
+        c.list_nodes(ListNodesRequest::default()).await,
+        Code::PermissionDenied,
+        "registered as department",
+    )?;
     // A broker certificate cannot act as a department, nor a department open a link.
-    let b = broker.client_for_role("330100/city", NodeRole::Broker).await?;
-    denied(b.publish_dataset(dataset("x")).await, Code::PermissionDenied, "only department")?;
+    let b = broker
+        .client_for_role("330100/city", NodeRole::Broker)
+        .await?;
+    denied(
+        b.publish_dataset(dataset("x")).await,
+        Code::PermissionDenied,
+        "only department",
+    )?;
     broker.shutdown().await
 }
 
@@ -163,10 +222,18 @@ async fn a_node_publishes_and_withdraws_only_its_own_datasets() -> Result<()> {
     let out = civil.publish_dataset(d).await?.dataset.unwrap_or_default();
     ensure!(out.provider == "330100/civil" && out.id == "330100/civil/death");
     ensure!(hrss.get_dataset("330000/hrss/death").await.is_err());
-    denied(hrss.withdraw_dataset("330100/civil/death", "").await, Code::PermissionDenied, "only its provider")?;
+    denied(
+        hrss.withdraw_dataset("330100/civil/death", "").await,
+        Code::PermissionDenied,
+        "only its provider",
+    )?;
     // The admin is not a provider either.
     let admin = broker.admin().await?;
-    denied(admin.publish_dataset(dataset("y")).await, Code::PermissionDenied, "only department")?;
+    denied(
+        admin.publish_dataset(dataset("y")).await,
+        Code::PermissionDenied,
+        "only department",
+    )?;
     broker.shutdown().await
 }
 
@@ -201,10 +268,22 @@ async fn only_the_provider_decides_and_only_provider_or_admin_revokes() -> Resul
             Code::PermissionDenied,
             "only that provider may decide",
         )?;
-        denied(who.reject_demand(&d.id, "no").await, Code::PermissionDenied, "only that provider may decide")?;
+        denied(
+            who.reject_demand(&d.id, "no").await,
+            Code::PermissionDenied,
+            "only that provider may decide",
+        )?;
     }
-    denied(other.get_demand(&d.id).await, Code::PermissionDenied, "may not see")?;
-    denied(hrss.withdraw_demand(&d.id).await, Code::PermissionDenied, "only it may withdraw")?;
+    denied(
+        other.get_demand(&d.id).await,
+        Code::PermissionDenied,
+        "may not see",
+    )?;
+    denied(
+        hrss.withdraw_demand(&d.id).await,
+        Code::PermissionDenied,
+        "only it may withdraw",
+    )?;
 
     let g = hrss
         .approve_demand(ApproveDemandRequest {
@@ -223,13 +302,25 @@ async fn only_the_provider_decides_and_only_provider_or_admin_revokes() -> Resul
         Code::FailedPrecondition,
         "not PENDING",
     )?;
-    denied(other.get_grant(&g.id).await, Code::PermissionDenied, "may not see")?;
+    denied(
+        other.get_grant(&g.id).await,
+        Code::PermissionDenied,
+        "may not see",
+    )?;
     for who in [&civil, &other] {
-        denied(who.revoke_grant(&g.id, "").await, Code::PermissionDenied, "only that provider or an admin")?;
+        denied(
+            who.revoke_grant(&g.id, "").await,
+            Code::PermissionDenied,
+            "only that provider or an admin",
+        )?;
     }
     let admin = broker.admin().await?;
     ensure!(admin.revoke_grant(&g.id, "by order").await?.state() == GrantState::Revoked);
-    denied(hrss.revoke_grant(&g.id, "").await, Code::FailedPrecondition, "already revoked")?;
+    denied(
+        hrss.revoke_grant(&g.id, "").await,
+        Code::FailedPrecondition,
+        "already revoked",
+    )?;
     broker.shutdown().await
 }
 
@@ -240,10 +331,15 @@ async fn a_department_cannot_open_a_federation_link() -> Result<()> {
     let civil = broker.client_for("330100/civil").await?;
     let mut raw = FederationServiceClient::new(civil.channel());
     let (_tx, rx) = tokio::sync::mpsc::channel::<LinkFrame>(1);
-    let r = raw.link(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let r = raw
+        .link(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
     match r {
         Ok(_) => bail!("a department opened a link"),
-        Err(s) => ensure!(s.code() == Code::PermissionDenied && s.message().contains("only broker"), "{s:?}"),
+        Err(s) => ensure!(
+            s.code() == Code::PermissionDenied && s.message().contains("only broker"),
+            "{s:?}"
+        ),
     }
     broker.shutdown().await
 }

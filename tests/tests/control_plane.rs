@@ -73,7 +73,9 @@ async fn full_flow_through_the_sdk() -> Result<()> {
     ensure!(nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>() == ["330100/civil"]);
 
     // Publish, then republish as a new version.
-    let p = hrss.publish_dataset(pension(ShareType::Conditional)).await?;
+    let p = hrss
+        .publish_dataset(pension(ShareType::Conditional))
+        .await?;
     ensure!(p.created);
     let d = p.dataset.unwrap_or_default();
     ensure!(d.id == "330000/hrss/pension-status" && d.version == 1 && d.provider == "330000/hrss");
@@ -82,7 +84,10 @@ async fn full_flow_through_the_sdk() -> Result<()> {
     v2.provider = "330100/civil".into(); // ignored: the provider is always the caller
     let p2 = hrss.publish_dataset(v2).await?;
     ensure!(!p2.created);
-    ensure!(p2.dataset.as_ref().is_some_and(|d| d.version == 2 && d.provider == "330000/hrss"));
+    ensure!(p2
+        .dataset
+        .as_ref()
+        .is_some_and(|d| d.version == 2 && d.provider == "330000/hrss"));
 
     // Search by any run of characters, and by filters.
     for q in ["养老", "养老保险待遇", "PENSION", "by month", "险"] {
@@ -92,7 +97,11 @@ async fn full_flow_through_the_sdk() -> Result<()> {
                 ..Default::default()
             })
             .await?;
-        ensure!(r.datasets.len() == 1, "query {q:?} found {}", r.datasets.len());
+        ensure!(
+            r.datasets.len() == 1,
+            "query {q:?} found {}",
+            r.datasets.len()
+        );
     }
     for q in ["养老金", "保养", "zzz"] {
         let r = civil
@@ -162,10 +171,14 @@ async fn full_flow_through_the_sdk() -> Result<()> {
         })
         .await?;
     let grant = approved.grant.unwrap_or_default();
-    ensure!(approved.demand.is_some_and(|d| d.state() == DemandState::Approved && d.grant_id == grant.id));
+    ensure!(approved
+        .demand
+        .is_some_and(|d| d.state() == DemandState::Approved && d.grant_id == grant.id));
     ensure!(grant.fields == ["id_number", "status"] && grant.daily_quota == 1000);
     ensure!(grant.issuer == "330000/hub" && grant.consumer == "330100/civil");
-    let days = (grant.valid_until.unwrap_or_default().seconds - grant.valid_from.unwrap_or_default().seconds) / 86400;
+    let days = (grant.valid_until.unwrap_or_default().seconds
+        - grant.valid_from.unwrap_or_default().seconds)
+        / 86400;
     ensure!(days == 30, "validity {days} days");
 
     let held = civil.list_all_grants(ListGrantsRequest::default()).await?;
@@ -189,7 +202,9 @@ async fn full_flow_through_the_sdk() -> Result<()> {
         .await?
         .demand
         .unwrap_or_default();
-    let rejected = hrss.reject_demand(&d2.id, "use the published statistics instead").await?;
+    let rejected = hrss
+        .reject_demand(&d2.id, "use the published statistics instead")
+        .await?;
     ensure!(rejected.state() == DemandState::Rejected && rejected.reason.contains("statistics"));
     let d3 = civil
         .file_demand(FileDemandRequest {
@@ -206,7 +221,10 @@ async fn full_flow_through_the_sdk() -> Result<()> {
     // Revocation by the provider.
     let revoked = hrss.revoke_grant(&grant.id, "purpose fulfilled").await?;
     ensure!(revoked.state() == GrantState::Revoked && revoked.revoked_by == "330000/hrss");
-    ensure!(civil.list_all_grants(ListGrantsRequest::default()).await?.is_empty());
+    ensure!(civil
+        .list_all_grants(ListGrantsRequest::default())
+        .await?
+        .is_empty());
     let all = civil
         .list_all_grants(ListGrantsRequest {
             include_inactive: true,
@@ -228,7 +246,10 @@ async fn full_flow_through_the_sdk() -> Result<()> {
         "demand_withdrawn",
         "grant_revoked",
     ] {
-        ensure!(decisions.contains(&want), "audit lacks {want}: {decisions:?}");
+        ensure!(
+            decisions.contains(&want),
+            "audit lacks {want}: {decisions:?}"
+        );
     }
     let by_grant = civil
         .list_all_audit(ListAuditRequest {
@@ -238,9 +259,10 @@ async fn full_flow_through_the_sdk() -> Result<()> {
         .await?;
     ensure!(by_grant.len() >= 2 && by_grant.iter().all(|e| e.grant_id == grant.id));
     let civil_view = civil.list_all_audit(ListAuditRequest::default()).await?;
-    ensure!(civil_view
-        .iter()
-        .all(|e| e.consumer == "330100/civil" || e.provider == "330100/civil" || e.actor == "330100/civil" || e.subject == "330100/civil"));
+    ensure!(civil_view.iter().all(|e| e.consumer == "330100/civil"
+        || e.provider == "330100/civil"
+        || e.actor == "330100/civil"
+        || e.subject == "330100/civil"));
     ensure!(civil_view.len() < audit.len());
 
     // Withdrawal: no new demands, gone from search, still shown by id.
@@ -303,7 +325,11 @@ async fn unconditional_is_granted_and_not_shared_is_refused_at_once() -> Result<
         })
         .await?;
     let d = r.demand.unwrap_or_default();
-    ensure!(d.state() == DemandState::Rejected && d.reason.contains("tax secrets"), "{}", d.reason);
+    ensure!(
+        d.state() == DemandState::Rejected && d.reason.contains("tax secrets"),
+        "{}",
+        d.reason
+    );
     ensure!(r.grant.is_none());
 
     // An item that is itself NOT_SHARED is refused, naming the item.
@@ -316,7 +342,11 @@ async fn unconditional_is_granted_and_not_shared_is_refused_at_once() -> Result<
         })
         .await?;
     let d = r.demand.unwrap_or_default();
-    ensure!(d.state() == DemandState::Rejected && d.reason.contains("bank_account"), "{}", d.reason);
+    ensure!(
+        d.state() == DemandState::Rejected && d.reason.contains("bank_account"),
+        "{}",
+        d.reason
+    );
     broker.shutdown().await
 }
 
@@ -337,7 +367,8 @@ async fn a_restart_keeps_all_state() -> Result<()> {
     }
     let hrss = broker.connect(&hrss_dir).await?;
     let civil = broker.connect(&civil_dir).await?;
-    hrss.publish_dataset(pension(ShareType::Conditional)).await?;
+    hrss.publish_dataset(pension(ShareType::Conditional))
+        .await?;
     let demand = civil
         .file_demand(FileDemandRequest {
             dataset_id: "330000/hrss/pension-status".into(),
@@ -357,23 +388,37 @@ async fn a_restart_keeps_all_state() -> Result<()> {
         .grant
         .unwrap_or_default();
     admin.suspend_node("330100/civil", "audit").await?;
-    let audit_before = admin.list_all_audit(ListAuditRequest::default()).await?.len();
+    let audit_before = admin
+        .list_all_audit(ListAuditRequest::default())
+        .await?
+        .len();
 
     broker.restart().await?;
 
     let admin = broker.admin().await?;
     let hrss = broker.connect(&hrss_dir).await?;
-    ensure!(admin.list_all_nodes("").await?.len() == 4, "hub, admin, hrss, civil");
+    ensure!(
+        admin.list_all_nodes("").await?.len() == 4,
+        "hub, admin, hrss, civil"
+    );
     let node = admin.get_node("330100/civil").await?;
     ensure!(node.state() == NodeState::Suspended);
-    ensure!(hrss.get_dataset("330000/hrss/pension-status").await?.version == 1);
+    ensure!(
+        hrss.get_dataset("330000/hrss/pension-status")
+            .await?
+            .version
+            == 1
+    );
     let hits = hrss
         .search_datasets(SearchDatasetsRequest {
             text: "居民养老".into(),
             ..Default::default()
         })
         .await?;
-    ensure!(hits.datasets.len() == 1, "the search index survives a restart");
+    ensure!(
+        hits.datasets.len() == 1,
+        "the search index survives a restart"
+    );
     ensure!(hrss.get_demand(&demand.id).await?.state() == DemandState::Approved);
     ensure!(hrss.get_grant(&grant.id).await?.state() == GrantState::Active);
     let audit_after = admin.list_all_audit(ListAuditRequest::default()).await?;
@@ -391,11 +436,13 @@ async fn a_restart_keeps_all_state() -> Result<()> {
 
 #[tokio::test]
 async fn overdue_demands_are_listed_and_counted() -> Result<()> {
-    let broker = TestBroker::start_with("330000/hub", |c| c.sharing.demand_response_seconds = 1).await?;
+    let broker =
+        TestBroker::start_with("330000/hub", |c| c.sharing.demand_response_seconds = 1).await?;
     let hrss = broker.client_for("330000/hrss").await?;
     let civil = broker.client_for("330100/civil").await?;
     let admin = broker.admin().await?;
-    hrss.publish_dataset(pension(ShareType::Conditional)).await?;
+    hrss.publish_dataset(pension(ShareType::Conditional))
+        .await?;
     let d = civil
         .file_demand(FileDemandRequest {
             dataset_id: "330000/hrss/pension-status".into(),
@@ -407,23 +454,30 @@ async fn overdue_demands_are_listed_and_counted() -> Result<()> {
         .demand
         .unwrap_or_default();
     ensure!(!d.overdue);
-    let overdue = govshare_tests::wait_until(std::time::Duration::from_secs(10), "the demand to be overdue", || {
-        let hrss = hrss.clone();
-        async move {
-            let r = hrss
-                .list_demands(ListDemandsRequest {
-                    view: DemandView::Incoming as i32,
-                    overdue_only: true,
-                    ..Default::default()
-                })
-                .await?;
-            Ok((!r.demands.is_empty()).then_some(r.demands))
-        }
-    })
+    let overdue = govshare_tests::wait_until(
+        std::time::Duration::from_secs(10),
+        "the demand to be overdue",
+        || {
+            let hrss = hrss.clone();
+            async move {
+                let r = hrss
+                    .list_demands(ListDemandsRequest {
+                        view: DemandView::Incoming as i32,
+                        overdue_only: true,
+                        ..Default::default()
+                    })
+                    .await?;
+                Ok((!r.demands.is_empty()).then_some(r.demands))
+            }
+        },
+    )
     .await?;
     ensure!(overdue.len() == 1 && overdue[0].id == d.id && overdue[0].overdue);
     let status = admin.broker_status().await?;
-    ensure!(status.pending_demands == 1 && status.overdue_demands == 1, "{status:?}");
+    ensure!(
+        status.pending_demands == 1 && status.overdue_demands == 1,
+        "{status:?}"
+    );
     // Deciding it ends the overdue state.
     hrss.reject_demand(&d.id, "too late, sorry").await?;
     let status = admin.broker_status().await?;
@@ -439,7 +493,11 @@ async fn search_pages_through_a_larger_catalog() -> Result<()> {
     for i in 0..120 {
         let mut d = pension(ShareType::Conditional);
         d.code = format!("ds-{i:03}");
-        d.name = if i % 3 == 0 { format!("第{i}批养老金发放名单") } else { format!("第{i}批医保结算") };
+        d.name = if i % 3 == 0 {
+            format!("第{i}批养老金发放名单")
+        } else {
+            format!("第{i}批医保结算")
+        };
         hrss.publish_dataset(d).await?;
     }
     let mut seen = Vec::new();
@@ -460,9 +518,14 @@ async fn search_pages_through_a_larger_catalog() -> Result<()> {
         }
         token = page.next_page_token;
     }
-    let want: Vec<String> = (0..120).filter(|i| i % 3 == 0).map(|i| format!("ds-{i:03}")).collect();
+    let want: Vec<String> = (0..120)
+        .filter(|i| i % 3 == 0)
+        .map(|i| format!("ds-{i:03}"))
+        .collect();
     ensure!(seen == want, "paged search returned {seen:?}");
-    let all = civil.search_all_datasets(SearchDatasetsRequest::default(), None).await?;
+    let all = civil
+        .search_all_datasets(SearchDatasetsRequest::default(), None)
+        .await?;
     ensure!(all.len() == 120);
     broker.shutdown().await
 }

@@ -22,7 +22,9 @@ impl AdminService for AdminSvc {
         &self,
         req: Request<GetBrokerStatusRequest>,
     ) -> Result<Response<BrokerStatus>, Status> {
-        caller(&self.0, &req).await?.require_admin("read the broker status")?;
+        caller(&self.0, &req)
+            .await?
+            .require_admin("read the broker status")?;
         let status = read(&self.0, |a| {
             let (pending, overdue, active) = a.sharing.counts()?;
             Ok(BrokerStatus {
@@ -56,7 +58,9 @@ impl AdminService for AdminSvc {
         &self,
         req: Request<ListDeadLettersRequest>,
     ) -> Result<Response<ListDeadLettersResponse>, Status> {
-        caller(&self.0, &req).await?.require_admin("list dead letters")?;
+        caller(&self.0, &req)
+            .await?
+            .require_admin("list dead letters")?;
         Err(not_yet("Admin.ListDeadLetters"))
     }
 
@@ -64,7 +68,9 @@ impl AdminService for AdminSvc {
         &self,
         req: Request<ReplayDeadLetterRequest>,
     ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
-        caller(&self.0, &req).await?.require_admin("replay dead letters")?;
+        caller(&self.0, &req)
+            .await?
+            .require_admin("replay dead letters")?;
         Err(not_yet("Admin.ReplayDeadLetter"))
     }
 
@@ -72,7 +78,9 @@ impl AdminService for AdminSvc {
         &self,
         req: Request<PurgeDeadLettersRequest>,
     ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
-        caller(&self.0, &req).await?.require_admin("purge dead letters")?;
+        caller(&self.0, &req)
+            .await?
+            .require_admin("purge dead letters")?;
         Err(not_yet("Admin.PurgeDeadLetters"))
     }
 }

@@ -18,7 +18,9 @@ impl CatalogService for CatalogSvc {
     ) -> Result<Response<PublishDatasetResponse>, Status> {
         let c = caller(&self.0, &req).await?;
         let d = req.into_inner().dataset;
-        Ok(Response::new(write(&self.0, move |a| a.catalog.publish(&c, d)).await?))
+        Ok(Response::new(
+            write(&self.0, move |a| a.catalog.publish(&c, d)).await?,
+        ))
     }
 
     async fn withdraw_dataset(
@@ -32,10 +34,15 @@ impl CatalogService for CatalogSvc {
         ))
     }
 
-    async fn get_dataset(&self, req: Request<GetDatasetRequest>) -> Result<Response<Dataset>, Status> {
+    async fn get_dataset(
+        &self,
+        req: Request<GetDatasetRequest>,
+    ) -> Result<Response<Dataset>, Status> {
         caller(&self.0, &req).await?;
         let id = req.into_inner().id;
-        Ok(Response::new(read(&self.0, move |a| a.catalog.get(&id)).await?))
+        Ok(Response::new(
+            read(&self.0, move |a| a.catalog.get(&id)).await?,
+        ))
     }
 
     async fn search_datasets(
@@ -44,6 +51,8 @@ impl CatalogService for CatalogSvc {
     ) -> Result<Response<SearchDatasetsResponse>, Status> {
         caller(&self.0, &req).await?;
         let r = req.into_inner();
-        Ok(Response::new(read(&self.0, move |a| a.catalog.search(&r)).await?))
+        Ok(Response::new(
+            read(&self.0, move |a| a.catalog.search(&r)).await?,
+        ))
     }
 }

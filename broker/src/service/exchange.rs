@@ -17,24 +17,36 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 's
 
 #[tonic::async_trait]
 impl ExchangeService for ExchangeSvc {
-    async fn request(&self, req: Request<ExchangeRequest>) -> Result<Response<ExchangeResult>, Status> {
+    async fn request(
+        &self,
+        req: Request<ExchangeRequest>,
+    ) -> Result<Response<ExchangeResult>, Status> {
         caller(&self.0, &req).await?;
         Err(not_yet("Exchange.Request"))
     }
 
-    async fn submit(&self, req: Request<ExchangeRequest>) -> Result<Response<SubmitResponse>, Status> {
+    async fn submit(
+        &self,
+        req: Request<ExchangeRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
         caller(&self.0, &req).await?;
         Err(not_yet("Exchange.Submit"))
     }
 
-    async fn get(&self, req: Request<GetExchangeRequest>) -> Result<Response<ExchangeResult>, Status> {
+    async fn get(
+        &self,
+        req: Request<GetExchangeRequest>,
+    ) -> Result<Response<ExchangeResult>, Status> {
         caller(&self.0, &req).await?;
         Err(not_yet("Exchange.Get"))
     }
 
     type WatchStream = BoxStream<ExchangeResult>;
 
-    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         caller(&self.0, &req).await?;
         Err(not_yet("Exchange.Watch"))
     }

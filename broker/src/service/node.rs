@@ -25,7 +25,9 @@ impl NodeService for NodeSvc {
     async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
         caller(&self.0, &req).await?;
         let id = req.into_inner().id;
-        Ok(Response::new(read(&self.0, move |a| a.registry.get(&id)).await?))
+        Ok(Response::new(
+            read(&self.0, move |a| a.registry.get(&id)).await?,
+        ))
     }
 
     async fn list_nodes(
@@ -35,17 +37,22 @@ impl NodeService for NodeSvc {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let out = read(&self.0, move |a| {
-            a.registry.list(&c, &r.region_prefix, r.page_size, &r.page_token)
+            a.registry
+                .list(&c, &r.region_prefix, r.page_size, &r.page_token)
         })
         .await?;
         Ok(Response::new(out))
     }
 
-    async fn suspend_node(&self, req: Request<SuspendNodeRequest>) -> Result<Response<Node>, Status> {
+    async fn suspend_node(
+        &self,
+        req: Request<SuspendNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let out = write(&self.0, move |a| {
-            a.registry.set_state(&c, &r.id, NodeState::Suspended, &r.reason)
+            a.registry
+                .set_state(&c, &r.id, NodeState::Suspended, &r.reason)
         })
         .await?;
         Ok(Response::new(out))
@@ -54,11 +61,17 @@ impl NodeService for NodeSvc {
     async fn resume_node(&self, req: Request<ResumeNodeRequest>) -> Result<Response<Node>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        let out = write(&self.0, move |a| a.registry.set_state(&c, &r.id, NodeState::Active, "")).await?;
+        let out = write(&self.0, move |a| {
+            a.registry.set_state(&c, &r.id, NodeState::Active, "")
+        })
+        .await?;
         Ok(Response::new(out))
     }
 
-    async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<WhoAmIResponse>, Status> {
+    async fn who_am_i(
+        &self,
+        req: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
         let c = caller(&self.0, &req).await?;
         let id = c.id.to_string();
         let node = read(&self.0, move |a| a.registry.get(&id)).await?;

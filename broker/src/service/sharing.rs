@@ -18,13 +18,17 @@ impl SharingService for SharingSvc {
     ) -> Result<Response<FileDemandResponse>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        Ok(Response::new(write(&self.0, move |a| a.sharing.file(&c, r)).await?))
+        Ok(Response::new(
+            write(&self.0, move |a| a.sharing.file(&c, r)).await?,
+        ))
     }
 
     async fn get_demand(&self, req: Request<GetDemandRequest>) -> Result<Response<Demand>, Status> {
         let c = caller(&self.0, &req).await?;
         let id = req.into_inner().id;
-        Ok(Response::new(read(&self.0, move |a| a.sharing.get_demand(&c, &id)).await?))
+        Ok(Response::new(
+            read(&self.0, move |a| a.sharing.get_demand(&c, &id)).await?,
+        ))
     }
 
     async fn list_demands(
@@ -33,7 +37,9 @@ impl SharingService for SharingSvc {
     ) -> Result<Response<ListDemandsResponse>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        Ok(Response::new(read(&self.0, move |a| a.sharing.list_demands(&c, &r)).await?))
+        Ok(Response::new(
+            read(&self.0, move |a| a.sharing.list_demands(&c, &r)).await?,
+        ))
     }
 
     async fn approve_demand(
@@ -42,10 +48,15 @@ impl SharingService for SharingSvc {
     ) -> Result<Response<ApproveDemandResponse>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        Ok(Response::new(write(&self.0, move |a| a.sharing.approve(&c, &r)).await?))
+        Ok(Response::new(
+            write(&self.0, move |a| a.sharing.approve(&c, &r)).await?,
+        ))
     }
 
-    async fn reject_demand(&self, req: Request<RejectDemandRequest>) -> Result<Response<Demand>, Status> {
+    async fn reject_demand(
+        &self,
+        req: Request<RejectDemandRequest>,
+    ) -> Result<Response<Demand>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
         Ok(Response::new(
@@ -59,13 +70,17 @@ impl SharingService for SharingSvc {
     ) -> Result<Response<Demand>, Status> {
         let c = caller(&self.0, &req).await?;
         let id = req.into_inner().id;
-        Ok(Response::new(write(&self.0, move |a| a.sharing.withdraw(&c, &id)).await?))
+        Ok(Response::new(
+            write(&self.0, move |a| a.sharing.withdraw(&c, &id)).await?,
+        ))
     }
 
     async fn get_grant(&self, req: Request<GetGrantRequest>) -> Result<Response<Grant>, Status> {
         let c = caller(&self.0, &req).await?;
         let id = req.into_inner().id;
-        Ok(Response::new(read(&self.0, move |a| a.sharing.get_grant(&c, &id)).await?))
+        Ok(Response::new(
+            read(&self.0, move |a| a.sharing.get_grant(&c, &id)).await?,
+        ))
     }
 
     async fn list_grants(
@@ -74,10 +89,15 @@ impl SharingService for SharingSvc {
     ) -> Result<Response<ListGrantsResponse>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        Ok(Response::new(read(&self.0, move |a| a.sharing.list_grants(&c, &r)).await?))
+        Ok(Response::new(
+            read(&self.0, move |a| a.sharing.list_grants(&c, &r)).await?,
+        ))
     }
 
-    async fn revoke_grant(&self, req: Request<RevokeGrantRequest>) -> Result<Response<Grant>, Status> {
+    async fn revoke_grant(
+        &self,
+        req: Request<RevokeGrantRequest>,
+    ) -> Result<Response<Grant>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
         Ok(Response::new(
