@@ -17,6 +17,8 @@ pub struct Config {
     pub storage: StorageSection,
     /// Supply-demand rules.
     pub sharing: SharingSection,
+    /// Exchanges: deadlines, redelivery, queue bounds, idempotency.
+    pub exchange: ExchangeSection,
     /// Logging.
     pub log: LogSection,
     /// The directory the file was loaded from; relative paths resolve against it. Not in the file.
@@ -74,6 +76,49 @@ pub struct SharingSection {
     pub default_period_days: u32,
     /// Longest period a demand may ask for.
     pub max_period_days: u32,
+}
+
+/// `[exchange]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExchangeSection {
+    /// Deadline of a Submit that sets none, in seconds.
+    pub default_deadline_secs: u64,
+    /// Deadline of a Request whose call has no gRPC deadline, in seconds.
+    pub default_sync_deadline_secs: u64,
+    /// Longest deadline an exchange may ask for, in seconds.
+    pub max_deadline_secs: u64,
+    /// How long a provider instance may hold a request unanswered before it is redelivered, in seconds.
+    pub ack_wait_secs: u64,
+    /// Deliveries before an exchange goes to the dead-letter queue.
+    pub max_deliveries: u32,
+    /// Most exchanges queued for one destination; more are refused with RESOURCE_EXHAUSTED.
+    pub queue_max_count: u64,
+    /// Most bytes queued for one destination.
+    pub queue_max_bytes: u64,
+    /// How long a repeated idempotency key returns the first exchange, in seconds.
+    pub idempotency_window_secs: u64,
+    /// Most rows in one response; the rest are cut and the result marked truncated.
+    pub max_rows: u32,
+    /// Most filters in one query.
+    pub max_filters: u32,
+}
+
+impl Default for ExchangeSection {
+    fn default() -> Self {
+        Self {
+            default_deadline_secs: 300,
+            default_sync_deadline_secs: 30,
+            max_deadline_secs: 7 * 86_400,
+            ack_wait_secs: 30,
+            max_deliveries: 5,
+            queue_max_count: 1_000_000,
+            queue_max_bytes: 1024 * 1024 * 1024,
+            idempotency_window_secs: 86_400,
+            max_rows: 1000,
+            max_filters: 32,
+        }
+    }
 }
 
 /// `[log]`.
@@ -144,6 +189,7 @@ impl Default for Config {
             tls: TlsSection::default(),
             storage: StorageSection::default(),
             sharing: SharingSection::default(),
+            exchange: ExchangeSection::default(),
             log: LogSection::default(),
             data_dir: PathBuf::from("."),
         }
@@ -195,6 +241,26 @@ impl Config {
         if s.default_period_days == 0 || s.default_period_days > s.max_period_days {
             return Err(BrokerError::invalid(
                 "[sharing] default_period_days must be between 1 and max_period_days",
+            ));
+        }
+        let x = &self.exchange;
+        if x.default_deadline_secs == 0
+            || x.default_sync_deadline_secs == 0
+            || x.ack_wait_secs == 0
+            || x.max_deliveries == 0
+            || x.queue_max_count == 0
+            || x.queue_max_bytes == 0
+            || x.max_rows == 0
+        {
+            return Err(BrokerError::invalid(
+                "[exchange] deadlines, ack_wait_secs, max_deliveries, queue bounds and max_rows must be at least 1",
+            ));
+        }
+        if x.default_deadline_secs > x.max_deadline_secs
+            || x.default_sync_deadline_secs > x.max_deadline_secs
+        {
+            return Err(BrokerError::invalid(
+                "[exchange] default deadlines must not exceed max_deadline_secs",
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
@@ -255,6 +321,28 @@ default_period_days = {defp}
 # Longest period a demand may ask for, in days. Default 3650.
 max_period_days = {maxp}
 
+[exchange]
+# Deadline of a Submit that sets none, in seconds. Default 300.
+default_deadline_secs = {x_def}
+# Deadline of a Request whose call has no gRPC deadline, in seconds. Default 30.
+default_sync_deadline_secs = {x_sync}
+# Longest deadline an exchange may ask for, in seconds. Default 604800 (7 days).
+max_deadline_secs = {x_max}
+# Seconds a provider instance may hold a request unanswered before it is redelivered. Default 30.
+ack_wait_secs = {x_ack}
+# Deliveries before an exchange is dead-lettered. Default 5.
+max_deliveries = {x_deliv}
+# Most exchanges queued for one destination (more get RESOURCE_EXHAUSTED). Default 1000000.
+queue_max_count = {x_qc}
+# Most bytes queued for one destination. Default 1073741824 (1 GiB).
+queue_max_bytes = {x_qb}
+# Seconds a repeated idempotency key returns the first exchange. Default 86400.
+idempotency_window_secs = {x_idem}
+# Most rows in one response (the rest are cut, the result marked truncated). Default 1000.
+max_rows = {x_rows}
+# Most filters in one query. Default 32.
+max_filters = {x_filters}
+
 [log]
 # tracing filter; RUST_LOG overrides it. Default "info".
 level = "{level}"
@@ -269,6 +357,16 @@ format = "{format}"
             resp_s = self.sharing.demand_response_seconds,
             defp = self.sharing.default_period_days,
             maxp = self.sharing.max_period_days,
+            x_def = self.exchange.default_deadline_secs,
+            x_sync = self.exchange.default_sync_deadline_secs,
+            x_max = self.exchange.max_deadline_secs,
+            x_ack = self.exchange.ack_wait_secs,
+            x_deliv = self.exchange.max_deliveries,
+            x_qc = self.exchange.queue_max_count,
+            x_qb = self.exchange.queue_max_bytes,
+            x_idem = self.exchange.idempotency_window_secs,
+            x_rows = self.exchange.max_rows,
+            x_filters = self.exchange.max_filters,
             level = self.log.level,
             format = self.log.format,
         )

@@ -30,6 +30,8 @@ pub struct RunningBroker {
     /// This broker's node id.
     pub broker_id: String,
     shutdown: Option<oneshot::Sender<()>>,
+    stopping: tokio::sync::watch::Sender<bool>,
+    engine: Option<crate::exchange::Engine>,
     task: Option<JoinHandle<std::result::Result<(), tonic::transport::Error>>>,
     store: Option<Store>,
 }
@@ -72,7 +74,12 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     store.durable().await?;
 
     let broker_id = cfg.broker.id.clone();
-    let app = Arc::new(App::new(cfg, store.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = {
+        let s = store.clone();
+        Arc::new(store::blocking(move || App::new(cfg, s, stop_rx)).await?)
+    };
+    let engine = app.engine.clone();
     let (tx, rx) = oneshot::channel::<()>();
     let router = Server::builder()
         .tls_config(tls)
@@ -109,12 +116,29 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         local_addr,
         broker_id,
         shutdown: Some(tx),
+        stopping: stop_tx,
         task: Some(task),
+        engine: Some(engine),
         store: Some(store),
     })
 }
 
 impl RunningBroker {
+    /// The group-commit counters: (flushes, durability requests they answered).
+    pub fn flush_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.store
+            .as_ref()
+            .map(|s| {
+                let st = s.flush_stats();
+                (
+                    st.flushes.load(Ordering::Relaxed),
+                    st.requests.load(Ordering::Relaxed),
+                )
+            })
+            .unwrap_or((0, 0))
+    }
+
     /// Stops accepting, lets in-flight calls finish, flushes storage and releases the data dir.
     pub async fn shutdown(mut self) -> Result<()> {
         self.stop().await
@@ -124,12 +148,22 @@ impl RunningBroker {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        // Long-lived streams end now; unary calls in flight finish normally.
+        let _ = self.stopping.send(true);
         if let Some(task) = self.task.take() {
             match task.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "server ended with an error"),
                 Err(e) => tracing::warn!(error = %e, "server task failed"),
             }
+        }
+        if let Some(engine) = self.engine.take() {
+            // Queued and in-flight exchanges are already durable in the queue tree.
+            store::blocking(move || {
+                engine.shutdown_blocking();
+                Ok(())
+            })
+            .await?;
         }
         if let Some(store) = self.store.take() {
             // The last handle: flushing and dropping it on a blocking thread joins the flusher.

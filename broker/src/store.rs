@@ -38,9 +38,21 @@ pub enum T {
     Audit,
     /// Small settings and counters.
     Meta,
+    /// Exchange id → `StoredExchange`.
+    Exchanges,
+    /// destination ‖ 0 ‖ seq (u64 BE) → exchange id: the durable queues, in order.
+    Queue,
+    /// consumer ‖ 0 ‖ seq (u64 BE) → exchange id: finished exchanges awaiting the consumer's ack.
+    Results,
+    /// consumer ‖ 0 ‖ idempotency key → `DedupRecord`.
+    Dedup,
+    /// Exchange id → `DeadLetter`.
+    DeadLetters,
+    /// grant id ‖ 0 ‖ day (i64 BE) → exchanges counted (u64 BE).
+    Quota,
 }
 
-const TREE_NAMES: [&str; 12] = [
+const TREE_NAMES: [&str; 18] = [
     "nodes",
     "datasets",
     "cat_gram",
@@ -53,6 +65,12 @@ const TREE_NAMES: [&str; 12] = [
     "grants_by_provider",
     "audit",
     "meta",
+    "exchanges",
+    "queue",
+    "results",
+    "dedup",
+    "dead_letters",
+    "quota",
 ];
 
 /// A view of every tree inside one transaction.
@@ -87,6 +105,21 @@ impl Tx<'_> {
             .map_err(|e| BrokerError::internal(format!("transaction write: {e}")))
     }
 
+    /// Writes raw bytes.
+    pub fn put_raw(&self, t: T, key: &[u8], v: &[u8]) -> Result<()> {
+        self.t(t)
+            .insert(key, v)
+            .map(|_| ())
+            .map_err(|e| BrokerError::internal(format!("transaction write: {e}")))
+    }
+
+    /// Reads raw bytes.
+    pub fn get_raw(&self, t: T, key: &[u8]) -> Result<Option<sled::IVec>> {
+        self.t(t)
+            .get(key)
+            .map_err(|e| BrokerError::internal(format!("transaction read: {e}")))
+    }
+
     /// Writes an index key with an empty value.
     pub fn mark(&self, t: T, key: &[u8]) -> Result<()> {
         self.t(t)
@@ -102,6 +135,15 @@ impl Tx<'_> {
             .map(|_| ())
             .map_err(|e| BrokerError::internal(format!("transaction write: {e}")))
     }
+}
+
+/// Joins a sequence key: `a ‖ 0 ‖ seq` with seq big-endian, so keys sort in seq order.
+pub fn seq_key(a: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + 9);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 /// Joins an index key: `a ‖ 0 ‖ b`. Ids never contain a NUL byte, so the join is unambiguous.
@@ -262,6 +304,11 @@ impl Store {
     pub fn flush_blocking(&self) -> Result<()> {
         self.inner.db.flush()?;
         Ok(())
+    }
+
+    /// A new id, unique and increasing across restarts (for queue and result order).
+    pub fn next_id(&self) -> Result<u64> {
+        Ok(self.inner.db.generate_id()?)
     }
 
     /// The flusher's counters.

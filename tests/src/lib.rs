@@ -12,6 +12,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod provider;
+
 use anyhow::{bail, Context, Result};
 use govshare_broker::pki::{self, InitOptions};
 use govshare_broker::{Config, RunningBroker};
@@ -146,6 +148,14 @@ impl TestBroker {
     /// Connects with an identity dir that exists already.
     pub async fn connect(&self, identity_dir: &Path) -> Result<Client> {
         Ok(Client::connect(self.client_config(identity_dir)).await?)
+    }
+
+    /// The broker's group-commit counters: (flushes, durability requests).
+    pub fn flush_counts(&self) -> (u64, u64) {
+        self.running
+            .as_ref()
+            .map(|r| r.flush_counts())
+            .unwrap_or((0, 0))
     }
 
     /// Stops the broker gracefully and starts it again from the same data dir (on a new port).

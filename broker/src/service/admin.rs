@@ -1,6 +1,6 @@
 //! `govshare.v1.AdminService` and `govshare.v1.AuditService`.
 
-use super::{caller, not_yet, read, App};
+use super::{caller, read, App};
 use crate::time::ts;
 use govshare_proto::v1::admin_service_server::AdminService;
 use govshare_proto::v1::audit_service_server::AuditService;
@@ -37,8 +37,8 @@ impl AdminService for AdminSvc {
                 overdue_demands: overdue,
                 active_grants: active,
                 links: Vec::new(),
-                queued: 0,
-                dead_letters: 0,
+                queued: a.engine.depths().iter().map(|(_, n, _)| n).sum(),
+                dead_letters: a.engine.dead_letter_count() as u64,
                 version: env!("CARGO_PKG_VERSION").to_string(),
             })
         })
@@ -51,7 +51,19 @@ impl AdminService for AdminSvc {
         req: Request<ListQueuesRequest>,
     ) -> Result<Response<ListQueuesResponse>, Status> {
         caller(&self.0, &req).await?.require_admin("list queues")?;
-        Ok(Response::new(ListQueuesResponse { queues: Vec::new() }))
+        let queues = self
+            .0
+            .engine
+            .depths()
+            .into_iter()
+            .map(|(destination, depth, bytes)| QueueInfo {
+                destination,
+                depth,
+                bytes,
+                in_flight: 0,
+            })
+            .collect();
+        Ok(Response::new(ListQueuesResponse { queues }))
     }
 
     async fn list_dead_letters(
@@ -61,27 +73,34 @@ impl AdminService for AdminSvc {
         caller(&self.0, &req)
             .await?
             .require_admin("list dead letters")?;
-        Err(not_yet("Admin.ListDeadLetters"))
+        let r = req.into_inner();
+        let out = read(&self.0, move |a| {
+            a.engine
+                .dead_letters(&r.dataset_id, r.page_size, &r.page_token)
+        })
+        .await?;
+        Ok(Response::new(out))
     }
 
     async fn replay_dead_letter(
         &self,
         req: Request<ReplayDeadLetterRequest>,
     ) -> Result<Response<ReplayDeadLetterResponse>, Status> {
-        caller(&self.0, &req)
-            .await?
-            .require_admin("replay dead letters")?;
-        Err(not_yet("Admin.ReplayDeadLetter"))
+        let c = caller(&self.0, &req).await?;
+        c.require_admin("replay dead letters")?;
+        let id = req.into_inner().exchange_id;
+        self.0.engine.replay(&c, id.clone()).await?;
+        Ok(Response::new(ReplayDeadLetterResponse { exchange_id: id }))
     }
 
     async fn purge_dead_letters(
         &self,
         req: Request<PurgeDeadLettersRequest>,
     ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
-        caller(&self.0, &req)
-            .await?
-            .require_admin("purge dead letters")?;
-        Err(not_yet("Admin.PurgeDeadLetters"))
+        let c = caller(&self.0, &req).await?;
+        c.require_admin("purge dead letters")?;
+        let purged = self.0.engine.purge(&c, req.into_inner().dataset_id).await?;
+        Ok(Response::new(PurgeDeadLettersResponse { purged }))
     }
 }
 

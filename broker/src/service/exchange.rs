@@ -1,10 +1,16 @@
-//! `govshare.v1.ExchangeService`: designed in the API; the data path arrives in the next release.
+//! `govshare.v1.ExchangeService`: thin over the exchange engine.
 
-use super::{caller, not_yet, App};
+use super::{caller, read, App};
+use crate::error::BrokerError;
+use crate::exchange::dispatcher::{Cmd, InstanceSpec};
+use crate::ids::DatasetId;
+use crate::time::now_ms;
 use govshare_proto::v1::exchange_service_server::ExchangeService;
 use govshare_proto::v1::*;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -15,30 +21,66 @@ pub struct ExchangeSvc(pub Arc<App>);
 /// A boxed server stream.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// Most requests one serving stream may hold in flight.
+const MAX_IN_FLIGHT: u32 = 10_000;
+/// How long a new serving stream has to say hello.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
+
+/// The call's deadline from its `grpc-timeout` header, as Unix ms.
+pub fn call_deadline_ms<B>(req: &Request<B>) -> Option<i64> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: i64 = num.parse().ok()?;
+    let ms = match unit {
+        "H" => n.saturating_mul(3_600_000),
+        "M" => n.saturating_mul(60_000),
+        "S" => n.saturating_mul(1000),
+        "m" => n,
+        "u" => n / 1000,
+        "n" => n / 1_000_000,
+        _ => return None,
+    };
+    Some(now_ms().saturating_add(ms))
+}
+
 #[tonic::async_trait]
 impl ExchangeService for ExchangeSvc {
     async fn request(
         &self,
         req: Request<ExchangeRequest>,
     ) -> Result<Response<ExchangeResult>, Status> {
-        caller(&self.0, &req).await?;
-        Err(not_yet("Exchange.Request"))
+        let c = caller(&self.0, &req).await?;
+        c.require_department("exchange data")?;
+        let deadline = call_deadline_ms(&req);
+        let r = self.0.engine.request(c, req.into_inner(), deadline).await?;
+        Ok(Response::new(r))
     }
 
     async fn submit(
         &self,
         req: Request<ExchangeRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        caller(&self.0, &req).await?;
-        Err(not_yet("Exchange.Submit"))
+        let c = caller(&self.0, &req).await?;
+        c.require_department("exchange data")?;
+        Ok(Response::new(
+            self.0.engine.submit(c, req.into_inner()).await?,
+        ))
     }
 
     async fn get(
         &self,
         req: Request<GetExchangeRequest>,
     ) -> Result<Response<ExchangeResult>, Status> {
-        caller(&self.0, &req).await?;
-        Err(not_yet("Exchange.Get"))
+        let c = caller(&self.0, &req).await?;
+        let deadline = call_deadline_ms(&req).unwrap_or_else(|| now_ms() + 30_000);
+        let r = req.into_inner();
+        // Answer a little before the caller gives up, so it gets the state rather than a timeout.
+        let r = self
+            .0
+            .engine
+            .get(c, r.exchange_id, r.wait, deadline - 200)
+            .await?;
+        Ok(Response::new(r))
     }
 
     type WatchStream = BoxStream<ExchangeResult>;
@@ -47,13 +89,22 @@ impl ExchangeService for ExchangeSvc {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        caller(&self.0, &req).await?;
-        Err(not_yet("Exchange.Watch"))
+        let c = caller(&self.0, &req).await?;
+        let rx = self
+            .0
+            .engine
+            .watch(c, req.into_inner().dataset_id, self.0.stopping.clone())?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
-        caller(&self.0, &req).await?;
-        Err(not_yet("Exchange.Ack"))
+        let c = caller(&self.0, &req).await?;
+        let acked = self
+            .0
+            .engine
+            .ack(c.id.to_string(), req.into_inner().exchange_ids)
+            .await?;
+        Ok(Response::new(AckResponse { acked }))
     }
 
     type ServeStream = BoxStream<BrokerMessage>;
@@ -62,7 +113,90 @@ impl ExchangeService for ExchangeSvc {
         &self,
         req: Request<Streaming<ProviderMessage>>,
     ) -> Result<Response<Self::ServeStream>, Status> {
-        caller(&self.0, &req).await?;
-        Err(not_yet("Exchange.Serve"))
+        let c = caller(&self.0, &req).await?;
+        c.require_department("serve datasets")?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_WAIT, inbound.message())
+            .await
+            .map_err(|_| {
+                BrokerError::DeadlineExceeded("send ServeHello first, within 10 s".into())
+            })??;
+        let hello = match first.and_then(|m| m.body) {
+            Some(provider_message::Body::Hello(h)) => h,
+            _ => {
+                return Err(
+                    BrokerError::invalid("the first message on Serve must be ServeHello").into(),
+                )
+            }
+        };
+        if hello.max_in_flight == 0 || hello.max_in_flight > MAX_IN_FLIGHT {
+            return Err(BrokerError::invalid(format!(
+                "max_in_flight must be 1 to {MAX_IN_FLIGHT}, not {}",
+                hello.max_in_flight
+            ))
+            .into());
+        }
+        crate::ids::check_text("instance", &hello.instance, false, 128)?;
+        for ds in &hello.dataset_ids {
+            let did = DatasetId::parse(ds)?;
+            if did.provider != c.id {
+                return Err(BrokerError::denied(format!(
+                    "dataset {ds} belongs to {}; {} may serve only its own",
+                    did.provider, c.id
+                ))
+                .into());
+            }
+        }
+        let wanted = hello.dataset_ids.clone();
+        read(&self.0, move |a| {
+            for ds in &wanted {
+                a.catalog.get(ds)?;
+            }
+            Ok(())
+        })
+        .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(hello.max_in_flight as usize + 16);
+        let label = if hello.instance.is_empty() {
+            format!("{}#{}", c.id, now_ms())
+        } else {
+            hello.instance.clone()
+        };
+        let engine = self.0.engine.clone();
+        let instance = engine
+            .connect_provider(InstanceSpec {
+                node: c.id.to_string(),
+                datasets: hello.dataset_ids,
+                max_in_flight: hello.max_in_flight,
+                label,
+                tx: tx.clone(),
+            })
+            .await?;
+        let mut stopping = self.0.stopping.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(ProviderMessage { body: Some(provider_message::Body::Credit(cr)) })) => {
+                            if engine.send(Cmd::Credit { instance, add: cr.add }).await.is_err() { break }
+                        }
+                        Ok(Some(ProviderMessage { body: Some(provider_message::Body::Answer(answer)) })) => {
+                            if engine.send(Cmd::Answer { instance, answer }).await.is_err() { break }
+                        }
+                        Ok(Some(_)) => {
+                            let _ = tx.send(Err(Status::invalid_argument(
+                                "after ServeHello, send only ServeCredit and ProviderAnswer",
+                            ))).await;
+                            break;
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = stopping.changed() => break,
+                    _ = tx.closed() => break,
+                }
+            }
+            drop(tx);
+            let _ = engine.send(Cmd::Disconnect { instance }).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

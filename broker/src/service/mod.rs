@@ -30,21 +30,35 @@ pub struct App {
     pub catalog: Catalog,
     /// Demands and grants.
     pub sharing: Sharing,
+    /// Exchanges.
+    pub engine: crate::exchange::Engine,
     /// When this broker started, Unix ms.
     pub started_ms: i64,
+    /// Flipped to true at shutdown, so long-lived streams (Watch, Serve) end and the
+    /// server's graceful drain can finish.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl App {
-    /// Builds the state over an open store.
-    pub fn new(cfg: Config, store: Store) -> Self {
-        Self {
+    /// Builds the state over an open store and starts the exchange engine.
+    pub fn new(
+        cfg: Config,
+        store: Store,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Self> {
+        let catalog = Catalog::new(store.clone());
+        let engine =
+            crate::exchange::Engine::start(store.clone(), catalog.clone(), cfg.exchange.clone())?;
+        Ok(Self {
             registry: Registry::new(store.clone()),
-            catalog: Catalog::new(store.clone()),
+            catalog,
             sharing: Sharing::new(store.clone(), cfg.sharing.clone()),
+            engine,
             store,
             cfg,
             started_ms: crate::time::now_ms(),
-        }
+            stopping,
+        })
     }
 }
 

@@ -1,0 +1,968 @@
+//! The dispatcher: one thread that owns the in-memory queues, provider instances and
+//! deliveries, pushes exchanges to providers under their credit, and ends every exchange
+//! exactly once (answered, failed, denied, expired or dead-lettered).
+
+use super::enforce::{self, Denial};
+use super::record::StoredExchange;
+use super::{exchange_entry, Engine, ProviderTx};
+use crate::error::{BrokerError, Result};
+use crate::store::{seq_key, T};
+use crate::time::{ms, now_ms, ts};
+use govshare_proto::v1::{
+    broker_message, BrokerMessage, Dataset, DeadLetter, ErrorStatus, ExchangeResult, ExchangeState,
+    Grant, ProviderAnswer, ProviderRequest, ServeHeartbeat, ServeReady,
+};
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use tokio::sync::{mpsc, oneshot};
+
+/// How often the dispatcher looks for expired exchanges and overdue deliveries.
+const TICK_MS: u64 = 100;
+/// How often idle provider streams get a heartbeat.
+const HEARTBEAT_MS: i64 = 15_000;
+/// How often expired idempotency keys are swept.
+const DEDUP_SWEEP_MS: i64 = 60_000;
+/// Most commands handled before pending notifications are flushed together.
+const BATCH: usize = 256;
+
+/// A provider instance asking to serve.
+#[derive(Debug)]
+pub struct InstanceSpec {
+    /// The provider node.
+    pub node: String,
+    /// Datasets served; empty means all of the node's.
+    pub datasets: Vec<String>,
+    /// Requests it can hold at once.
+    pub max_in_flight: u32,
+    /// Its label, for logs.
+    pub label: String,
+    /// Where the broker's messages to it go.
+    pub tx: ProviderTx,
+}
+
+/// What the dispatcher is asked to do.
+#[derive(Debug)]
+pub enum Cmd {
+    /// A durable exchange to queue.
+    Enqueue {
+        /// Exchange id.
+        id: String,
+        /// Destination (provider node).
+        dest: String,
+        /// Dataset.
+        dataset: String,
+        /// Deadline, Unix ms.
+        deadline_ms: i64,
+    },
+    /// A provider instance connected.
+    Connect {
+        /// The instance.
+        spec: InstanceSpec,
+        /// Its id, once registered.
+        reply: oneshot::Sender<u64>,
+    },
+    /// More credit for an instance.
+    Credit {
+        /// The instance.
+        instance: u64,
+        /// How much more.
+        add: u32,
+    },
+    /// An instance answered a delivery.
+    Answer {
+        /// The instance.
+        instance: u64,
+        /// The answer.
+        answer: ProviderAnswer,
+    },
+    /// An instance went away.
+    Disconnect {
+        /// The instance.
+        instance: u64,
+    },
+    /// Put a dead letter back on its queue.
+    Replay {
+        /// Exchange id.
+        id: String,
+        /// The admin asking.
+        actor: String,
+        /// The outcome.
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Stop.
+    Shutdown,
+}
+
+/// An exchange found in the durable queue at start.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// Exchange id.
+    pub id: String,
+    /// Destination.
+    pub dest: String,
+    /// Dataset.
+    pub dataset: String,
+    /// Deadline, Unix ms.
+    pub deadline_ms: i64,
+    /// Stored size.
+    pub bytes: u64,
+}
+
+/// Reads the durable queues, in order: everything not ended goes back to be delivered,
+/// including what was in flight when the broker stopped.
+pub fn recover(store: &crate::store::Store) -> Result<Vec<Recovered>> {
+    let mut out = Vec::new();
+    for kv in store.tree(T::Queue).iter() {
+        let (k, v) = kv?;
+        let Some(split) = k.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        let dest = String::from_utf8_lossy(&k[..split]).into_owned();
+        let id = String::from_utf8_lossy(&v).into_owned();
+        let Some(rec) = store.get::<StoredExchange>(T::Exchanges, &id)? else {
+            continue;
+        };
+        if rec.finished() {
+            continue;
+        }
+        let env = rec.envelope.clone().unwrap_or_default();
+        out.push(Recovered {
+            id,
+            dest,
+            dataset: env.request.map(|r| r.dataset_id).unwrap_or_default(),
+            deadline_ms: ms(&env.deadline),
+            bytes: rec.bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// Starts the dispatcher thread.
+pub fn spawn(
+    engine: Engine,
+    rx: mpsc::Receiver<Cmd>,
+    recovered: Vec<Recovered>,
+) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("govshare-dispatch".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the dispatcher runtime");
+                    return;
+                }
+            };
+            let mut actor = Actor::new(engine);
+            for r in recovered {
+                actor.queue(r.id, r.dest, r.dataset, r.deadline_ms, false);
+            }
+            rt.block_on(actor.run(rx));
+        })
+        .map_err(|e| BrokerError::internal(format!("cannot start the dispatcher thread: {e}")))
+}
+
+#[derive(Debug, Default)]
+struct DestQ {
+    /// Per dataset, exchange ids in order. Ids that ended meanwhile are skipped lazily.
+    queues: BTreeMap<String, VecDeque<String>>,
+    /// Rotates which dataset goes first, so one busy dataset cannot starve another.
+    turn: usize,
+}
+
+#[derive(Debug)]
+struct Inst {
+    node: String,
+    datasets: HashSet<String>,
+    credit: u32,
+    tx: ProviderTx,
+    label: String,
+    /// Deliveries taken back from it (ack wait passed); its late answers only return credit.
+    stale: HashSet<String>,
+}
+
+impl Inst {
+    fn serves(&self, dataset: &str) -> bool {
+        self.datasets.is_empty() || self.datasets.contains(dataset)
+    }
+}
+
+#[derive(Debug)]
+struct Delivery {
+    exchange_id: String,
+    instance: u64,
+    ack_deadline_ms: i64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    dest: String,
+    dataset: String,
+    deadline_ms: i64,
+    delivery: Option<String>,
+}
+
+/// How an exchange ends.
+struct End {
+    state: ExchangeState,
+    code: i32,
+    message: String,
+    decision: &'static str,
+    dead_letter: Option<String>,
+    rows: Vec<govshare_proto::v1::Row>,
+    masked: Vec<String>,
+    dropped: Vec<String>,
+    truncated: bool,
+}
+
+impl End {
+    fn error(
+        state: ExchangeState,
+        code: tonic::Code,
+        message: String,
+        decision: &'static str,
+    ) -> Self {
+        Self {
+            state,
+            code: code as i32,
+            message,
+            decision,
+            dead_letter: None,
+            rows: Vec::new(),
+            masked: Vec::new(),
+            dropped: Vec::new(),
+            truncated: false,
+        }
+    }
+
+    fn denied(d: &Denial) -> Self {
+        let mut e = Self::error(
+            ExchangeState::Denied,
+            tonic::Code::PermissionDenied,
+            format!("denied by rule {}: {}", d.rule, d.detail),
+            "exchange_denied",
+        );
+        e.code = d.code();
+        e
+    }
+}
+
+struct Actor {
+    engine: Engine,
+    dests: HashMap<String, DestQ>,
+    instances: BTreeMap<u64, Inst>,
+    next_instance: u64,
+    /// Rotates which instance gets the next delivery.
+    instance_turn: u64,
+    deliveries: HashMap<String, Delivery>,
+    pending: HashMap<String, Pending>,
+    deadlines: BTreeSet<(i64, String)>,
+    /// Ended exchanges whose consumers are told after the next shared flush.
+    done: Vec<(String, ExchangeResult)>,
+    last_heartbeat: i64,
+    last_sweep: i64,
+}
+
+impl Actor {
+    fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            dests: HashMap::new(),
+            instances: BTreeMap::new(),
+            next_instance: 1,
+            instance_turn: 0,
+            deliveries: HashMap::new(),
+            pending: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            done: Vec::new(),
+            last_heartbeat: now_ms(),
+            last_sweep: now_ms(),
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if !self.handle(cmd) { break }
+                    // Take whatever else is waiting, so one flush covers the whole batch.
+                    let mut n = 1;
+                    let mut stop = false;
+                    while n < BATCH {
+                        match rx.try_recv() {
+                            Ok(cmd) => { n += 1; if !self.handle(cmd) { stop = true; break } }
+                            Err(_) => break,
+                        }
+                    }
+                    self.flush_done();
+                    if stop { break }
+                }
+                _ = tick.tick() => {
+                    self.tick();
+                    self.flush_done();
+                }
+            }
+        }
+        self.flush_done();
+        // Let the last notifications go out before the runtime is dropped.
+        tokio::task::yield_now().await;
+    }
+
+    /// Tells consumers (and waiting Requests) about ended exchanges once they are durable.
+    fn flush_done(&mut self) {
+        if self.done.is_empty() {
+            return;
+        }
+        let done = std::mem::take(&mut self.done);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.store().durable().await {
+                tracing::warn!(error = %e, "flush failed; results are told at the next one");
+            }
+            for (consumer, result) in done {
+                engine.finished(&consumer, result);
+            }
+        });
+    }
+
+    /// Handles one command; false means stop.
+    fn handle(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Enqueue {
+                id,
+                dest,
+                dataset,
+                deadline_ms,
+            } => {
+                self.queue(id, dest.clone(), dataset, deadline_ms, false);
+                self.dispatch(&dest);
+            }
+            Cmd::Connect { spec, reply } => {
+                let id = self.next_instance;
+                self.next_instance += 1;
+                let ready = BrokerMessage {
+                    body: Some(broker_message::Body::Ready(ServeReady {
+                        dataset_ids: spec.datasets.clone(),
+                        broker_id: self.engine.store().broker_id().to_string(),
+                    })),
+                };
+                if spec.tx.try_send(Ok(ready)).is_err() {
+                    return true;
+                }
+                tracing::info!(node = %spec.node, instance = id, label = %spec.label, credit = spec.max_in_flight, "provider connected");
+                let dest = spec.node.clone();
+                self.instances.insert(
+                    id,
+                    Inst {
+                        node: spec.node,
+                        datasets: spec.datasets.into_iter().collect(),
+                        credit: spec.max_in_flight,
+                        tx: spec.tx,
+                        label: spec.label,
+                        stale: HashSet::new(),
+                    },
+                );
+                let _ = reply.send(id);
+                self.dispatch(&dest);
+            }
+            Cmd::Credit { instance, add } => {
+                if let Some(inst) = self.instances.get_mut(&instance) {
+                    inst.credit = inst.credit.saturating_add(add).min(100_000);
+                    let dest = inst.node.clone();
+                    self.dispatch(&dest);
+                }
+            }
+            Cmd::Answer { instance, answer } => self.answer(instance, answer),
+            Cmd::Disconnect { instance } => self.disconnect(instance),
+            Cmd::Replay { id, actor, reply } => {
+                let r = self.replay(&id, &actor);
+                let _ = reply.send(r);
+            }
+            Cmd::Shutdown => return false,
+        }
+        true
+    }
+
+    /// Adds an exchange to its queue (at the back, or the front when it is being retried).
+    fn queue(&mut self, id: String, dest: String, dataset: String, deadline_ms: i64, front: bool) {
+        if !self.pending.contains_key(&id) {
+            self.deadlines.insert((deadline_ms, id.clone()));
+            self.pending.insert(
+                id.clone(),
+                Pending {
+                    dest: dest.clone(),
+                    dataset: dataset.clone(),
+                    deadline_ms,
+                    delivery: None,
+                },
+            );
+        } else if !front {
+            return; // already queued
+        }
+        let q = self
+            .dests
+            .entry(dest)
+            .or_default()
+            .queues
+            .entry(dataset)
+            .or_default();
+        if front {
+            q.push_front(id);
+        } else {
+            q.push_back(id);
+        }
+    }
+
+    /// Delivers as much of a destination's queue as its instances have credit for.
+    fn dispatch(&mut self, dest: &str) {
+        loop {
+            let Some(dq) = self.dests.get_mut(dest) else {
+                return;
+            };
+            let datasets: Vec<String> = dq
+                .queues
+                .iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(|(k, _)| k.clone())
+                .collect();
+            if datasets.is_empty() {
+                return;
+            }
+            dq.turn = dq.turn.wrapping_add(1);
+            let turn = dq.turn;
+            let mut progressed = false;
+            for i in 0..datasets.len() {
+                let ds = &datasets[(turn + i) % datasets.len()];
+                let Some(inst) = self.pick_instance(dest, ds) else {
+                    continue;
+                };
+                let id = self
+                    .dests
+                    .get_mut(dest)
+                    .and_then(|dq| dq.queues.get_mut(ds))
+                    .and_then(VecDeque::pop_front);
+                let Some(id) = id else { continue };
+                progressed = true;
+                // Ended meanwhile (expired, replayed elsewhere): drop the stale entry.
+                if self.pending.get(&id).is_none_or(|p| p.delivery.is_some()) {
+                    continue;
+                }
+                self.deliver(&id, inst);
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn pick_instance(&mut self, dest: &str, dataset: &str) -> Option<u64> {
+        let candidates: Vec<u64> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.node == dest && i.credit > 0 && i.serves(dataset))
+            .map(|(k, _)| *k)
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        self.instance_turn = self.instance_turn.wrapping_add(1);
+        Some(candidates[(self.instance_turn as usize) % candidates.len()])
+    }
+
+    fn load(&self, id: &str) -> Option<StoredExchange> {
+        match self.engine.store().get::<StoredExchange>(T::Exchanges, id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(exchange = id, error = %e, "cannot read exchange");
+                None
+            }
+        }
+    }
+
+    fn grant_of(&self, rec: &StoredExchange) -> Option<Grant> {
+        let gid = rec.envelope.as_ref()?.request.as_ref()?.grant_id.clone();
+        self.engine
+            .store()
+            .get::<Grant>(T::Grants, &gid)
+            .ok()
+            .flatten()
+    }
+
+    /// Checks the grant again (it may have been revoked or expired while queued).
+    fn recheck(&self, rec: &StoredExchange) -> std::result::Result<Grant, Denial> {
+        let env = rec.envelope.clone().unwrap_or_default();
+        let req = env.request.clone().unwrap_or_default();
+        let Some(grant) = self.grant_of(rec) else {
+            return Err(Denial {
+                rule: "grant_missing",
+                detail: format!("grant {} is no longer on this broker", req.grant_id),
+                exhausted: false,
+            });
+        };
+        enforce::check_grant(
+            &grant,
+            &env.consumer,
+            &req.dataset_id,
+            &req.query.unwrap_or_default(),
+            now_ms(),
+        )?;
+        Ok(grant)
+    }
+
+    /// Hands one exchange to one instance.
+    fn deliver(&mut self, id: &str, instance: u64) {
+        let Some(mut rec) = self.load(id) else {
+            self.forget(id);
+            return;
+        };
+        if rec.finished() {
+            self.forget(id);
+            return;
+        }
+        let now = now_ms();
+        let env = rec.envelope.clone().unwrap_or_default();
+        if now > ms(&env.deadline) {
+            self.expire(id);
+            return;
+        }
+        if let Err(d) = self.recheck(&rec) {
+            self.end(id, End::denied(&d));
+            return;
+        }
+        let max = self.engine.cfg().max_deliveries;
+        if rec.deliveries >= max {
+            let mut e = End::error(
+                ExchangeState::DeadLettered,
+                tonic::Code::Unavailable,
+                format!("no answer after {max} deliveries; dead-lettered"),
+                "exchange_dead_lettered",
+            );
+            e.dead_letter = Some(format!(
+                "max deliveries ({max}) exhausted without an answer"
+            ));
+            self.end(id, e);
+            return;
+        }
+        let Some(inst) = self.instances.get(&instance) else {
+            return;
+        };
+        rec.deliveries += 1;
+        rec.state = ExchangeState::InFlight as i32;
+        let delivery_id = uuid::Uuid::now_v7().to_string();
+        let req = env.request.clone().unwrap_or_default();
+        let msg = BrokerMessage {
+            body: Some(broker_message::Body::Request(ProviderRequest {
+                delivery_id: delivery_id.clone(),
+                exchange_id: id.to_string(),
+                dataset_id: req.dataset_id.clone(),
+                consumer: env.consumer.clone(),
+                query: req.query.clone(),
+                deadline: env.deadline,
+                trace_id: req.trace_id.clone(),
+                grant_id: req.grant_id.clone(),
+                purpose: rec.purpose.clone(),
+                attempt: rec.deliveries,
+            })),
+        };
+        let label = inst.label.clone();
+        let store = self.engine.store().clone();
+        let written = store.write(|tx| {
+            tx.put(T::Exchanges, id, &rec)?;
+            let mut e = exchange_entry("exchange_delivered", store.broker_id(), &env);
+            e.reason = format!("attempt {} to instance {label}", rec.deliveries);
+            Ok(((), vec![e]))
+        });
+        if let Err(e) = written {
+            tracing::error!(exchange = id, error = %e, "cannot record delivery; will retry");
+            self.requeue_front(id);
+            return;
+        }
+        let sent = self
+            .instances
+            .get(&instance)
+            .map(|i| i.tx.try_send(Ok(msg)).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            self.requeue_front(id);
+            self.disconnect(instance);
+            return;
+        }
+        if let Some(inst) = self.instances.get_mut(&instance) {
+            inst.credit = inst.credit.saturating_sub(1);
+        }
+        let ack_ms =
+            i64::try_from(self.engine.cfg().ack_wait_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        self.deliveries.insert(
+            delivery_id.clone(),
+            Delivery {
+                exchange_id: id.to_string(),
+                instance,
+                ack_deadline_ms: now.saturating_add(ack_ms),
+            },
+        );
+        if let Some(p) = self.pending.get_mut(id) {
+            p.delivery = Some(delivery_id);
+        }
+    }
+
+    fn requeue_front(&mut self, id: &str) {
+        if let Some(p) = self.pending.get_mut(id) {
+            p.delivery = None;
+            let (dest, ds, dl) = (p.dest.clone(), p.dataset.clone(), p.deadline_ms);
+            self.queue(id.to_string(), dest, ds, dl, true);
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        if let Some(p) = self.pending.remove(id) {
+            self.deadlines.remove(&(p.deadline_ms, id.to_string()));
+            if let Some(d) = p.delivery {
+                self.deliveries.remove(&d);
+            }
+        }
+    }
+
+    fn answer(&mut self, instance: u64, answer: ProviderAnswer) {
+        let Some(inst) = self.instances.get_mut(&instance) else {
+            return;
+        };
+        if inst.stale.remove(&answer.delivery_id) {
+            // Too late: the exchange was taken back and went elsewhere. The slot is free again.
+            inst.credit = inst.credit.saturating_add(1);
+            let dest = inst.node.clone();
+            self.dispatch(&dest);
+            return;
+        }
+        let owned = self
+            .deliveries
+            .get(&answer.delivery_id)
+            .is_some_and(|d| d.instance == instance);
+        if !owned {
+            tracing::debug!(delivery = %answer.delivery_id, "answer for an unknown delivery ignored");
+            return;
+        }
+        inst.credit = inst.credit.saturating_add(1);
+        let dest = inst.node.clone();
+        let Some(d) = self.deliveries.remove(&answer.delivery_id) else {
+            return;
+        };
+        let id = d.exchange_id;
+        if let Some(p) = self.pending.get_mut(&id) {
+            p.delivery = None;
+        }
+        let end = match self.load(&id) {
+            None => None,
+            Some(rec) if rec.finished() => None,
+            Some(rec) => Some(self.shape(&rec, answer)),
+        };
+        match end {
+            Some(e) => self.end(&id, e),
+            None => self.forget(&id),
+        }
+        self.dispatch(&dest);
+    }
+
+    /// Turns a provider's answer into the exchange's end: cut and masked rows, or its error.
+    fn shape(&self, rec: &StoredExchange, answer: ProviderAnswer) -> End {
+        // Fail closed: a grant revoked while the provider worked stops the rows here.
+        let grant = match self.recheck(rec) {
+            Ok(g) => g,
+            Err(d) => return End::denied(&d),
+        };
+        if let Some(err) = answer.error {
+            let code = if err.code == 0 {
+                tonic::Code::Unknown as i32
+            } else {
+                err.code
+            };
+            let mut e = End::error(
+                ExchangeState::Failed,
+                tonic::Code::from_i32(code),
+                format!("the provider answered: {}", err.message),
+                "exchange_failed",
+            );
+            e.code = code;
+            return e;
+        }
+        let req = rec
+            .envelope
+            .as_ref()
+            .and_then(|e| e.request.clone())
+            .unwrap_or_default();
+        let query = req.query.unwrap_or_default();
+        let dataset: Option<Dataset> = self.engine.catalog().get(&req.dataset_id).ok();
+        let salt = self
+            .engine
+            .catalog()
+            .salt(&req.dataset_id)
+            .unwrap_or_default();
+        let max = (query.limit as usize).clamp(1, self.engine.cfg().max_rows as usize);
+        let shaped = enforce::shape_rows(
+            answer.rows,
+            &grant,
+            &query.fields,
+            dataset.as_ref(),
+            &salt,
+            max,
+        );
+        End {
+            state: ExchangeState::Answered,
+            code: 0,
+            message: String::new(),
+            decision: "exchange_answered",
+            dead_letter: None,
+            rows: shaped.rows,
+            masked: shaped.masked,
+            dropped: shaped.dropped,
+            truncated: shaped.truncated || answer.truncated,
+        }
+    }
+
+    /// Ends an exchange durably (written now, flushed with the batch) and releases it.
+    fn end(&mut self, id: &str, end: End) {
+        let store = self.engine.store().clone();
+        let result_seq = match store.next_id() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(exchange = id, error = %e, "cannot end exchange now; retrying later");
+                return;
+            }
+        };
+        let now = now_ms();
+        let written = store.write(|tx| {
+            let Some(mut rec) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
+                return Ok((None, vec![]));
+            };
+            if rec.finished() {
+                return Ok((None, vec![]));
+            }
+            let env = rec.envelope.clone().unwrap_or_default();
+            let req = env.request.clone().unwrap_or_default();
+            let result = ExchangeResult {
+                exchange_id: id.to_string(),
+                state: end.state as i32,
+                rows: end.rows.clone(),
+                error: (end.code != 0).then(|| ErrorStatus {
+                    code: end.code,
+                    message: end.message.clone(),
+                }),
+                dataset_id: req.dataset_id.clone(),
+                grant_id: req.grant_id.clone(),
+                trace_id: req.trace_id.clone(),
+                accepted_at: env.accepted_at,
+                finished_at: Some(ts(now)),
+                masked_fields: end.masked.clone(),
+                dropped_fields: end.dropped.clone(),
+                trail: env.trail.clone(),
+                truncated: end.truncated,
+            };
+            rec.state = end.state as i32;
+            rec.result = Some(result.clone());
+            rec.result_seq = result_seq;
+            tx.unmark(T::Queue, &seq_key(&rec.dest, rec.queue_seq))?;
+            tx.put_raw(
+                T::Results,
+                &seq_key(&env.consumer, result_seq),
+                id.as_bytes(),
+            )?;
+            if let Some(reason) = &end.dead_letter {
+                let dl = DeadLetter {
+                    exchange: Some(env.clone()),
+                    reason: reason.clone(),
+                    at: Some(ts(now)),
+                    deliveries: rec.deliveries,
+                };
+                tx.put(T::DeadLetters, id, &dl)?;
+            }
+            tx.put(T::Exchanges, id, &rec)?;
+            let mut e = exchange_entry(end.decision, store.broker_id(), &env);
+            e.reason = if end.message.is_empty() {
+                format!("{} rows", end.rows.len())
+            } else {
+                end.message.clone()
+            };
+            Ok((
+                Some((env.consumer.clone(), rec.dest.clone(), rec.bytes, result)),
+                vec![e],
+            ))
+        });
+        match written {
+            Ok(Some((consumer, dest, bytes, result))) => {
+                self.forget(id);
+                self.engine.release(&dest, bytes);
+                self.done.push((consumer, result));
+            }
+            Ok(None) => self.forget(id),
+            Err(e) => {
+                tracing::error!(exchange = id, error = %e, "cannot end exchange; it stays queued")
+            }
+        }
+    }
+
+    fn expire(&mut self, id: &str) {
+        let in_flight = self.pending.get(id).and_then(|p| p.delivery.clone());
+        if let Some(d) = &in_flight {
+            if let Some(del) = self.deliveries.remove(d) {
+                if let Some(inst) = self.instances.get_mut(&del.instance) {
+                    inst.stale.insert(d.clone());
+                }
+            }
+        }
+        let stage = if in_flight.is_some() {
+            "in flight at the provider"
+        } else {
+            "queued"
+        };
+        let mut e = End::error(
+            ExchangeState::Expired,
+            tonic::Code::DeadlineExceeded,
+            format!("the deadline passed while the exchange was {stage}"),
+            "exchange_expired",
+        );
+        e.dead_letter = Some(format!("expired while {stage}"));
+        self.end(id, e);
+    }
+
+    fn disconnect(&mut self, instance: u64) {
+        let Some(inst) = self.instances.remove(&instance) else {
+            return;
+        };
+        tracing::info!(node = %inst.node, instance, label = %inst.label, "provider disconnected");
+        let taken: Vec<String> = self
+            .deliveries
+            .iter()
+            .filter(|(_, d)| d.instance == instance)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for d in taken {
+            if let Some(del) = self.deliveries.remove(&d) {
+                self.requeue_front(&del.exchange_id);
+            }
+        }
+        self.dispatch(&inst.node);
+    }
+
+    fn tick(&mut self) {
+        let now = now_ms();
+        while let Some((dl, id)) = self.deadlines.first().cloned() {
+            if dl >= now {
+                break;
+            }
+            self.deadlines.remove(&(dl, id.clone()));
+            if self.pending.contains_key(&id) {
+                self.expire(&id);
+            }
+        }
+        let overdue: Vec<String> = self
+            .deliveries
+            .iter()
+            .filter(|(_, d)| d.ack_deadline_ms < now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut dests = BTreeSet::new();
+        for d in overdue {
+            if let Some(del) = self.deliveries.remove(&d) {
+                if let Some(inst) = self.instances.get_mut(&del.instance) {
+                    inst.stale.insert(d);
+                    dests.insert(inst.node.clone());
+                }
+                tracing::info!(exchange = %del.exchange_id, "no answer within the ack wait; redelivering");
+                self.requeue_front(&del.exchange_id);
+                if let Some(p) = self.pending.get(&del.exchange_id) {
+                    dests.insert(p.dest.clone());
+                }
+            }
+        }
+        for d in dests {
+            self.dispatch(&d);
+        }
+        if now - self.last_heartbeat >= HEARTBEAT_MS {
+            self.last_heartbeat = now;
+            for inst in self.instances.values() {
+                let hb = BrokerMessage {
+                    body: Some(broker_message::Body::Heartbeat(ServeHeartbeat {
+                        at: Some(ts(now)),
+                    })),
+                };
+                let _ = inst.tx.try_send(Ok(hb));
+            }
+        }
+        if now - self.last_sweep >= DEDUP_SWEEP_MS {
+            self.last_sweep = now;
+            if let Err(e) = self.sweep_dedup(now) {
+                tracing::warn!(error = %e, "idempotency sweep failed");
+            }
+        }
+    }
+
+    /// Forgets idempotency keys past their window.
+    fn sweep_dedup(&self, now: i64) -> Result<()> {
+        let window = i64::try_from(
+            self.engine
+                .cfg()
+                .idempotency_window_secs
+                .saturating_mul(1000),
+        )
+        .unwrap_or(i64::MAX);
+        let tree = self.engine.store().tree(T::Dedup);
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            let d = super::record::DedupRecord::decode(v.as_ref())?;
+            if now - d.at_ms > window {
+                tree.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn replay(&mut self, id: &str, actor: &str) -> Result<()> {
+        let store = self.engine.store().clone();
+        let dl: DeadLetter = store.get(T::DeadLetters, id)?.ok_or_else(|| {
+            BrokerError::not_found(format!("exchange {id} is not in the dead-letter queue"))
+        })?;
+        let now = now_ms();
+        let deadline = now
+            + i64::try_from(self.engine.cfg().default_deadline_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX);
+        let queue_seq = store.next_id()?;
+        let rec = store.write(|tx| {
+            let old: Option<StoredExchange> = tx.get(T::Exchanges, id)?;
+            let mut env = dl.exchange.clone().unwrap_or_default();
+            env.deadline = Some(ts(deadline));
+            let mut rec = old.clone().unwrap_or_else(|| StoredExchange {
+                dest: env.provider.clone(),
+                ..Default::default()
+            });
+            if let Some(o) = &old {
+                if o.result.is_some() {
+                    tx.unmark(T::Results, &seq_key(&env.consumer, o.result_seq))?;
+                }
+            }
+            rec.envelope = Some(env.clone());
+            rec.state = ExchangeState::Queued as i32;
+            rec.deliveries = 0;
+            rec.result = None;
+            rec.result_seq = 0;
+            rec.queue_seq = queue_seq;
+            rec.bytes = rec.encoded_len() as u64;
+            tx.unmark(T::DeadLetters, id.as_bytes())?;
+            tx.put(T::Exchanges, id, &rec)?;
+            tx.put_raw(T::Queue, &seq_key(&rec.dest, queue_seq), id.as_bytes())?;
+            let mut e = exchange_entry("exchange_replayed", actor, &env);
+            e.reason = format!("replayed from the dead-letter queue (was: {})", dl.reason);
+            Ok((rec, vec![e]))
+        })?;
+        let env = rec.envelope.clone().unwrap_or_default();
+        let dataset = env.request.map(|r| r.dataset_id).unwrap_or_default();
+        self.engine.force_reserve(&rec.dest, rec.bytes);
+        self.queue(id.to_string(), rec.dest.clone(), dataset, deadline, false);
+        self.dispatch(&rec.dest);
+        Ok(())
+    }
+}

@@ -1,0 +1,1004 @@
+//! Exchanges: accepting consumers' requests durably, queueing them per destination, pushing
+//! them to providers' serving streams, enforcing grants, and keeping every outcome until the
+//! consumer acknowledges it.
+//!
+//! The accept path runs on the caller's task (sled work on a blocking thread, then one shared
+//! flush). Everything that moves an exchange after that runs in one dispatcher, on its own
+//! thread, which owns the in-memory queues, provider instances and deliveries: no locks on
+//! that state, and its short sled writes never stall the async workers.
+
+pub mod dispatcher;
+pub mod enforce;
+pub mod record;
+
+use crate::audit;
+use crate::auth::Caller;
+use crate::catalog::Catalog;
+use crate::config::ExchangeSection;
+use crate::error::{BrokerError, Result};
+use crate::ids::{self, DatasetId};
+use crate::store::{self, index_key, seq_key, Store, T};
+use crate::time::{ms, now_ms, ts};
+use dispatcher::{Cmd, InstanceSpec};
+use enforce::Denial;
+use govshare_proto::v1::{
+    AuditEntry, BrokerMessage, Dataset, DatasetState, DeadLetter, ExchangeEnvelope,
+    ExchangeRequest, ExchangeResult, ExchangeState, Grant, GrantState, ListDeadLettersResponse,
+    SubmitResponse,
+};
+use prost::Message;
+use record::{DedupRecord, StoredExchange};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// Most hops an exchange may take (national hub plus provinces and cities, with room).
+pub const MAX_HOPS: u32 = 8;
+/// Most items one query may name.
+const MAX_QUERY_FIELDS: usize = 256;
+
+/// The exchange engine: a cheap handle shared by the services.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    catalog: Catalog,
+    cfg: ExchangeSection,
+    cmd: mpsc::Sender<Cmd>,
+    /// Callers of `Request` waiting for their exchange's end. A std Mutex: held only to
+    /// insert or take a sender, never across an await.
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<ExchangeResult>>>>,
+    /// One wake-up per consumer, signalled when one of its exchanges ends.
+    notifies: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Exchanges and bytes queued per destination, for the queue bounds.
+    depth: Mutex<HashMap<String, (u64, u64)>>,
+    /// The dispatcher thread, joined at shutdown.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What accepting an exchange led to.
+#[derive(Debug)]
+enum Accepted {
+    /// Stored; enqueue it.
+    New {
+        id: String,
+        trace_id: String,
+        dest: String,
+        dataset: String,
+        deadline_ms: i64,
+    },
+    /// The idempotency key matched an earlier exchange.
+    Duplicate {
+        id: String,
+        trace_id: String,
+        state: ExchangeState,
+    },
+}
+
+fn lock<'a, T>(m: &'a Mutex<T>) -> std::sync::MutexGuard<'a, T> {
+    // A panic elsewhere must not stop the broker; the maps stay consistent at each step.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A fresh W3C trace id (32 lowercase hex digits).
+fn new_trace_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+/// The audit entry of an exchange decision.
+pub(crate) fn exchange_entry(decision: &str, actor: &str, env: &ExchangeEnvelope) -> AuditEntry {
+    let mut e = audit::entry(decision, actor);
+    e.exchange_id = env.exchange_id.clone();
+    e.consumer = env.consumer.clone();
+    e.provider = env.provider.clone();
+    if let Some(r) = &env.request {
+        e.dataset_id = r.dataset_id.clone();
+        e.grant_id = r.grant_id.clone();
+    }
+    e
+}
+
+impl Engine {
+    /// Recovers the queues from the store and starts the dispatcher.
+    pub fn start(store: Store, catalog: Catalog, cfg: ExchangeSection) -> Result<Self> {
+        let (cmd_tx, cmd_rx) = mpsc::channel(8192);
+        let inner = Arc::new(Inner {
+            store: store.clone(),
+            catalog,
+            cfg,
+            cmd: cmd_tx,
+            waiters: Mutex::new(HashMap::new()),
+            notifies: Mutex::new(HashMap::new()),
+            depth: Mutex::new(HashMap::new()),
+            thread: Mutex::new(None),
+        });
+        let engine = Engine { inner };
+        let recovered = dispatcher::recover(&store)?;
+        {
+            let mut depth = lock(&engine.inner.depth);
+            for r in &recovered {
+                let d = depth.entry(r.dest.clone()).or_default();
+                d.0 += 1;
+                d.1 += r.bytes;
+            }
+        }
+        tracing::info!(exchanges = recovered.len(), "recovered queued exchanges");
+        let handle = dispatcher::spawn(engine.clone(), cmd_rx, recovered)?;
+        *lock(&engine.inner.thread) = Some(handle);
+        Ok(engine)
+    }
+
+    /// Stops the dispatcher and waits for its thread (blocking).
+    pub fn shutdown_blocking(&self) {
+        let _ = self.inner.cmd.try_send(Cmd::Shutdown);
+        let handle = lock(&self.inner.thread).take();
+        if let Some(h) = handle {
+            if self.inner.cmd.is_closed() || h.is_finished() {
+                let _ = h.join();
+                return;
+            }
+            // The command may have found the channel full; keep asking until it stops.
+            while !h.is_finished() {
+                let _ = self.inner.cmd.try_send(Cmd::Shutdown);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let _ = h.join();
+        }
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    pub(crate) fn cfg(&self) -> &ExchangeSection {
+        &self.inner.cfg
+    }
+
+    /// The wake-up of a consumer.
+    fn notify_for(&self, consumer: &str) -> Arc<Notify> {
+        lock(&self.inner.notifies)
+            .entry(consumer.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    /// Called by the dispatcher once an exchange's end is durable.
+    pub(crate) fn finished(&self, consumer: &str, result: ExchangeResult) {
+        let waiters = lock(&self.inner.waiters).remove(&result.exchange_id);
+        for w in waiters.into_iter().flatten() {
+            let _ = w.send(result.clone());
+        }
+        self.notify_for(consumer).notify_waiters();
+    }
+
+    /// Releases a destination's queue reservation.
+    pub(crate) fn release(&self, dest: &str, bytes: u64) {
+        let mut depth = lock(&self.inner.depth);
+        if let Some(d) = depth.get_mut(dest) {
+            d.0 = d.0.saturating_sub(1);
+            d.1 = d.1.saturating_sub(bytes);
+        }
+    }
+
+    /// Counts an exchange against a destination without checking the bounds (admin replays).
+    pub(crate) fn force_reserve(&self, dest: &str, bytes: u64) {
+        let mut depth = lock(&self.inner.depth);
+        let d = depth.entry(dest.to_string()).or_default();
+        d.0 += 1;
+        d.1 += bytes;
+    }
+
+    /// Takes a reservation against a destination's bounds.
+    fn reserve(&self, dest: &str, bytes: u64) -> Result<()> {
+        let mut depth = lock(&self.inner.depth);
+        let d = depth.entry(dest.to_string()).or_default();
+        let cfg = &self.inner.cfg;
+        if d.0 + 1 > cfg.queue_max_count || d.1 + bytes > cfg.queue_max_bytes {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "the queue for {dest} is full ({} exchanges, {} bytes; bounds {} and {}); retry later",
+                d.0, d.1, cfg.queue_max_count, cfg.queue_max_bytes
+            )));
+        }
+        d.0 += 1;
+        d.1 += bytes;
+        Ok(())
+    }
+
+    /// Queue depth and bytes per destination.
+    pub fn depths(&self) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = lock(&self.inner.depth)
+            .iter()
+            .filter(|(_, d)| d.0 > 0)
+            .map(|(k, d)| (k.clone(), d.0, d.1))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Finds the grant an exchange runs under: the one named, or the consumer's active one.
+    fn resolve_grant(
+        &self,
+        consumer: &str,
+        dataset: &str,
+        grant_id: &str,
+    ) -> Result<Result<Grant, Denial>> {
+        let store = &self.inner.store;
+        if !grant_id.is_empty() {
+            ids::check_opaque_id("grant_id", grant_id)?;
+            return Ok(store
+                .get::<Grant>(T::Grants, grant_id)?
+                .ok_or_else(|| Denial {
+                    rule: "grant_missing",
+                    detail: format!("grant {grant_id} does not exist on this broker"),
+                    exhausted: false,
+                }));
+        }
+        let now = now_ms();
+        let prefix = index_key(consumer, "");
+        let mut best: Option<Grant> = None;
+        for kv in store.tree(T::GrantsByConsumer).scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if let Some(g) = store.get::<Grant>(T::Grants, &id)? {
+                let live = g.state() == GrantState::Active
+                    && ms(&g.valid_until) >= now
+                    && ms(&g.valid_from) <= now;
+                if g.dataset_id == dataset && live {
+                    best = Some(g); // ids grow with time: the newest wins
+                }
+            }
+        }
+        Ok(best.ok_or_else(|| Denial {
+            rule: "grant_missing",
+            detail: format!("{consumer} holds no active grant on {dataset}; file a demand first"),
+            exhausted: false,
+        }))
+    }
+
+    /// Validates, enforces and stores a new exchange (blocking).
+    fn accept(
+        &self,
+        caller: &Caller,
+        mut req: ExchangeRequest,
+        sync: bool,
+        sync_deadline_ms: Option<i64>,
+    ) -> Result<Accepted> {
+        let cfg = &self.inner.cfg;
+        let store = &self.inner.store;
+        let did = DatasetId::parse(&req.dataset_id)?;
+        let mut query = req.query.take().unwrap_or_default();
+        if query.filters.len() > cfg.max_filters as usize {
+            return Err(BrokerError::invalid(format!(
+                "{} filters given; at most {} are allowed",
+                query.filters.len(),
+                cfg.max_filters
+            )));
+        }
+        for f in &query.filters {
+            ids::check_item_name(&f.item)?;
+            if f.value.as_ref().and_then(|v| v.kind.as_ref()).is_none() {
+                return Err(BrokerError::invalid(format!(
+                    "filter on {:?} has no value",
+                    f.item
+                )));
+            }
+        }
+        if query.fields.len() > MAX_QUERY_FIELDS {
+            return Err(BrokerError::invalid(format!(
+                "{} fields given; at most {MAX_QUERY_FIELDS} are allowed",
+                query.fields.len()
+            )));
+        }
+        for f in &query.fields {
+            ids::check_item_name(f)?;
+        }
+        if query.limit == 0 || query.limit > cfg.max_rows {
+            query.limit = cfg.max_rows;
+        }
+        if !req.idempotency_key.is_empty() {
+            ids::check_opaque_id("idempotency_key", &req.idempotency_key)?;
+        }
+        if req.trace_id.is_empty() {
+            req.trace_id = new_trace_id();
+        } else if req.trace_id.len() != 32 || !req.trace_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BrokerError::invalid(
+                "trace_id must be 32 hex digits (a W3C trace id)",
+            ));
+        }
+        let now = now_ms();
+        let max_ms = i64::try_from(cfg.max_deadline_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let default_ms = if sync {
+            cfg.default_sync_deadline_secs
+        } else {
+            cfg.default_deadline_secs
+        };
+        let mut deadline = match &req.deadline {
+            Some(_) => ms(&req.deadline),
+            None => now + i64::try_from(default_ms.saturating_mul(1000)).unwrap_or(i64::MAX),
+        };
+        if let Some(call) = sync_deadline_ms {
+            deadline = deadline.min(call);
+        }
+        if deadline <= now {
+            return Err(BrokerError::invalid("deadline is already past"));
+        }
+        if deadline - now > max_ms {
+            return Err(BrokerError::invalid(format!(
+                "deadline is more than {} seconds away; this broker allows at most that",
+                cfg.max_deadline_secs
+            )));
+        }
+        let consumer = caller.id.to_string();
+        let dedup_key =
+            (!req.idempotency_key.is_empty()).then(|| index_key(&consumer, &req.idempotency_key));
+        if let Some(k) = &dedup_key {
+            if let Some(dup) = self.duplicate(k, now)? {
+                return Ok(dup);
+            }
+        }
+        let dataset: Dataset = store.get(T::Datasets, &req.dataset_id)?.ok_or_else(|| {
+            BrokerError::not_found(format!("dataset {} is not in the catalog", req.dataset_id))
+        })?;
+        let exchange_id = uuid::Uuid::now_v7().to_string();
+        let mut env = ExchangeEnvelope {
+            exchange_id: exchange_id.clone(),
+            consumer: consumer.clone(),
+            provider: did.provider.to_string(),
+            request: None,
+            grant: None,
+            trail: Vec::new(),
+            hops_left: MAX_HOPS,
+            accepted_at: Some(ts(now)),
+            deadline: Some(ts(deadline)),
+            origin_broker: store.broker_id().to_string(),
+        };
+        let denial = if dataset.state() != DatasetState::Published {
+            Some(Denial {
+                rule: "dataset_withdrawn",
+                detail: format!("dataset {} is withdrawn", dataset.id),
+                exhausted: false,
+            })
+        } else {
+            match self.resolve_grant(&consumer, &req.dataset_id, &req.grant_id)? {
+                Err(d) => Some(d),
+                Ok(g) => {
+                    req.grant_id = g.id.clone();
+                    if query.fields.is_empty() {
+                        query.fields = g.fields.clone();
+                    }
+                    enforce::check_grant(&g, &consumer, &req.dataset_id, &query, now).err()
+                }
+            }
+        };
+        req.query = Some(query);
+        env.request = Some(req.clone());
+        if let Some(d) = denial {
+            self.audit_denial(&env, &d)?;
+            return Err(d.to_error());
+        }
+        let grant: Grant = store
+            .get(T::Grants, &req.grant_id)?
+            .ok_or_else(|| BrokerError::internal("grant vanished during accept"))?;
+        let dest = env.provider.clone();
+        let record = StoredExchange {
+            envelope: Some(env.clone()),
+            state: ExchangeState::Queued as i32,
+            deliveries: 0,
+            result: None,
+            queue_seq: store.next_id()?,
+            result_seq: 0,
+            sync,
+            dest: dest.clone(),
+            bytes: 0,
+            purpose: grant.purpose.clone(),
+        };
+        let bytes = record.encoded_len() as u64;
+        self.reserve(&dest, bytes)?;
+        let quota_key = {
+            let mut k = index_key(&grant.id, "");
+            k.extend_from_slice(&enforce::quota_day(now).to_be_bytes());
+            k
+        };
+        let outcome = store.write(|tx| {
+            if let Some(k) = &dedup_key {
+                if let Some(raw) = tx.get_raw(T::Dedup, k)? {
+                    let d = DedupRecord::decode(raw.as_ref())?;
+                    if now - d.at_ms <= self.window_ms() {
+                        return Ok((Err(d.exchange_id), vec![]));
+                    }
+                }
+            }
+            let used = tx
+                .get_raw(T::Quota, &quota_key)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if let Some(d) = enforce::quota_denial(&grant, used) {
+                let mut e = exchange_entry("exchange_denied", &consumer, &env);
+                e.reason = format!("{}: {}", d.rule, d.detail);
+                return Ok((Ok(Some(d)), vec![e]));
+            }
+            tx.put_raw(T::Quota, &quota_key, &(used + 1).to_be_bytes())?;
+            let mut rec = record.clone();
+            rec.bytes = bytes;
+            tx.put(T::Exchanges, &exchange_id, &rec)?;
+            tx.put_raw(
+                T::Queue,
+                &seq_key(&dest, rec.queue_seq),
+                exchange_id.as_bytes(),
+            )?;
+            if let Some(k) = &dedup_key {
+                let d = DedupRecord {
+                    exchange_id: exchange_id.clone(),
+                    at_ms: now,
+                };
+                tx.put_raw(T::Dedup, k, &d.encode_to_vec())?;
+            }
+            let mut e = exchange_entry("exchange_accepted", &consumer, &env);
+            e.reason = if sync {
+                "request".into()
+            } else {
+                "submit".into()
+            };
+            Ok((Ok(None), vec![e]))
+        });
+        match outcome {
+            Ok(Ok(None)) => Ok(Accepted::New {
+                id: exchange_id,
+                trace_id: req.trace_id,
+                dest,
+                dataset: req.dataset_id,
+                deadline_ms: deadline,
+            }),
+            Ok(Ok(Some(denial))) => {
+                self.release(&dest, bytes);
+                Err(denial.to_error())
+            }
+            Ok(Err(first)) => {
+                self.release(&dest, bytes);
+                let (state, trace_id) = self.state_of(&first)?;
+                Ok(Accepted::Duplicate {
+                    id: first,
+                    trace_id,
+                    state,
+                })
+            }
+            Err(e) => {
+                self.release(&dest, bytes);
+                Err(e)
+            }
+        }
+    }
+
+    fn window_ms(&self) -> i64 {
+        i64::try_from(self.inner.cfg.idempotency_window_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX)
+    }
+
+    /// The earlier exchange of an idempotency key, if the key is within its window.
+    fn duplicate(&self, key: &[u8], now: i64) -> Result<Option<Accepted>> {
+        if let Some(raw) = self.inner.store.tree(T::Dedup).get(key)? {
+            let d = DedupRecord::decode(raw.as_ref())?;
+            if now - d.at_ms <= self.window_ms() {
+                let (state, trace_id) = self.state_of(&d.exchange_id)?;
+                return Ok(Some(Accepted::Duplicate {
+                    id: d.exchange_id,
+                    trace_id,
+                    state,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// An exchange's state and trace id; an acknowledged (forgotten) one is UNSPECIFIED.
+    fn state_of(&self, id: &str) -> Result<(ExchangeState, String)> {
+        Ok(
+            match self.inner.store.get::<StoredExchange>(T::Exchanges, id)? {
+                Some(r) => (
+                    r.state(),
+                    r.envelope
+                        .and_then(|e| e.request)
+                        .map(|r| r.trace_id)
+                        .unwrap_or_default(),
+                ),
+                None => (ExchangeState::Unspecified, String::new()),
+            },
+        )
+    }
+
+    /// Audits a refusal that stored nothing.
+    fn audit_denial(&self, env: &ExchangeEnvelope, d: &Denial) -> Result<()> {
+        let mut e = exchange_entry("exchange_denied", &env.consumer, env);
+        e.reason = format!("{}: {}", d.rule, d.detail);
+        self.inner.store.write(|_| Ok(((), vec![e.clone()])))
+    }
+
+    /// Accepts an exchange durably and answers at once (async).
+    pub async fn submit(&self, caller: Caller, req: ExchangeRequest) -> Result<SubmitResponse> {
+        let me = self.clone();
+        let accepted = store::blocking(move || me.accept(&caller, req, false, None)).await?;
+        match accepted {
+            Accepted::Duplicate {
+                id,
+                trace_id,
+                state,
+            } => Ok(SubmitResponse {
+                exchange_id: id,
+                duplicate: true,
+                state: state as i32,
+                trace_id,
+            }),
+            Accepted::New {
+                id,
+                trace_id,
+                dest,
+                dataset,
+                deadline_ms,
+            } => {
+                self.inner.store.durable().await?;
+                self.enqueue(&id, &dest, &dataset, deadline_ms).await?;
+                Ok(SubmitResponse {
+                    exchange_id: id,
+                    duplicate: false,
+                    state: ExchangeState::Queued as i32,
+                    trace_id,
+                })
+            }
+        }
+    }
+
+    async fn enqueue(&self, id: &str, dest: &str, dataset: &str, deadline_ms: i64) -> Result<()> {
+        self.inner
+            .cmd
+            .send(Cmd::Enqueue {
+                id: id.to_string(),
+                dest: dest.to_string(),
+                dataset: dataset.to_string(),
+                deadline_ms,
+            })
+            .await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))
+    }
+
+    /// Accepts an exchange durably and waits for its end (sync); the result is released once returned.
+    pub async fn request(
+        &self,
+        caller: Caller,
+        req: ExchangeRequest,
+        call_deadline_ms: Option<i64>,
+    ) -> Result<ExchangeResult> {
+        let me = self.clone();
+        let consumer = caller.id.to_string();
+        let accepted =
+            store::blocking(move || me.accept(&caller, req, true, call_deadline_ms)).await?;
+        let (id, deadline_ms) = match accepted {
+            Accepted::Duplicate { id, .. } => {
+                let deadline = call_deadline_ms.unwrap_or_else(|| {
+                    now_ms()
+                        + i64::try_from(self.inner.cfg.default_sync_deadline_secs * 1000)
+                            .unwrap_or(i64::MAX)
+                });
+                (id, deadline)
+            }
+            Accepted::New {
+                id,
+                dest,
+                dataset,
+                deadline_ms,
+                ..
+            } => {
+                let rx = self.waiter(&id);
+                self.inner.store.durable().await?;
+                self.enqueue(&id, &dest, &dataset, deadline_ms).await?;
+                let result = self.await_waiter(&id, rx, deadline_ms).await?;
+                return self.close_sync(&consumer, result).await;
+            }
+        };
+        // A retried Request: answer from the first exchange if it is still known.
+        let rx = self.waiter(&id);
+        match self.get_now(&consumer, &id)? {
+            None => Err(BrokerError::AlreadyExists(format!(
+                "exchange {id} with this idempotency key already ended and was released; use a new key"
+            ))),
+            Some(r) if record::is_final(r.state()) => {
+                lock(&self.inner.waiters).remove(&id);
+                self.close_sync(&consumer, r).await
+            }
+            Some(_) => {
+                let result = self.await_waiter(&id, rx, deadline_ms).await?;
+                self.close_sync(&consumer, result).await
+            }
+        }
+    }
+
+    fn waiter(&self, id: &str) -> oneshot::Receiver<ExchangeResult> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.waiters)
+            .entry(id.to_string())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    async fn await_waiter(
+        &self,
+        id: &str,
+        rx: oneshot::Receiver<ExchangeResult>,
+        deadline_ms: i64,
+    ) -> Result<ExchangeResult> {
+        // A little past the exchange's own deadline, so that its expiry (not our timer) ends it.
+        let wait = u64::try_from((deadline_ms - now_ms()).max(0)).unwrap_or(0) + 250;
+        match tokio::time::timeout(std::time::Duration::from_millis(wait), rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(BrokerError::Unavailable(format!(
+                "the broker is shutting down; exchange {id} is kept: take its result with Get"
+            ))),
+            Err(_) => {
+                lock(&self.inner.waiters).remove(id);
+                Err(BrokerError::DeadlineExceeded(format!(
+                    "exchange {id} did not end before its deadline; take its result with Get"
+                )))
+            }
+        }
+    }
+
+    /// Ends a Request: releases its stored result and turns non-answers into statuses.
+    async fn close_sync(&self, consumer: &str, result: ExchangeResult) -> Result<ExchangeResult> {
+        self.ack(consumer.to_string(), vec![result.exchange_id.clone()])
+            .await?;
+        if result.state() == ExchangeState::Answered {
+            return Ok(result);
+        }
+        let err = result.error.clone().unwrap_or_default();
+        let msg = format!("exchange {}: {}", result.exchange_id, err.message);
+        Err(match tonic::Code::from_i32(err.code) {
+            tonic::Code::PermissionDenied => BrokerError::PermissionDenied(msg),
+            tonic::Code::ResourceExhausted => BrokerError::ResourceExhausted(msg),
+            tonic::Code::DeadlineExceeded => BrokerError::DeadlineExceeded(msg),
+            tonic::Code::NotFound => BrokerError::NotFound(msg),
+            tonic::Code::InvalidArgument => BrokerError::InvalidArgument(msg),
+            tonic::Code::FailedPrecondition => BrokerError::FailedPrecondition(msg),
+            tonic::Code::Unavailable => BrokerError::Unavailable(msg),
+            _ => BrokerError::FailedPrecondition(format!("{msg} (provider answered {})", err.code)),
+        })
+    }
+
+    /// An exchange's result or state, if the caller is its consumer (blocking).
+    fn get_now(&self, consumer: &str, id: &str) -> Result<Option<ExchangeResult>> {
+        let Some(r) = self.inner.store.get::<StoredExchange>(T::Exchanges, id)? else {
+            return Ok(None);
+        };
+        let env = r.envelope.clone().unwrap_or_default();
+        if env.consumer != consumer {
+            return Err(BrokerError::denied(format!(
+                "exchange {id} belongs to {}; only its consumer may read it",
+                env.consumer
+            )));
+        }
+        Ok(Some(match r.result {
+            Some(res) => res,
+            None => pending_result(&r),
+        }))
+    }
+
+    /// Returns an exchange's state or result; with `wait`, holds until it ends or `deadline_ms`.
+    pub async fn get(
+        &self,
+        caller: Caller,
+        id: String,
+        wait: bool,
+        deadline_ms: i64,
+    ) -> Result<ExchangeResult> {
+        ids::check_opaque_id("exchange id", &id)?;
+        let consumer = caller.id.to_string();
+        let notify = self.notify_for(&consumer);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let me = self.clone();
+            let (c, i) = (consumer.clone(), id.clone());
+            let r = store::blocking(move || me.get_now(&c, &i))
+                .await?
+                .ok_or_else(|| {
+                    BrokerError::not_found(format!(
+                        "exchange {id} is unknown here (never accepted, or already acknowledged)"
+                    ))
+                })?;
+            if !wait || record::is_final(r.state()) {
+                return Ok(r);
+            }
+            let left = deadline_ms - now_ms();
+            if left <= 0 {
+                return Ok(r);
+            }
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(left as u64), notified).await;
+        }
+    }
+
+    /// Releases ended exchanges the caller has taken; answers how many were released.
+    pub async fn ack(&self, consumer: String, ids: Vec<String>) -> Result<u32> {
+        if ids.len() > 1000 {
+            return Err(BrokerError::invalid("at most 1000 exchange ids per Ack"));
+        }
+        for id in &ids {
+            ids::check_opaque_id("exchange id", id)?;
+        }
+        let store = self.inner.store.clone();
+        let n = store::blocking(move || {
+            store.write(|tx| {
+                let mut n = 0;
+                for id in &ids {
+                    let Some(r) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
+                        continue;
+                    };
+                    let env = r.envelope.clone().unwrap_or_default();
+                    if env.consumer != consumer {
+                        return Err(BrokerError::denied(format!(
+                            "exchange {id} belongs to {}; only its consumer may acknowledge it",
+                            env.consumer
+                        )));
+                    }
+                    if !r.finished() {
+                        continue;
+                    }
+                    tx.unmark(T::Results, &seq_key(&consumer, r.result_seq))?;
+                    tx.unmark(T::Exchanges, id.as_bytes())?;
+                    n += 1;
+                }
+                Ok((n, vec![]))
+            })
+        })
+        .await?;
+        if n > 0 {
+            self.inner.store.durable().await?;
+        }
+        Ok(n)
+    }
+
+    /// Streams the caller's ended, unacknowledged exchanges: those waiting, then as they end,
+    /// until the client goes away or `stop` fires.
+    pub fn watch(
+        &self,
+        caller: Caller,
+        dataset: String,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<mpsc::Receiver<std::result::Result<ExchangeResult, tonic::Status>>> {
+        if !dataset.is_empty() {
+            DatasetId::parse(&dataset)?;
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let me = self.clone();
+        let consumer = caller.id.to_string();
+        tokio::spawn(async move {
+            let notify = me.notify_for(&consumer);
+            let mut cursor = 0u64;
+            loop {
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let (m, c, ds) = (me.clone(), consumer.clone(), dataset.clone());
+                let batch = store::blocking(move || m.results_after(&c, cursor, &ds, 256)).await;
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let full = batch.len() == 256;
+                for (seq, r) in batch {
+                    cursor = seq;
+                    if tx.send(Ok(r)).await.is_err() {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tx.closed() => return,
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Ended exchanges of a consumer after a results cursor (blocking).
+    fn results_after(
+        &self,
+        consumer: &str,
+        cursor: u64,
+        dataset: &str,
+        max: usize,
+    ) -> Result<Vec<(u64, ExchangeResult)>> {
+        let store = &self.inner.store;
+        let prefix = index_key(consumer, "");
+        let start = seq_key(consumer, cursor.saturating_add(1));
+        let mut out = Vec::new();
+        for kv in store.tree(T::Results).range(start..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let seq = k[prefix.len()..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| BrokerError::internal("results key is malformed"))?;
+            let id = String::from_utf8_lossy(&v).into_owned();
+            if let Some(r) = store.get::<StoredExchange>(T::Exchanges, &id)? {
+                if let Some(res) = r.result {
+                    if dataset.is_empty() || res.dataset_id == dataset {
+                        out.push((seq, res));
+                    }
+                }
+            }
+            if out.len() == max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Connects a provider instance; returns the stream the broker pushes requests on.
+    pub async fn connect_provider(&self, spec: InstanceSpec) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Cmd::Connect { spec, reply: tx })
+            .await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
+        rx.await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))
+    }
+
+    /// Passes a command from a provider's stream to the dispatcher.
+    pub(crate) async fn send(&self, cmd: Cmd) -> Result<()> {
+        self.inner
+            .cmd
+            .send(cmd)
+            .await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))
+    }
+
+    /// Lists dead letters, newest first (blocking).
+    pub fn dead_letters(
+        &self,
+        dataset: &str,
+        page: u32,
+        token: &str,
+    ) -> Result<ListDeadLettersResponse> {
+        if !dataset.is_empty() {
+            DatasetId::parse(dataset)?;
+        }
+        let size = crate::registry::page_size(page, 100, 1000);
+        let tree = self.inner.store.tree(T::DeadLetters);
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            if token.is_empty() {
+                Box::new(tree.iter().rev())
+            } else {
+                Box::new(tree.range(..token.as_bytes().to_vec()).rev())
+            };
+        let mut out = Vec::new();
+        let mut next = String::new();
+        for kv in iter {
+            let (k, v) = kv?;
+            let d = DeadLetter::decode(v.as_ref())?;
+            let ds = d
+                .exchange
+                .as_ref()
+                .and_then(|e| e.request.as_ref())
+                .map(|r| r.dataset_id.as_str())
+                .unwrap_or("");
+            if !dataset.is_empty() && ds != dataset {
+                continue;
+            }
+            if out.len() == size {
+                next = String::from_utf8_lossy(&k).into_owned();
+                // The token is exclusive from above: the next page starts below the last shown.
+                next = out
+                    .last()
+                    .and_then(|d: &DeadLetter| d.exchange.as_ref().map(|e| e.exchange_id.clone()))
+                    .unwrap_or(next);
+                break;
+            }
+            out.push(d);
+        }
+        Ok(ListDeadLettersResponse {
+            dead_letters: out,
+            next_page_token: next,
+        })
+    }
+
+    /// Puts a dead letter back on its queue.
+    pub async fn replay(&self, admin: &Caller, id: String) -> Result<()> {
+        ids::check_opaque_id("exchange id", &id)?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Replay {
+            id,
+            actor: admin.id.to_string(),
+            reply: tx,
+        })
+        .await?;
+        let r = rx
+            .await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
+        r?;
+        self.inner.store.durable().await
+    }
+
+    /// Deletes dead letters (all, or one dataset's); answers how many.
+    pub async fn purge(&self, admin: &Caller, dataset: String) -> Result<u64> {
+        if !dataset.is_empty() {
+            DatasetId::parse(&dataset)?;
+        }
+        let store = self.inner.store.clone();
+        let actor = admin.id.to_string();
+        let n = store::blocking(move || {
+            let mut ids = Vec::new();
+            for kv in store.tree(T::DeadLetters).iter() {
+                let (k, v) = kv?;
+                let d = DeadLetter::decode(v.as_ref())?;
+                let ds = d
+                    .exchange
+                    .as_ref()
+                    .and_then(|e| e.request.as_ref())
+                    .map(|r| r.dataset_id.clone())
+                    .unwrap_or_default();
+                if dataset.is_empty() || ds == dataset {
+                    ids.push(k.to_vec());
+                }
+            }
+            let n = ids.len() as u64;
+            store.write(|tx| {
+                for k in &ids {
+                    tx.unmark(T::DeadLetters, k)?;
+                }
+                let mut e = audit::entry("dead_letters_purged", &actor);
+                e.dataset_id = dataset.clone();
+                e.reason = format!("{n} purged");
+                Ok(((), vec![e]))
+            })?;
+            Ok(n)
+        })
+        .await?;
+        self.inner.store.durable().await?;
+        Ok(n)
+    }
+
+    /// How many dead letters there are.
+    pub fn dead_letter_count(&self) -> usize {
+        self.inner.store.tree(T::DeadLetters).len()
+    }
+}
+
+/// The view of an exchange that has not ended.
+pub(crate) fn pending_result(r: &StoredExchange) -> ExchangeResult {
+    let env = r.envelope.clone().unwrap_or_default();
+    let req = env.request.clone().unwrap_or_default();
+    ExchangeResult {
+        exchange_id: env.exchange_id,
+        state: r.state,
+        dataset_id: req.dataset_id,
+        grant_id: req.grant_id,
+        trace_id: req.trace_id,
+        accepted_at: env.accepted_at,
+        trail: env.trail,
+        ..Default::default()
+    }
+}
+
+/// A message for a provider's stream.
+pub type ProviderTx = mpsc::Sender<std::result::Result<BrokerMessage, tonic::Status>>;

@@ -1,0 +1,68 @@
+//! What the broker stores for an exchange: the envelope, where it stands, and its outcome.
+
+use govshare_proto::v1::{ExchangeEnvelope, ExchangeResult, ExchangeState};
+
+/// One exchange as kept in the `exchanges` tree until the consumer acknowledges its result.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredExchange {
+    /// The exchange as accepted (consumer, provider, request, deadline, trail).
+    #[prost(message, optional, tag = "1")]
+    pub envelope: Option<ExchangeEnvelope>,
+    /// Where it stands (`ExchangeState`).
+    #[prost(enumeration = "ExchangeState", tag = "2")]
+    pub state: i32,
+    /// Deliveries tried so far.
+    #[prost(uint32, tag = "3")]
+    pub deliveries: u32,
+    /// The outcome, once it has ended.
+    #[prost(message, optional, tag = "4")]
+    pub result: Option<ExchangeResult>,
+    /// Its key in the `queue` tree while it has not ended.
+    #[prost(uint64, tag = "5")]
+    pub queue_seq: u64,
+    /// Its key in the `results` tree once it has ended.
+    #[prost(uint64, tag = "6")]
+    pub result_seq: u64,
+    /// True for a `Request` (a caller waits on it) rather than a `Submit`.
+    #[prost(bool, tag = "7")]
+    pub sync: bool,
+    /// The queue it waits in: the provider node (or, with federation, a next-hop broker).
+    #[prost(string, tag = "8")]
+    pub dest: String,
+    /// Its encoded size, counted against the destination's byte bound.
+    #[prost(uint64, tag = "9")]
+    pub bytes: u64,
+    /// The grant's purpose, passed to the provider.
+    #[prost(string, tag = "10")]
+    pub purpose: String,
+}
+
+impl StoredExchange {
+    /// True once the exchange has ended (answered, failed, denied, expired, dead-lettered).
+    pub fn finished(&self) -> bool {
+        is_final(self.state())
+    }
+}
+
+/// True for the states an exchange ends in.
+pub fn is_final(s: ExchangeState) -> bool {
+    matches!(
+        s,
+        ExchangeState::Answered
+            | ExchangeState::Failed
+            | ExchangeState::Denied
+            | ExchangeState::Expired
+            | ExchangeState::DeadLettered
+    )
+}
+
+/// An idempotency key's first exchange.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DedupRecord {
+    /// The exchange the key produced.
+    #[prost(string, tag = "1")]
+    pub exchange_id: String,
+    /// When, Unix ms (the window runs from here).
+    #[prost(int64, tag = "2")]
+    pub at_ms: i64,
+}

@@ -1,0 +1,541 @@
+//! Exchanges on one broker: sync and async, enforcement, cut and masking, provider failover,
+//! idempotency, expiry, dead letters, queue bounds, quota, recovery and group commit.
+
+use anyhow::{bail, ensure, Result};
+use govshare_client::proto::*;
+use govshare_client::{Client, ClientError};
+use govshare_tests::provider::{row, text, Reply, TestProvider};
+use govshare_tests::{wait_until, TestBroker};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Code;
+
+const DS: &str = "330000/hrss/pension-status";
+
+fn item(name: &str, mask: &str) -> InfoItem {
+    InfoItem {
+        name: name.into(),
+        r#type: "string".into(),
+        mask: mask.into(),
+        ..Default::default()
+    }
+}
+
+/// Two departments, a pension dataset, and a grant on id_number and status.
+struct Setup {
+    broker: TestBroker,
+    hrss: Client,
+    civil: Client,
+    grant: Grant,
+}
+
+async fn setup_with(tune: impl FnOnce(&mut govshare_broker::Config), quota: u64) -> Result<Setup> {
+    let broker = TestBroker::start_with("330000/hub", tune).await?;
+    let hrss = broker.client_for("330000/hrss").await?;
+    let civil = broker.client_for("330100/civil").await?;
+    hrss.publish_dataset(Dataset {
+        code: "pension-status".into(),
+        name: "城乡居民养老保险待遇发放".into(),
+        share_type: ShareType::Conditional as i32,
+        items: vec![
+            item("id_number", "id_number"),
+            item("name", "name"),
+            item("status", ""),
+            item("month", ""),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let d = civil
+        .file_demand(FileDemandRequest {
+            dataset_id: DS.into(),
+            fields: vec!["id_number".into(), "status".into(), "name".into()],
+            purpose: "check recipients are alive".into(),
+            ..Default::default()
+        })
+        .await?
+        .demand
+        .unwrap_or_default();
+    let grant = hrss
+        .approve_demand(ApproveDemandRequest {
+            id: d.id,
+            fields: vec!["id_number".into(), "status".into()],
+            daily_quota: quota,
+            ..Default::default()
+        })
+        .await?
+        .grant
+        .unwrap_or_default();
+    Ok(Setup {
+        broker,
+        hrss,
+        civil,
+        grant,
+    })
+}
+
+async fn setup() -> Result<Setup> {
+    setup_with(|_| {}, 0).await
+}
+
+fn ask(id_number: &str) -> ExchangeRequest {
+    ExchangeRequest {
+        dataset_id: DS.into(),
+        query: Some(Query {
+            filters: vec![Filter {
+                item: "id_number".into(),
+                value: Some(Value {
+                    kind: Some(value::Kind::StringValue(id_number.into())),
+                }),
+            }],
+            fields: vec![],
+            limit: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A provider that answers every request with a row carrying more than it should.
+fn generous() -> Arc<dyn Fn(&ProviderRequest) -> Reply + Send + Sync> {
+    Arc::new(|_req: &ProviderRequest| {
+        Reply::Rows(vec![row(&[
+            ("id_number", "330102199001011234"),
+            ("name", "张三"),
+            ("status", "PAID"),
+            ("salary", "9000"),
+        ])])
+    })
+}
+
+fn code_of<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> Option<(Code, String)> {
+    r.as_ref()
+        .err()
+        .and_then(|e| e.status())
+        .map(|s| (s.code(), s.message().to_string()))
+}
+
+#[tokio::test]
+async fn sync_request_is_cut_and_masked() -> Result<()> {
+    let s = setup().await?;
+    let p = TestProvider::start(&s.hrss, &[DS], 4, "p1", generous()).await?;
+    let r = s.civil.request(ask("330102199001011234")).await?;
+    ensure!(r.state() == ExchangeState::Answered, "{r:?}");
+    ensure!(r.rows.len() == 1 && r.grant_id == s.grant.id);
+    let row = &r.rows[0];
+    ensure!(
+        text(row, "id_number").as_deref() == Some("330102********1234"),
+        "{row:?}"
+    );
+    ensure!(text(row, "status").as_deref() == Some("PAID"));
+    ensure!(
+        !row.fields.contains_key("name"),
+        "name is outside the grant"
+    );
+    ensure!(
+        !row.fields.contains_key("salary"),
+        "salary is not even in the dataset"
+    );
+    ensure!(
+        r.masked_fields == ["id_number"] && r.dropped_fields == ["name", "salary"],
+        "{r:?}"
+    );
+    // The provider saw the query with the grant's items filled in, and the purpose.
+    let seen = p.seen.lock().map(|s| s.clone()).unwrap_or_default();
+    ensure!(
+        seen.len() == 1 && seen[0].consumer == "330100/civil" && seen[0].purpose.contains("alive")
+    );
+    ensure!(seen[0]
+        .query
+        .as_ref()
+        .is_some_and(|q| q.fields == ["id_number", "status"]));
+    // Asking for only one granted item returns only that one.
+    let mut one = ask("x");
+    if let Some(q) = one.query.as_mut() {
+        q.fields = vec!["status".into()];
+    }
+    let r = s.civil.request(one).await?;
+    ensure!(r.rows[0].fields.len() == 1 && r.rows[0].fields.contains_key("status"));
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn each_enforcement_rule_denies_with_its_name() -> Result<()> {
+    let s = setup_with(|_| {}, 2).await?;
+    let _p = TestProvider::start(&s.hrss, &[DS], 4, "p1", generous()).await?;
+    // Outside the grant: a wanted item, and a filter item.
+    let mut r = ask("x");
+    if let Some(q) = r.query.as_mut() {
+        q.fields = vec!["name".into()];
+    }
+    let c = code_of(&s.civil.request(r).await);
+    ensure!(
+        matches!(&c, Some((Code::PermissionDenied, m)) if m.contains("field_outside_grant")),
+        "{c:?}"
+    );
+    let mut r = ask("x");
+    if let Some(q) = r.query.as_mut() {
+        q.filters[0].item = "name".into();
+    }
+    let c = code_of(&s.civil.submit(r).await);
+    ensure!(
+        matches!(&c, Some((Code::PermissionDenied, m)) if m.contains("filter_outside_grant")),
+        "{c:?}"
+    );
+    // No grant at all.
+    let other = s.broker.client_for("330200/other").await?;
+    let c = code_of(&other.request(ask("x")).await);
+    ensure!(
+        matches!(&c, Some((Code::PermissionDenied, m)) if m.contains("grant_missing")),
+        "{c:?}"
+    );
+    // Someone else's grant.
+    let mut r = ask("x");
+    r.grant_id = s.grant.id.clone();
+    let c = code_of(&other.request(r).await);
+    ensure!(
+        matches!(&c, Some((Code::PermissionDenied, m)) if m.contains("grant_consumer")),
+        "{c:?}"
+    );
+    // Quota: two a day, the third is refused.
+    s.civil.request(ask("a")).await?;
+    s.civil.request(ask("b")).await?;
+    let c = code_of(&s.civil.request(ask("c")).await);
+    ensure!(
+        matches!(&c, Some((Code::ResourceExhausted, m)) if m.contains("quota_exhausted")),
+        "{c:?}"
+    );
+    // Revoked.
+    s.hrss.revoke_grant(&s.grant.id, "done").await?;
+    let c = code_of(&s.civil.request(ask("d")).await);
+    ensure!(
+        matches!(&c, Some((Code::PermissionDenied, m)) if m.contains("grant")),
+        "{c:?}"
+    );
+    // Each denial is audited with its rule.
+    let audit = s
+        .broker
+        .admin()
+        .await?
+        .list_all_audit(ListAuditRequest::default())
+        .await?;
+    let denials: Vec<&str> = audit
+        .iter()
+        .filter(|e| e.decision == "exchange_denied")
+        .map(|e| e.reason.as_str())
+        .collect();
+    for rule in [
+        "field_outside_grant",
+        "filter_outside_grant",
+        "grant_missing",
+        "grant_consumer",
+        "quota_exhausted",
+    ] {
+        ensure!(
+            denials.iter().any(|d| d.starts_with(rule)),
+            "no audited denial for {rule}: {denials:?}"
+        );
+    }
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn async_submit_get_watch_ack() -> Result<()> {
+    let s = setup().await?;
+    // Submitted before any provider: accepted durably, queued.
+    let sub = s.civil.submit(ask("1")).await?;
+    ensure!(!sub.duplicate && sub.state() == ExchangeState::Queued && sub.trace_id.len() == 32);
+    let g = s.civil.get_exchange(&sub.exchange_id, false).await?;
+    ensure!(g.state() == ExchangeState::Queued);
+    let _p = TestProvider::start(&s.hrss, &[DS], 4, "p1", generous()).await?;
+    let done = s.civil.get_exchange(&sub.exchange_id, true).await?;
+    ensure!(
+        done.state() == ExchangeState::Answered && done.rows.len() == 1,
+        "{done:?}"
+    );
+    // Watch shows it (unacknowledged), and the next one as it ends.
+    let mut w = s.civil.watch("").await?;
+    let first = w.message().await?.unwrap_or_default();
+    ensure!(first.exchange_id == sub.exchange_id);
+    let sub2 = s.civil.submit(ask("2")).await?;
+    let second = w.message().await?.unwrap_or_default();
+    ensure!(second.exchange_id == sub2.exchange_id && second.state() == ExchangeState::Answered);
+    // Ack releases; a second ack counts nothing; Get then says unknown.
+    ensure!(
+        s.civil
+            .ack([sub.exchange_id.clone(), sub2.exchange_id.clone()])
+            .await?
+            .acked
+            == 2
+    );
+    ensure!(s.civil.ack([sub.exchange_id.clone()]).await?.acked == 0);
+    let c = code_of(&s.civil.get_exchange(&sub.exchange_id, false).await);
+    ensure!(matches!(c, Some((Code::NotFound, _))), "{c:?}");
+    // Another node cannot read or ack it.
+    let sub3 = s.civil.submit(ask("3")).await?;
+    let other = s.broker.client_for("330200/other").await?;
+    let c = code_of(&other.get_exchange(&sub3.exchange_id, false).await);
+    ensure!(matches!(c, Some((Code::PermissionDenied, _))), "{c:?}");
+    let c = code_of(&other.ack([sub3.exchange_id.clone()]).await);
+    ensure!(matches!(c, Some((Code::PermissionDenied, _))), "{c:?}");
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_first_exchange() -> Result<()> {
+    let s = setup().await?;
+    let mut r = ask("1");
+    r.idempotency_key = "order-42".into();
+    let a = s.civil.submit(r.clone()).await?;
+    let b = s.civil.submit(r.clone()).await?;
+    ensure!(!a.duplicate && b.duplicate && a.exchange_id == b.exchange_id);
+    let mut other_key = r.clone();
+    other_key.idempotency_key = "order-43".into();
+    ensure!(s.civil.submit(other_key).await?.exchange_id != a.exchange_id);
+    // The same key from another consumer is its own.
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn a_disconnected_instance_hands_its_request_to_another() -> Result<()> {
+    let s = setup().await?;
+    let hung = TestProvider::start(
+        &s.hrss,
+        &[DS],
+        1,
+        "hung",
+        Arc::new(|_: &ProviderRequest| Reply::Hang),
+    )
+    .await?;
+    let sub = s.civil.submit(ask("1")).await?;
+    wait_until(
+        Duration::from_secs(10),
+        "the hung instance to get the request",
+        || {
+            let n = hung.received();
+            async move { Ok((n == 1).then_some(())) }
+        },
+    )
+    .await?;
+    let good = TestProvider::start(&s.hrss, &[DS], 1, "good", generous()).await?;
+    hung.kill();
+    let done = s.civil.get_exchange(&sub.exchange_id, true).await?;
+    ensure!(done.state() == ExchangeState::Answered, "{done:?}");
+    ensure!(good.received() == 1);
+    let seen = good.seen.lock().map(|s| s.clone()).unwrap_or_default();
+    ensure!(seen[0].attempt == 2 && seen[0].exchange_id == sub.exchange_id);
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn several_instances_share_the_load() -> Result<()> {
+    let s = setup().await?;
+    let a = TestProvider::start(&s.hrss, &[DS], 2, "a", generous()).await?;
+    let b = TestProvider::start(&s.hrss, &[], 2, "b", generous()).await?;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(s.civil.submit(ask(&i.to_string())).await?.exchange_id);
+    }
+    for id in &ids {
+        ensure!(s.civil.get_exchange(id, true).await?.state() == ExchangeState::Answered);
+    }
+    ensure!(
+        a.received() > 0 && b.received() > 0,
+        "a {} b {}",
+        a.received(),
+        b.received()
+    );
+    ensure!(a.received() + b.received() == 40);
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn provider_errors_fail_the_exchange() -> Result<()> {
+    let s = setup().await?;
+    let _p = TestProvider::start(
+        &s.hrss,
+        &[DS],
+        2,
+        "p",
+        Arc::new(|_: &ProviderRequest| {
+            Reply::Error(Code::NotFound as i32, "no such resident".into())
+        }),
+    )
+    .await?;
+    let c = code_of(&s.civil.request(ask("1")).await);
+    ensure!(
+        matches!(&c, Some((Code::NotFound, m)) if m.contains("no such resident")),
+        "{c:?}"
+    );
+    let sub = s.civil.submit(ask("2")).await?;
+    let r = s.civil.get_exchange(&sub.exchange_id, true).await?;
+    ensure!(
+        r.state() == ExchangeState::Failed
+            && r.error.is_some_and(|e| e.code == Code::NotFound as i32)
+    );
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn expiry_and_dead_letters_and_replay() -> Result<()> {
+    let s = setup_with(
+        |c| {
+            c.exchange.ack_wait_secs = 1;
+            c.exchange.max_deliveries = 2;
+        },
+        0,
+    )
+    .await?;
+    let admin = s.broker.admin().await?;
+    // Expiry while queued (no provider).
+    let mut r = ask("1");
+    r.deadline = Some(prost_types::Timestamp {
+        seconds: (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + 1) as i64,
+        nanos: 0,
+    });
+    let sub = s.civil.submit(r).await?;
+    let expired = s
+        .civil
+        .with_timeout(Duration::from_secs(8))
+        .get_exchange(&sub.exchange_id, true)
+        .await?;
+    ensure!(expired.state() == ExchangeState::Expired, "{expired:?}");
+    ensure!(expired
+        .error
+        .is_some_and(|e| e.code == Code::DeadlineExceeded as i32));
+    // Max deliveries: a hung provider never answers; after two deliveries it is dead-lettered.
+    let hung = TestProvider::start(
+        &s.hrss,
+        &[DS],
+        4,
+        "hung",
+        Arc::new(|_: &ProviderRequest| Reply::Hang),
+    )
+    .await?;
+    let sub2 = s.civil.submit(ask("2")).await?;
+    let dead = s
+        .civil
+        .with_timeout(Duration::from_secs(15))
+        .get_exchange(&sub2.exchange_id, true)
+        .await?;
+    ensure!(dead.state() == ExchangeState::DeadLettered, "{dead:?}");
+    ensure!(hung.received() == 2, "delivered {} times", hung.received());
+    let dlq = admin.list_all_dead_letters("").await?;
+    ensure!(dlq.len() == 2, "{dlq:?}");
+    ensure!(dlq.iter().any(|d| d.reason.contains("max deliveries")));
+    ensure!(dlq.iter().any(|d| d.reason.contains("expired")));
+    // Replay with a working provider: answered this time.
+    hung.kill();
+    let _good = TestProvider::start(&s.hrss, &[DS], 4, "good", generous()).await?;
+    admin.replay_dead_letter(&sub2.exchange_id).await?;
+    let again = s.civil.get_exchange(&sub2.exchange_id, true).await?;
+    ensure!(again.state() == ExchangeState::Answered, "{again:?}");
+    ensure!(admin.list_all_dead_letters("").await?.len() == 1);
+    let c = code_of(&admin.replay_dead_letter(&sub2.exchange_id).await);
+    ensure!(matches!(c, Some((Code::NotFound, _))), "{c:?}");
+    ensure!(admin.purge_dead_letters("").await?.purged == 1);
+    ensure!(admin.list_all_dead_letters("").await?.is_empty());
+    // Departments cannot touch the DLQ.
+    let c = code_of(
+        &s.civil
+            .list_dead_letters(ListDeadLettersRequest::default())
+            .await,
+    );
+    ensure!(matches!(c, Some((Code::PermissionDenied, _))), "{c:?}");
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_submits() -> Result<()> {
+    let s = setup_with(|c| c.exchange.queue_max_count = 3, 0).await?;
+    for i in 0..3 {
+        s.civil.submit(ask(&i.to_string())).await?;
+    }
+    let c = code_of(&s.civil.submit(ask("x")).await);
+    ensure!(
+        matches!(&c, Some((Code::ResourceExhausted, m)) if m.contains("queue for 330000/hrss is full")),
+        "{c:?}"
+    );
+    let q = s.broker.admin().await?.list_queues().await?;
+    ensure!(q.queues.len() == 1 && q.queues[0].depth == 3, "{q:?}");
+    // Draining makes room again.
+    let _p = TestProvider::start(&s.hrss, &[DS], 8, "p", generous()).await?;
+    wait_until(Duration::from_secs(10), "the queue to drain", || {
+        let admin = s.broker.admin();
+        async move {
+            let q = admin.await?.list_queues().await?;
+            Ok(q.queues.is_empty().then_some(()))
+        }
+    })
+    .await?;
+    s.civil.submit(ask("y")).await?;
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn a_grant_revoked_while_queued_is_refused_not_delivered() -> Result<()> {
+    let s = setup().await?;
+    let sub = s.civil.submit(ask("1")).await?;
+    s.hrss.revoke_grant(&s.grant.id, "no longer needed").await?;
+    let p = TestProvider::start(&s.hrss, &[DS], 4, "p", generous()).await?;
+    let r = s.civil.get_exchange(&sub.exchange_id, true).await?;
+    ensure!(r.state() == ExchangeState::Denied, "{r:?}");
+    ensure!(r.error.is_some_and(|e| e.message.contains("grant_revoked")));
+    ensure!(p.received() == 0, "the provider must never see it");
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn queued_exchanges_survive_a_restart() -> Result<()> {
+    let mut s = setup().await?;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(s.civil.submit(ask(&i.to_string())).await?.exchange_id);
+    }
+    s.broker.restart().await?;
+    let hrss = s
+        .broker
+        .connect(&s.broker.scratch("id-330000-hrss"))
+        .await?;
+    let civil = s
+        .broker
+        .connect(&s.broker.scratch("id-330100-civil"))
+        .await?;
+    let _p = TestProvider::start(&hrss, &[DS], 4, "p", generous()).await?;
+    for id in &ids {
+        let r = civil.get_exchange(id, true).await?;
+        ensure!(r.state() == ExchangeState::Answered, "{r:?}");
+    }
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn flushes_are_grouped_under_concurrent_load() -> Result<()> {
+    let s = setup().await?;
+    let (f0, r0) = s.broker.flush_counts();
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let c = s.civil.clone();
+        tasks.push(tokio::spawn(
+            async move { c.submit(ask(&i.to_string())).await },
+        ));
+    }
+    for t in tasks {
+        if let Err(e) = t.await? {
+            bail!("submit failed: {e}");
+        }
+    }
+    let (f1, r1) = s.broker.flush_counts();
+    let (flushes, requests) = (f1 - f0, r1 - r0);
+    ensure!(
+        requests >= 400,
+        "every submit waited for durability ({requests})"
+    );
+    ensure!(
+        flushes * 2 < requests,
+        "{flushes} flushes for {requests} durable writes: not grouped"
+    );
+    s.broker.shutdown().await
+}
