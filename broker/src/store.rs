@@ -201,6 +201,9 @@ impl Store {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
+            // Durability is ours to decide (group commit in `durable`); sled's own timer would
+            // only blur which writes a crash can lose.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io) => BrokerError::Unavailable(format!(

@@ -12,6 +12,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod process;
 pub mod provider;
 
 use anyhow::{bail, Context, Result};
@@ -201,8 +202,9 @@ where
     }
 }
 
-/// The path of a workspace binary (`govshare`, `govshare-broker`), building it if this test
-/// run has not (e.g. `cargo test -p govshare-tests` alone).
+/// The path of a workspace binary (`govshare`, `govshare-broker`), building it when it is
+/// missing or older than this test binary: `cargo test -p govshare-tests` alone does not
+/// rebuild other packages' binaries, and a stale one would test yesterday's code.
 pub fn bin_path(name: &str) -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     let exe = std::env::current_exe()?;
@@ -213,7 +215,12 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
         .context("test binary has no target dir")?
         .to_path_buf();
     let path = profile_dir.join(name);
-    if !path.exists() {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let stale = match (modified(&path), modified(&exe)) {
+        (Some(bin), Some(test)) => bin < test,
+        _ => true,
+    };
+    if stale {
         let built = BUILT.get_or_init(|| {
             let release = profile_dir.file_name().is_some_and(|n| n == "release");
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));

@@ -127,6 +127,11 @@ impl TestProvider {
         self.seen.lock().map(|s| s.len()).unwrap_or(0)
     }
 
+    /// Waits until the broker ends the stream (or the broker goes away).
+    pub async fn closed(self) {
+        let _ = self.task.await;
+    }
+
     /// Drops the connection abruptly, as a crashed instance would.
     pub fn kill(self) {
         self.task.abort();
