@@ -50,9 +50,12 @@ pub enum T {
     DeadLetters,
     /// grant id ‖ 0 ‖ day (i64 BE) → exchanges counted (u64 BE).
     Quota,
+    /// Exchange id → `InFlight`: handed to a provider instance, not yet answered. Cleared at
+    /// start, since every delivery of a stopped broker goes back to its queue.
+    InFlight,
 }
 
-const TREE_NAMES: [&str; 18] = [
+const TREE_NAMES: [&str; 19] = [
     "nodes",
     "datasets",
     "cat_gram",
@@ -71,6 +74,7 @@ const TREE_NAMES: [&str; 18] = [
     "dedup",
     "dead_letters",
     "quota",
+    "in_flight",
 ];
 
 /// A view of every tree inside one transaction.

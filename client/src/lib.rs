@@ -22,6 +22,7 @@ mod config;
 pub mod enums;
 mod error;
 mod identity;
+pub mod provider;
 #[cfg(test)]
 mod tls_tests;
 

@@ -316,6 +316,11 @@ async fn a_disconnected_instance_hands_its_request_to_another() -> Result<()> {
         },
     )
     .await?;
+    let q = s.broker.admin().await?.list_queues().await?;
+    ensure!(
+        q.queues.len() == 1 && q.queues[0].in_flight == 1 && q.queues[0].depth == 0,
+        "{q:?}"
+    );
     let good = TestProvider::start(&s.hrss, &[DS], 1, "good", generous()).await?;
     hung.kill();
     let done = s.civil.get_exchange(&sub.exchange_id, true).await?;
@@ -536,6 +541,27 @@ async fn flushes_are_grouped_under_concurrent_load() -> Result<()> {
     ensure!(
         flushes * 2 < requests,
         "{flushes} flushes for {requests} durable writes: not grouped"
+    );
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn the_queue_is_bounded_by_bytes_too() -> Result<()> {
+    let s = setup_with(|c| c.exchange.queue_max_bytes = 1500, 0).await?;
+    let mut accepted = 0;
+    let refused = loop {
+        match s.civil.submit(ask(&"x".repeat(200))).await {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+        ensure!(accepted < 100, "the byte bound never applied");
+    };
+    ensure!(accepted >= 1, "a single small exchange fits");
+    let st = refused.status().cloned();
+    ensure!(
+        st.as_ref()
+            .is_some_and(|s| s.code() == Code::ResourceExhausted && s.message().contains("bytes")),
+        "{st:?}"
     );
     s.broker.shutdown().await
 }

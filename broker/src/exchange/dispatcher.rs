@@ -111,6 +111,7 @@ pub struct Recovered {
 /// Reads the durable queues, in order: everything not ended goes back to be delivered,
 /// including what was in flight when the broker stopped.
 pub fn recover(store: &crate::store::Store) -> Result<Vec<Recovered>> {
+    store.tree(T::InFlight).clear()?;
     let mut out = Vec::new();
     for kv in store.tree(T::Queue).iter() {
         let (k, v) = kv?;
@@ -572,8 +573,16 @@ impl Actor {
         };
         let label = inst.label.clone();
         let store = self.engine.store().clone();
+        let in_flight = super::record::InFlight {
+            delivery_id: delivery_id.clone(),
+            dest: rec.dest.clone(),
+            instance: label.clone(),
+            attempt: rec.deliveries,
+            since_ms: now,
+        };
         let written = store.write(|tx| {
             tx.put(T::Exchanges, id, &rec)?;
+            tx.put(T::InFlight, id, &in_flight)?;
             let mut e = exchange_entry("exchange_delivered", store.broker_id(), &env);
             e.reason = format!("attempt {} to instance {label}", rec.deliveries);
             Ok(((), vec![e]))
@@ -612,6 +621,9 @@ impl Actor {
     }
 
     fn requeue_front(&mut self, id: &str) {
+        if let Err(e) = self.engine.store().tree(T::InFlight).remove(id.as_bytes()) {
+            tracing::warn!(exchange = id, error = %e, "cannot clear in-flight record");
+        }
         if let Some(p) = self.pending.get_mut(id) {
             p.delivery = None;
             let (dest, ds, dl) = (p.dest.clone(), p.dataset.clone(), p.deadline_ms);

@@ -212,6 +212,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Exchanges in flight per destination, from the `in_flight` tree (blocking).
+    pub fn in_flight(&self) -> Result<HashMap<String, u64>> {
+        let mut out = HashMap::new();
+        for kv in self.inner.store.tree(T::InFlight).iter() {
+            let (_, v) = kv?;
+            let f = record::InFlight::decode(v.as_ref())?;
+            *out.entry(f.dest).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
     /// Queue depth and bytes per destination.
     pub fn depths(&self) -> Vec<(String, u64, u64)> {
         let mut v: Vec<_> = lock(&self.inner.depth)

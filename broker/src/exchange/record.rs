@@ -66,3 +66,23 @@ pub struct DedupRecord {
     #[prost(int64, tag = "2")]
     pub at_ms: i64,
 }
+
+/// A delivery in progress, as recorded in the `in_flight` tree.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InFlight {
+    /// The delivery id given to the provider.
+    #[prost(string, tag = "1")]
+    pub delivery_id: String,
+    /// The destination whose instance holds it.
+    #[prost(string, tag = "2")]
+    pub dest: String,
+    /// The instance's label.
+    #[prost(string, tag = "3")]
+    pub instance: String,
+    /// Which delivery this is.
+    #[prost(uint32, tag = "4")]
+    pub attempt: u32,
+    /// When it was handed over, Unix ms.
+    #[prost(int64, tag = "5")]
+    pub since_ms: i64,
+}

@@ -40,6 +40,16 @@ impl AdminService for AdminSvc {
                 queued: a.engine.depths().iter().map(|(_, n, _)| n).sum(),
                 dead_letters: a.engine.dead_letter_count() as u64,
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                flushes: a
+                    .store
+                    .flush_stats()
+                    .flushes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                durable_writes: a
+                    .store
+                    .flush_stats()
+                    .requests
+                    .load(std::sync::atomic::Ordering::Relaxed),
             })
         })
         .await?;
@@ -51,18 +61,25 @@ impl AdminService for AdminSvc {
         req: Request<ListQueuesRequest>,
     ) -> Result<Response<ListQueuesResponse>, Status> {
         caller(&self.0, &req).await?.require_admin("list queues")?;
-        let queues = self
-            .0
-            .engine
-            .depths()
-            .into_iter()
-            .map(|(destination, depth, bytes)| QueueInfo {
-                destination,
-                depth,
-                bytes,
-                in_flight: 0,
-            })
-            .collect();
+        let queues = read(&self.0, |a| {
+            let in_flight = a.engine.in_flight()?;
+            Ok(a.engine
+                .depths()
+                .into_iter()
+                .map(|(destination, open, bytes)| {
+                    // The reservation counts every exchange not yet ended; split off those
+                    // a provider holds now.
+                    let held = in_flight.get(&destination).copied().unwrap_or(0);
+                    QueueInfo {
+                        in_flight: held,
+                        depth: open.saturating_sub(held),
+                        destination,
+                        bytes,
+                    }
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
         Ok(Response::new(ListQueuesResponse { queues }))
     }
 
