@@ -301,12 +301,18 @@ impl Catalog {
             } else {
                 format!("{}/", req.provider)
             };
-            scan_ids(
-                self.store.tree(T::Datasets),
-                prefix.as_bytes(),
-                &start,
-                &mut |id| visit(id),
-            )?;
+            // Dataset keys are the ids themselves: start at the later of prefix and token.
+            let lo = if start.as_slice() > prefix.as_bytes() {
+                start.clone()
+            } else {
+                prefix.as_bytes().to_vec()
+            };
+            for kv in self.store.tree(T::Datasets).range(lo..) {
+                let (k, _) = kv?;
+                if !k.starts_with(prefix.as_bytes()) || !visit(&String::from_utf8_lossy(&k))? {
+                    break;
+                }
+            }
         }
         Ok(SearchDatasetsResponse {
             datasets: out,
@@ -370,7 +376,7 @@ impl Catalog {
     }
 }
 
-/// Visits the ids under a prefix of an index (or of the datasets tree), from `start` on.
+/// Visits the ids under a prefix of an index (`prefix ‖ id` keys), from id `start` on.
 fn scan_ids(
     tree: &sled::Tree,
     prefix: &[u8],

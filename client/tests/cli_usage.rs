@@ -16,7 +16,9 @@ fn help_lists_every_command_group() -> std::io::Result<()> {
     let out = govshare(&["--help"])?;
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["node", "catalog", "demand", "grant", "audit", "exchange", "dlq"] {
+    for cmd in [
+        "node", "catalog", "demand", "grant", "audit", "exchange", "dlq",
+    ] {
         assert!(text.contains(cmd), "--help lacks {cmd}:\n{text}");
     }
     Ok(())
@@ -27,6 +29,10 @@ fn a_usage_error_exits_2() -> std::io::Result<()> {
     let out = govshare(&["demand", "file", "--no-such-flag"])?;
     assert_eq!(out.status.code(), Some(2));
     let out = govshare(&["node", "list"])?;
-    assert_eq!(out.status.code(), Some(2), "missing --identity is a usage error");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "missing --identity is a usage error"
+    );
     Ok(())
 }

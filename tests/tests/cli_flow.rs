@@ -752,8 +752,6 @@ async fn missing_identity_is_a_usage_error() -> Result<()> {
 
 /// Search by filters alone, without text (the path that scans the datasets tree by id prefix).
 #[tokio::test]
-#[ignore = "broker bug: a search with --provider or --region and no text or tag finds nothing \
-            (catalog.rs scan_ids strips the prefix from dataset-tree keys, which are the ids)"]
 async fn search_by_provider_or_region_alone() -> Result<()> {
     let broker = TestBroker::start().await?;
     let (hrss, civil) = two_departments(&broker).await?;

@@ -529,3 +529,42 @@ async fn search_pages_through_a_larger_catalog() -> Result<()> {
     ensure!(all.len() == 120);
     broker.shutdown().await
 }
+
+#[tokio::test]
+async fn search_by_provider_or_region_alone_pages_correctly() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let hrss = broker.client_for("330000/hrss").await?;
+    let civil = broker.client_for("330100/civil").await?;
+    for i in 0..5 {
+        let mut d = pension(ShareType::Conditional);
+        d.code = format!("h-{i}");
+        hrss.publish_dataset(d.clone()).await?;
+        d.code = format!("c-{i}");
+        civil.publish_dataset(d).await?;
+    }
+    let by = |provider: &str, region: &str| SearchDatasetsRequest {
+        provider: provider.into(),
+        region_prefix: region.into(),
+        page_size: 2,
+        ..Default::default()
+    };
+    let h = civil
+        .search_all_datasets(by("330000/hrss", ""), None)
+        .await?;
+    ensure!(
+        h.len() == 5 && h.iter().all(|d| d.provider == "330000/hrss"),
+        "{}",
+        h.len()
+    );
+    let c = civil.search_all_datasets(by("", "3301"), None).await?;
+    ensure!(
+        c.len() == 5 && c.iter().all(|d| d.provider == "330100/civil"),
+        "{}",
+        c.len()
+    );
+    let all = civil.search_all_datasets(by("", "33"), None).await?;
+    ensure!(all.len() == 10);
+    let none = civil.search_all_datasets(by("", "44"), None).await?;
+    ensure!(none.is_empty());
+    broker.shutdown().await
+}

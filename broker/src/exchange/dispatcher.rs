@@ -778,6 +778,7 @@ impl Actor {
             rec.result = Some(result.clone());
             rec.result_seq = result_seq;
             tx.unmark(T::Queue, &seq_key(&rec.dest, rec.queue_seq))?;
+            tx.unmark(T::InFlight, id.as_bytes())?;
             tx.put_raw(
                 T::Results,
                 &seq_key(&env.consumer, result_seq),

@@ -74,6 +74,17 @@ pub(crate) struct Cli {
     #[arg(long, global = true, help_heading = "Global options")]
     pub(crate) json: bool,
 
+    /// Print only ids, one per line, of what the command creates, shows or lists (for `demand
+    /// approve`, the grant's id), e.g. DEMAND=$(govshare -q demand file ...).
+    #[arg(
+        short,
+        long,
+        global = true,
+        help_heading = "Global options",
+        conflicts_with = "json"
+    )]
+    pub(crate) quiet: bool,
+
     /// Deadline of each call, e.g. 10s, 500ms [default: 10s]; for `exchange request|submit` also the exchange's deadline.
     #[arg(
         long,
@@ -494,6 +505,19 @@ mod tests {
         };
         assert_eq!(a.filters.len(), 2);
         assert_eq!(a.fields, ["status", "month"]);
+    }
+
+    #[test]
+    fn quiet_is_global_and_excludes_json() {
+        for args in [
+            &["govshare", "-q", "demand", "list"][..],
+            &["govshare", "demand", "list", "--quiet"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(cli.quiet && !cli.json, "{args:?}");
+        }
+        let err = Cli::try_parse_from(["govshare", "-q", "--json", "grant", "list"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]

@@ -30,6 +30,27 @@ pub(crate) fn print_json(value: &Json) -> anyhow::Result<()> {
     print(&text)
 }
 
+/// The ids `--quiet` prints for a JSON view: an object's `id`, or each array element's;
+/// empty ids and objects without one (e.g. `{"acked": 2}`) give nothing.
+pub(crate) fn ids_of(value: &Json) -> Vec<String> {
+    let id = |v: &Json| {
+        v.get("id")
+            .and_then(Json::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    match value {
+        Json::Array(items) => items.iter().filter_map(id).collect(),
+        other => id(other).into_iter().collect(),
+    }
+}
+
+/// Writes the ids of a JSON view to stdout, one per line (`--quiet`).
+pub(crate) fn print_ids(value: &Json) -> anyhow::Result<()> {
+    let text: String = ids_of(value).into_iter().map(|id| id + "\n").collect();
+    print(&text)
+}
+
 /// Writes a note to stderr (warnings, hints, "no results").
 pub(crate) fn note(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{text}");
@@ -532,6 +553,28 @@ mod tests {
         assert_eq!(
             header.split_whitespace().collect::<Vec<_>>(),
             ["STATUS", "ID_NUMBER", "MONTH"]
+        );
+    }
+
+    #[test]
+    fn quiet_prints_the_ids_of_objects_and_lists() {
+        use serde_json::json;
+        assert_eq!(ids_of(&json!({"id": "dm-1", "state": "PENDING"})), ["dm-1"]);
+        assert_eq!(
+            ids_of(&json!([{"id": "gr-1"}, {"id": ""}, {"id": "gr-2"}, {"x": 1}])),
+            ["gr-1", "gr-2"]
+        );
+        assert!(ids_of(&json!({"acked": 2})).is_empty());
+        assert!(ids_of(&json!([])).is_empty());
+        // The JSON views the commands print carry the id `--quiet` shows.
+        let d = Demand {
+            id: "dm-1".into(),
+            state: DemandState::Pending as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            ids_of(&super::super::json::demand_with_grant(Some(&d), None)),
+            ["dm-1"]
         );
     }
 

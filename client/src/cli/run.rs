@@ -17,8 +17,9 @@ use super::args::{
     NodeCmd,
 };
 use super::json;
-use super::output::{self as out, note, print, print_json, print_table};
+use super::output::{self as out, note, print, print_ids, print_json, print_table};
 use super::parse::timestamp_after;
+use super::table::Table;
 
 /// Extra time a `Request` call gets beyond the exchange's deadline, so that the broker can
 /// answer `EXPIRED` before the call itself times out.
@@ -28,7 +29,7 @@ const REQUEST_MARGIN: Duration = Duration::from_secs(1);
 pub(crate) async fn run(cli: Cli, client: Client) -> anyhow::Result<ExitCode> {
     let ctx = Ctx {
         client,
-        json: cli.json,
+        format: OutputFormat::of(&cli),
         timeout: cli.timeout,
     };
     match cli.command {
@@ -56,9 +57,29 @@ pub(crate) fn client_config(cli: &Cli, identity_dir: std::path::PathBuf) -> Clie
     }
 }
 
+/// How results are printed: tables and blocks, JSON (`--json`), or bare ids (`--quiet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutputFormat {
+    Text,
+    Json,
+    Ids,
+}
+
+impl OutputFormat {
+    fn of(cli: &Cli) -> Self {
+        if cli.quiet {
+            OutputFormat::Ids
+        } else if cli.json {
+            OutputFormat::Json
+        } else {
+            OutputFormat::Text
+        }
+    }
+}
+
 struct Ctx {
     client: Client,
-    json: bool,
+    format: OutputFormat,
     timeout: Option<Duration>,
 }
 
@@ -73,12 +94,26 @@ fn non_empty(s: Option<String>) -> String {
 }
 
 impl Ctx {
-    /// Prints `json` in JSON mode, `text` otherwise.
+    /// Prints one object: `json` in JSON mode, its `id` in ids mode, `text` otherwise.
     fn emit(&self, json: Json, text: impl FnOnce() -> String) -> anyhow::Result<()> {
-        if self.json {
-            print_json(&json)
-        } else {
-            print(&text())
+        match self.format {
+            OutputFormat::Json => print_json(&json),
+            OutputFormat::Ids => print_ids(&json),
+            OutputFormat::Text => print(&text()),
+        }
+    }
+
+    /// Prints a list: a JSON array, one id per line, or a table (a note on stderr when empty).
+    fn list(
+        &self,
+        items: Vec<Json>,
+        table: impl FnOnce() -> Table,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        match self.format {
+            OutputFormat::Json => print_json(&Json::Array(items)),
+            OutputFormat::Ids => print_ids(&Json::Array(items)),
+            OutputFormat::Text => print_table(&table(), what),
         }
     }
 
@@ -131,11 +166,11 @@ impl Ctx {
             }
             NodeCmd::List { region } => {
                 let nodes = self.client.list_all_nodes(non_empty(region)).await?;
-                if self.json {
-                    print_json(&Json::Array(nodes.iter().map(json::node).collect()))
-                } else {
-                    print_table(&out::nodes_table(&nodes), "nodes")
-                }
+                self.list(
+                    nodes.iter().map(json::node).collect(),
+                    || out::nodes_table(&nodes),
+                    "nodes",
+                )
             }
             NodeCmd::Show { id } => {
                 let n = self.client.get_node(id).await?;
@@ -214,11 +249,11 @@ impl Ctx {
                     }
                     req.page_token = next;
                 }
-                if self.json {
-                    print_json(&Json::Array(found.iter().map(json::dataset).collect()))?;
-                } else {
-                    print_table(&out::datasets_table(&found), "datasets found")?;
-                }
+                self.list(
+                    found.iter().map(json::dataset).collect(),
+                    || out::datasets_table(&found),
+                    "datasets found",
+                )?;
                 if more {
                     note("(more datasets match; use --all or a larger --limit)");
                 }
@@ -282,11 +317,11 @@ impl Ctx {
                         ..Default::default()
                     })
                     .await?;
-                if self.json {
-                    print_json(&Json::Array(demands.iter().map(json::demand).collect()))
-                } else {
-                    print_table(&out::demands_table(&demands), "demands")
-                }
+                self.list(
+                    demands.iter().map(json::demand).collect(),
+                    || out::demands_table(&demands),
+                    "demands",
+                )
             }
             DemandCmd::Show { id } => {
                 let d = self.client.get_demand(id).await?;
@@ -309,6 +344,11 @@ impl Ctx {
                         note: non_empty(remark),
                     })
                     .await?;
+                if self.format == OutputFormat::Ids {
+                    // What approval creates is the grant: `--quiet` prints its id.
+                    let g = resp.grant.as_ref().ok_or_else(|| missing("grant"))?;
+                    return print_ids(&json::grant(g));
+                }
                 self.emit(
                     json::demand_with_grant(resp.demand.as_ref(), resp.grant.as_ref()),
                     || out::demand_outcome(resp.demand.as_ref(), resp.grant.as_ref()),
@@ -349,11 +389,11 @@ impl Ctx {
                         ..Default::default()
                     })
                     .await?;
-                if self.json {
-                    print_json(&Json::Array(grants.iter().map(json::grant).collect()))
-                } else {
-                    print_table(&out::grants_table(&grants), "grants")
-                }
+                self.list(
+                    grants.iter().map(json::grant).collect(),
+                    || out::grants_table(&grants),
+                    "grants",
+                )
             }
             GrantCmd::Show { id } => {
                 let g = self.client.get_grant(id).await?;
@@ -383,11 +423,11 @@ impl Ctx {
                 ..Default::default()
             })
             .await?;
-        if self.json {
-            print_json(&Json::Array(entries.iter().map(json::audit).collect()))
-        } else {
-            print_table(&out::audit_table(&entries), "audit entries")
-        }
+        self.list(
+            entries.iter().map(json::audit).collect(),
+            || out::audit_table(&entries),
+            "audit entries",
+        )
     }
 
     fn exchange_request(&self, a: ExchangeArgs, deadline: Option<Duration>) -> ExchangeRequest {
@@ -479,13 +519,11 @@ impl Ctx {
                     .client
                     .list_all_dead_letters(non_empty(dataset))
                     .await?;
-                if self.json {
-                    print_json(&Json::Array(
-                        letters.iter().map(json::dead_letter).collect(),
-                    ))
-                } else {
-                    print_table(&out::dead_letters_table(&letters), "dead letters")
-                }
+                self.list(
+                    letters.iter().map(json::dead_letter).collect(),
+                    || out::dead_letters_table(&letters),
+                    "dead letters",
+                )
             }
             DlqCmd::Replay { id } => {
                 let resp = self.client.replay_dead_letter(id).await?;
