@@ -225,6 +225,9 @@ fn run(
         let admin_dir = data_dir.join("admin");
         let broker_id = cfg.broker.id.clone();
         let admin_id = cfg.broker.admin_id.clone();
+        // Listen for signals before announcing ourselves, so that a SIGTERM sent as soon as
+        // the address is printed is a graceful stop and not the default kill.
+        let signal = shutdown_signal()?;
         let mut broker = server::start(cfg, listener).await?;
         println!(
             "govshare broker {broker_id} listening on https://{} (mutual TLS)",
@@ -238,7 +241,7 @@ fn run(
         );
         let stopped = tokio::select! {
             r = broker.wait() => { r?; bail!("the server stopped unexpectedly") }
-            s = shutdown_signal() => s,
+            s = signal => s,
         };
         println!("{stopped}: shutting down (finishing in-flight calls, flushing)");
         broker.shutdown().await?;
@@ -247,25 +250,25 @@ fn run(
     })
 }
 
-/// Waits for SIGINT or SIGTERM and names the one that came.
-async fn shutdown_signal() -> &'static str {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
-            }
+/// Installs SIGINT and SIGTERM handlers now; the future resolves with the one that came.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
         }
-    }
-    #[cfg(not(unix))]
-    {
+    })
+}
+
+/// Installs the interrupt handler now; the future resolves when it comes.
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
         "interrupt"
-    }
+    })
 }

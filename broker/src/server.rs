@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+/// How long shutdown waits for in-flight calls and their tasks.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest gRPC message the broker accepts or sends (4 MiB, tonic's default, stated here).
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -123,6 +126,20 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     })
 }
 
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        // Dropped without `shutdown()`: at least stop the dispatcher thread and the streams,
+        // so the store can close. Everything accepted is already on disk.
+        let _ = self.stopping.send(true);
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(engine) = self.engine.take() {
+            engine.request_shutdown();
+        }
+    }
+}
+
 impl RunningBroker {
     /// The group-commit counters: (flushes, durability requests they answered).
     pub fn flush_counts(&self) -> (u64, u64) {
@@ -150,11 +167,18 @@ impl RunningBroker {
         }
         // Long-lived streams end now; unary calls in flight finish normally.
         let _ = self.stopping.send(true);
-        if let Some(task) = self.task.take() {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "server ended with an error"),
-                Err(e) => tracing::warn!(error = %e, "server task failed"),
+        if let Some(mut task) = self.task.take() {
+            // In-flight calls get a grace period; a client that never lets go does not keep
+            // the broker from stopping.
+            match tokio::time::timeout(DRAIN_GRACE, &mut task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
+                Err(_) => {
+                    tracing::warn!("connections still open after the grace period; closing them");
+                    task.abort();
+                    let _ = task.await;
+                }
             }
         }
         if let Some(engine) = self.engine.take() {
@@ -166,6 +190,18 @@ impl RunningBroker {
             .await?;
         }
         if let Some(store) = self.store.take() {
+            // Tasks that were ending (streams, blocking calls) still hold handles for a moment;
+            // wait for them, so that dropping ours releases the data dir for a restart.
+            let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+            while store.handles() > 1 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            if store.handles() > 1 {
+                tracing::warn!(
+                    handles = store.handles(),
+                    "storage still in use at shutdown"
+                );
+            }
             // The last handle: flushing and dropping it on a blocking thread joins the flusher.
             store::blocking(move || {
                 store.flush_blocking()?;

@@ -318,6 +318,11 @@ impl Store {
         Ok(self.inner.db.generate_id()?)
     }
 
+    /// How many handles share this store (for shutdown, which waits to hold the last one).
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     /// The flusher's counters.
     pub fn flush_stats(&self) -> &FlushStats {
         &self.inner.stats

@@ -30,6 +30,10 @@ pub fn now_ts() -> Timestamp {
 /// Unix milliseconds of an optional timestamp (0 when unset).
 pub fn ms(t: &Option<Timestamp>) -> i64 {
     t.as_ref()
-        .map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+        .map(|t| {
+            t.seconds
+                .saturating_mul(1000)
+                .saturating_add(i64::from(t.nanos) / 1_000_000)
+        })
         .unwrap_or(0)
 }

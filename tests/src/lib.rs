@@ -202,9 +202,26 @@ where
     }
 }
 
+/// The newest modification time of the files under `dir`.
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).ok()?.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(t) = entry.metadata().and_then(|m| m.modified()) {
+                newest = newest.max(Some(t));
+            }
+        }
+    }
+    newest
+}
+
 /// The path of a workspace binary (`govshare`, `govshare-broker`), building it when it is
-/// missing or older than this test binary: `cargo test -p govshare-tests` alone does not
-/// rebuild other packages' binaries, and a stale one would test yesterday's code.
+/// missing or older than the sources it is built from: `cargo test -p govshare-tests` alone
+/// does not rebuild other packages' binaries, and a stale one would test yesterday's code.
 pub fn bin_path(name: &str) -> Result<PathBuf> {
     static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     let exe = std::env::current_exe()?;
@@ -215,10 +232,16 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
         .context("test binary has no target dir")?
         .to_path_buf();
     let path = profile_dir.join(name);
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let stale = match (modified(&path), modified(&exe)) {
-        (Some(bin), Some(test)) => bin < test,
-        _ => true,
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sources = ["proto", "broker/src", "client/src"]
+        .iter()
+        .filter_map(|d| newest_mtime(&root.join(d)))
+        .max();
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    let stale = match (built, sources) {
+        (Some(bin), Some(src)) => bin < src,
+        (None, _) => true,
+        (Some(_), None) => false,
     };
     if stale {
         let built = BUILT.get_or_init(|| {

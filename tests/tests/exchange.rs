@@ -273,10 +273,11 @@ async fn async_submit_get_watch_ack() -> Result<()> {
     // Another node cannot read or ack it.
     let sub3 = s.civil.submit(ask("3")).await?;
     let other = s.broker.client_for("330200/other").await?;
+    // Not even its existence is revealed.
     let c = code_of(&other.get_exchange(&sub3.exchange_id, false).await);
-    ensure!(matches!(c, Some((Code::PermissionDenied, _))), "{c:?}");
+    ensure!(matches!(c, Some((Code::NotFound, _))), "{c:?}");
     let c = code_of(&other.ack([sub3.exchange_id.clone()]).await);
-    ensure!(matches!(c, Some((Code::PermissionDenied, _))), "{c:?}");
+    ensure!(matches!(c, Some((Code::NotFound, _))), "{c:?}");
     s.broker.shutdown().await
 }
 
@@ -476,6 +477,88 @@ async fn a_full_queue_refuses_submits() -> Result<()> {
     })
     .await?;
     s.civil.submit(ask("y")).await?;
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn a_revocation_ends_queued_exchanges_at_once_even_with_no_provider() -> Result<()> {
+    let s = setup().await?;
+    let sub = s.civil.submit(ask("1")).await?;
+    s.hrss.revoke_grant(&s.grant.id, "withdrawn").await?;
+    // No provider ever connects: the revocation alone ends it, as denied (not expired).
+    let r = s.civil.get_exchange(&sub.exchange_id, true).await?;
+    ensure!(r.state() == ExchangeState::Denied, "{r:?}");
+    ensure!(r.error.is_some_and(|e| e.message.contains("grant_revoked")));
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn an_acknowledged_dead_letter_cannot_be_replayed() -> Result<()> {
+    let s = setup().await?;
+    let mut r = ask("1");
+    r.deadline = Some(prost_types::Timestamp {
+        seconds: (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + 1) as i64,
+        nanos: 0,
+    });
+    let sub = s.civil.submit(r).await?;
+    let expired = s
+        .civil
+        .with_timeout(Duration::from_secs(8))
+        .get_exchange(&sub.exchange_id, true)
+        .await?;
+    ensure!(expired.state() == ExchangeState::Expired);
+    s.civil.ack([sub.exchange_id.clone()]).await?;
+    let admin = s.broker.admin().await?;
+    let c = code_of(&admin.replay_dead_letter(&sub.exchange_id).await);
+    ensure!(
+        matches!(&c, Some((Code::FailedPrecondition, m)) if m.contains("acknowledged")),
+        "{c:?}"
+    );
+    s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn a_sync_request_past_its_deadline_is_released() -> Result<()> {
+    let s = setup().await?;
+    // A provider that never answers: the call times out, the exchange expires, and its result
+    // is released rather than kept for a caller who is gone.
+    let _hung = TestProvider::start(
+        &s.hrss,
+        &[DS],
+        4,
+        "hung",
+        Arc::new(|_: &ProviderRequest| Reply::Hang),
+    )
+    .await?;
+    let c = code_of(
+        &s.civil
+            .with_timeout(Duration::from_secs(1))
+            .request(ask("1"))
+            .await,
+    );
+    ensure!(matches!(&c, Some((Code::DeadlineExceeded, _))), "{c:?}");
+    let admin = s.broker.admin().await?;
+    wait_until(
+        Duration::from_secs(10),
+        "the abandoned result to be released",
+        || {
+            let civil = s.civil.clone();
+            async move {
+                let mut w = civil.watch("").await?;
+                // Anything left for civil would be shown at once; nothing means released.
+                let got = tokio::time::timeout(Duration::from_millis(200), w.message()).await;
+                Ok(got.is_err().then_some(()))
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        admin.list_all_dead_letters("").await?.len() == 1,
+        "its expiry is still on record"
+    );
     s.broker.shutdown().await
 }
 

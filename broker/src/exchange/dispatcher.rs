@@ -9,8 +9,8 @@ use crate::error::{BrokerError, Result};
 use crate::store::{seq_key, T};
 use crate::time::{ms, now_ms, ts};
 use govshare_proto::v1::{
-    broker_message, BrokerMessage, Dataset, DeadLetter, ErrorStatus, ExchangeResult, ExchangeState,
-    Grant, ProviderAnswer, ProviderRequest, ServeHeartbeat, ServeReady,
+    broker_message, BrokerMessage, DeadLetter, ErrorStatus, ExchangeResult, ExchangeState, Grant,
+    ProviderAnswer, ProviderRequest, ServeHeartbeat, ServeReady,
 };
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -88,6 +88,11 @@ pub enum Cmd {
         actor: String,
         /// The outcome.
         reply: oneshot::Sender<Result<()>>,
+    },
+    /// A grant was revoked: end its queued exchanges now, as denied.
+    GrantRevoked {
+        /// The grant.
+        grant_id: String,
     },
     /// Stop.
     Shutdown,
@@ -179,6 +184,8 @@ struct Inst {
     node: String,
     datasets: HashSet<String>,
     credit: u32,
+    /// The in-flight limit it asked for; this many stale deliveries mean it has hung.
+    max: u32,
     tx: ProviderTx,
     label: String,
     /// Deliveries taken back from it (ack wait passed); its late answers only return credit.
@@ -262,7 +269,7 @@ struct Actor {
     pending: HashMap<String, Pending>,
     deadlines: BTreeSet<(i64, String)>,
     /// Ended exchanges whose consumers are told after the next shared flush.
-    done: Vec<(String, ExchangeResult)>,
+    done: Vec<(String, ExchangeResult, bool)>,
     last_heartbeat: i64,
     last_sweep: i64,
 }
@@ -326,8 +333,8 @@ impl Actor {
             if let Err(e) = engine.store().durable().await {
                 tracing::warn!(error = %e, "flush failed; results are told at the next one");
             }
-            for (consumer, result) in done {
-                engine.finished(&consumer, result);
+            for (consumer, result, sync) in done {
+                engine.finished(&consumer, result, sync);
             }
         });
     }
@@ -364,6 +371,7 @@ impl Actor {
                         node: spec.node,
                         datasets: spec.datasets.into_iter().collect(),
                         credit: spec.max_in_flight,
+                        max: spec.max_in_flight,
                         tx: spec.tx,
                         label: spec.label,
                         stale: HashSet::new(),
@@ -385,6 +393,7 @@ impl Actor {
                 let r = self.replay(&id, &actor);
                 let _ = reply.send(r);
             }
+            Cmd::GrantRevoked { grant_id } => self.revoked(&grant_id),
             Cmd::Shutdown => return false,
         }
         true
@@ -454,7 +463,9 @@ impl Actor {
                 if self.pending.get(&id).is_none_or(|p| p.delivery.is_some()) {
                     continue;
                 }
-                self.deliver(&id, inst);
+                if !self.deliver(&id, inst) {
+                    return; // storage trouble: try again at the next tick, not in a busy loop
+                }
             }
             if !progressed {
                 return;
@@ -517,24 +528,25 @@ impl Actor {
     }
 
     /// Hands one exchange to one instance.
-    fn deliver(&mut self, id: &str, instance: u64) {
+    /// Hands one exchange to one instance; false when storage failed and dispatch should pause.
+    fn deliver(&mut self, id: &str, instance: u64) -> bool {
         let Some(mut rec) = self.load(id) else {
             self.forget(id);
-            return;
+            return true;
         };
         if rec.finished() {
             self.forget(id);
-            return;
+            return true;
         }
         let now = now_ms();
         let env = rec.envelope.clone().unwrap_or_default();
         if now > ms(&env.deadline) {
             self.expire(id);
-            return;
+            return true;
         }
         if let Err(d) = self.recheck(&rec) {
             self.end(id, End::denied(&d));
-            return;
+            return true;
         }
         let max = self.engine.cfg().max_deliveries;
         if rec.deliveries >= max {
@@ -548,10 +560,29 @@ impl Actor {
                 "max deliveries ({max}) exhausted without an answer"
             ));
             self.end(id, e);
-            return;
+            return true;
         }
         let Some(inst) = self.instances.get(&instance) else {
-            return;
+            self.requeue_front(id);
+            return true;
+        };
+        // Room on the stream first, so nothing is recorded as delivered that cannot be sent.
+        let tx = inst.tx.clone();
+        let permit = match tx.try_reserve() {
+            Ok(p) => p,
+            Err(mpsc::error::TrySendError::Full(())) => {
+                // The provider is not reading: stop sending until it answers something.
+                if let Some(inst) = self.instances.get_mut(&instance) {
+                    inst.credit = 0;
+                }
+                self.requeue_front(id);
+                return true;
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                self.requeue_front(id);
+                self.disconnect(instance);
+                return true;
+            }
         };
         rec.deliveries += 1;
         rec.state = ExchangeState::InFlight as i32;
@@ -590,18 +621,9 @@ impl Actor {
         if let Err(e) = written {
             tracing::error!(exchange = id, error = %e, "cannot record delivery; will retry");
             self.requeue_front(id);
-            return;
+            return false;
         }
-        let sent = self
-            .instances
-            .get(&instance)
-            .map(|i| i.tx.try_send(Ok(msg)).is_ok())
-            .unwrap_or(false);
-        if !sent {
-            self.requeue_front(id);
-            self.disconnect(instance);
-            return;
-        }
+        permit.send(Ok(msg));
         if let Some(inst) = self.instances.get_mut(&instance) {
             inst.credit = inst.credit.saturating_sub(1);
         }
@@ -618,6 +640,7 @@ impl Actor {
         if let Some(p) = self.pending.get_mut(id) {
             p.delivery = Some(delivery_id);
         }
+        true
     }
 
     fn requeue_front(&mut self, id: &str) {
@@ -708,14 +731,24 @@ impl Actor {
             .and_then(|e| e.request.clone())
             .unwrap_or_default();
         let query = req.query.unwrap_or_default();
-        let dataset: Option<Dataset> = self.engine.catalog().get(&req.dataset_id).ok();
-        let salt = self
+        // Fail closed: without the catalog entry (masks) or the salt, nothing is released.
+        let masking = self
             .engine
             .catalog()
-            .salt(&req.dataset_id)
-            .unwrap_or_default();
+            .get(&req.dataset_id)
+            .and_then(|d| Ok((d, self.engine.catalog().salt(&req.dataset_id)?)));
+        let (dataset, salt) = match masking {
+            Ok((d, s)) => (Some(d), s),
+            Err(e) => {
+                return End::denied(&Denial {
+                    rule: "masking_unavailable",
+                    detail: format!("cannot read the masking rules of {}: {e}", req.dataset_id),
+                    exhausted: false,
+                })
+            }
+        };
         let max = (query.limit as usize).clamp(1, self.engine.cfg().max_rows as usize);
-        let shaped = enforce::shape_rows(
+        let shaped: enforce::Shaped = enforce::shape_rows(
             answer.rows,
             &grant,
             &query.fields,
@@ -723,6 +756,7 @@ impl Actor {
             &salt,
             max,
         );
+
         End {
             state: ExchangeState::Answered,
             code: 0,
@@ -801,15 +835,21 @@ impl Actor {
                 end.message.clone()
             };
             Ok((
-                Some((env.consumer.clone(), rec.dest.clone(), rec.bytes, result)),
+                Some((
+                    env.consumer.clone(),
+                    rec.dest.clone(),
+                    rec.bytes,
+                    result,
+                    rec.sync,
+                )),
                 vec![e],
             ))
         });
         match written {
-            Ok(Some((consumer, dest, bytes, result))) => {
+            Ok(Some((consumer, dest, bytes, result, sync))) => {
                 self.forget(id);
                 self.engine.release(&dest, bytes);
-                self.done.push((consumer, result));
+                self.done.push((consumer, result, sync));
             }
             Ok(None) => self.forget(id),
             Err(e) => {
@@ -819,12 +859,19 @@ impl Actor {
     }
 
     fn expire(&mut self, id: &str) {
-        let in_flight = self.pending.get(id).and_then(|p| p.delivery.clone());
+        let in_flight = self.pending.get_mut(id).and_then(|p| p.delivery.take());
         if let Some(d) = &in_flight {
             if let Some(del) = self.deliveries.remove(d) {
                 if let Some(inst) = self.instances.get_mut(&del.instance) {
                     inst.stale.insert(d.clone());
                 }
+            }
+        }
+        // A refusal outranks an expiry: a grant revoked meanwhile makes it a denial.
+        if let Some(rec) = self.load(id) {
+            if let Err(d) = self.recheck(&rec) {
+                self.end(id, End::denied(&d));
+                return;
             }
         }
         let stage = if in_flight.is_some() {
@@ -863,13 +910,19 @@ impl Actor {
 
     fn tick(&mut self) {
         let now = now_ms();
-        while let Some((dl, id)) = self.deadlines.first().cloned() {
-            if dl >= now {
-                break;
-            }
-            self.deadlines.remove(&(dl, id.clone()));
+        // Ending an exchange removes its deadline; one that cannot end now (storage trouble)
+        // keeps it and is tried again at the next tick.
+        let due: Vec<(i64, String)> = self
+            .deadlines
+            .iter()
+            .take_while(|(dl, _)| *dl < now)
+            .cloned()
+            .collect();
+        for (dl, id) in due {
             if self.pending.contains_key(&id) {
                 self.expire(&id);
+            } else {
+                self.deadlines.remove(&(dl, id));
             }
         }
         let overdue: Vec<String> = self
@@ -879,11 +932,17 @@ impl Actor {
             .map(|(k, _)| k.clone())
             .collect();
         let mut dests = BTreeSet::new();
+        let mut hung = BTreeSet::new();
         for d in overdue {
             if let Some(del) = self.deliveries.remove(&d) {
                 if let Some(inst) = self.instances.get_mut(&del.instance) {
                     inst.stale.insert(d);
                     dests.insert(inst.node.clone());
+                    // Every slot it asked for is held by requests it never answered: it has
+                    // hung. Dropping it lets a healthy instance (or its restart) take over.
+                    if inst.stale.len() >= inst.max as usize {
+                        hung.insert(del.instance);
+                    }
                 }
                 tracing::info!(exchange = %del.exchange_id, "no answer within the ack wait; redelivering");
                 self.requeue_front(&del.exchange_id);
@@ -891,6 +950,13 @@ impl Actor {
                     dests.insert(p.dest.clone());
                 }
             }
+        }
+        for i in hung {
+            tracing::warn!(
+                instance = i,
+                "provider instance answered nothing within the ack wait; dropping it"
+            );
+            self.disconnect(i);
         }
         for d in dests {
             self.dispatch(&d);
@@ -908,30 +974,38 @@ impl Actor {
         }
         if now - self.last_sweep >= DEDUP_SWEEP_MS {
             self.last_sweep = now;
-            if let Err(e) = self.sweep_dedup(now) {
-                tracing::warn!(error = %e, "idempotency sweep failed");
-            }
+            // A full scan: off this thread, so dispatch never waits for it.
+            let engine = self.engine.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = sweep_dedup(&engine, now) {
+                    tracing::warn!(error = %e, "idempotency sweep failed");
+                }
+            });
         }
     }
 
-    /// Forgets idempotency keys past their window.
-    fn sweep_dedup(&self, now: i64) -> Result<()> {
-        let window = i64::try_from(
-            self.engine
-                .cfg()
-                .idempotency_window_secs
-                .saturating_mul(1000),
-        )
-        .unwrap_or(i64::MAX);
-        let tree = self.engine.store().tree(T::Dedup);
-        for kv in tree.iter() {
-            let (k, v) = kv?;
-            let d = super::record::DedupRecord::decode(v.as_ref())?;
-            if now - d.at_ms > window {
-                tree.remove(k)?;
+    /// Ends the queued exchanges of a revoked grant as denied (in-flight ones are denied
+    /// when their answer comes, or when they are taken back).
+    fn revoked(&mut self, grant_id: &str) {
+        let queued: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.delivery.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in queued {
+            let Some(rec) = self.load(&id) else { continue };
+            let under = rec
+                .envelope
+                .as_ref()
+                .and_then(|e| e.request.as_ref())
+                .is_some_and(|r| r.grant_id == grant_id);
+            if under {
+                if let Err(d) = self.recheck(&rec) {
+                    self.end(&id, End::denied(&d));
+                }
             }
         }
-        Ok(())
     }
 
     fn replay(&mut self, id: &str, actor: &str) -> Result<()> {
@@ -946,6 +1020,13 @@ impl Actor {
         let queue_seq = store.next_id()?;
         let rec = store.write(|tx| {
             let old: Option<StoredExchange> = tx.get(T::Exchanges, id)?;
+            if old.is_none() {
+                // Its consumer already took and acknowledged the outcome: a replay would show
+                // it a second answer for the same exchange.
+                return Err(BrokerError::precondition(format!(
+                    "exchange {id} was already acknowledged by its consumer; submit a new exchange instead"
+                )));
+            }
             let mut env = dl.exchange.clone().unwrap_or_default();
             env.deadline = Some(ts(deadline));
             let mut rec = old.clone().unwrap_or_else(|| StoredExchange {
@@ -978,4 +1059,19 @@ impl Actor {
         self.dispatch(&rec.dest);
         Ok(())
     }
+}
+
+/// Forgets idempotency keys past their window.
+fn sweep_dedup(engine: &Engine, now: i64) -> Result<()> {
+    let window = i64::try_from(engine.cfg().idempotency_window_secs.saturating_mul(1000))
+        .unwrap_or(i64::MAX);
+    let tree = engine.store().tree(T::Dedup);
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        let d = super::record::DedupRecord::decode(v.as_ref())?;
+        if now - d.at_ms > window {
+            tree.remove(k)?;
+        }
+    }
+    Ok(())
 }

@@ -34,6 +34,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Most hops an exchange may take (national hub plus provinces and cities, with room).
 pub const MAX_HOPS: u32 = 8;
+/// How long before a Request's gRPC deadline its exchange is ended, so the answer gets back.
+const SYNC_MARGIN_MS: i64 = 250;
 /// Most items one query may name.
 const MAX_QUERY_FIELDS: usize = 256;
 
@@ -56,6 +58,8 @@ struct Inner {
     notifies: Mutex<HashMap<String, Arc<Notify>>>,
     /// Exchanges and bytes queued per destination, for the queue bounds.
     depth: Mutex<HashMap<String, (u64, u64)>>,
+    /// True once the broker is stopping: long waits (Request, Get, Watch) give up.
+    stopping: tokio::sync::watch::Receiver<bool>,
     /// The dispatcher thread, joined at shutdown.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -104,7 +108,12 @@ pub(crate) fn exchange_entry(decision: &str, actor: &str, env: &ExchangeEnvelope
 
 impl Engine {
     /// Recovers the queues from the store and starts the dispatcher.
-    pub fn start(store: Store, catalog: Catalog, cfg: ExchangeSection) -> Result<Self> {
+    pub fn start(
+        store: Store,
+        catalog: Catalog,
+        cfg: ExchangeSection,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Self> {
         let (cmd_tx, cmd_rx) = mpsc::channel(8192);
         let inner = Arc::new(Inner {
             store: store.clone(),
@@ -114,6 +123,7 @@ impl Engine {
             waiters: Mutex::new(HashMap::new()),
             notifies: Mutex::new(HashMap::new()),
             depth: Mutex::new(HashMap::new()),
+            stopping,
             thread: Mutex::new(None),
         });
         let engine = Engine { inner };
@@ -130,6 +140,11 @@ impl Engine {
         let handle = dispatcher::spawn(engine.clone(), cmd_rx, recovered)?;
         *lock(&engine.inner.thread) = Some(handle);
         Ok(engine)
+    }
+
+    /// Asks the dispatcher to stop, without waiting.
+    pub fn request_shutdown(&self) {
+        let _ = self.inner.cmd.try_send(Cmd::Shutdown);
     }
 
     /// Stops the dispatcher and waits for its thread (blocking).
@@ -171,10 +186,20 @@ impl Engine {
     }
 
     /// Called by the dispatcher once an exchange's end is durable.
-    pub(crate) fn finished(&self, consumer: &str, result: ExchangeResult) {
+    pub(crate) fn finished(&self, consumer: &str, result: ExchangeResult, sync: bool) {
         let waiters = lock(&self.inner.waiters).remove(&result.exchange_id);
+        let mut delivered = false;
         for w in waiters.into_iter().flatten() {
-            let _ = w.send(result.clone());
+            delivered |= w.send(result.clone()).is_ok();
+        }
+        if sync && !delivered {
+            // Its Request call is gone (deadline, cancel): nobody will take this result, so
+            // release it rather than keep it forever. Its end is in the audit log.
+            let me = self.clone();
+            let (c, id) = (consumer.to_string(), result.exchange_id.clone());
+            tokio::spawn(async move {
+                let _ = me.ack(c, vec![id]).await;
+            });
         }
         self.notify_for(consumer).notify_waiters();
     }
@@ -533,38 +558,67 @@ impl Engine {
         self.inner.store.write(|_| Ok(((), vec![e.clone()])))
     }
 
+    /// Accepts an exchange, then makes it durable and hands it to the dispatcher, all in a
+    /// task of its own: a call cancelled half-way (client gone, gRPC deadline) cannot leave an
+    /// accepted exchange that nothing delivers or expires.
+    async fn accept_and_queue(
+        &self,
+        caller: Caller,
+        req: ExchangeRequest,
+        sync: bool,
+        call_deadline_ms: Option<i64>,
+    ) -> Result<(Accepted, Option<oneshot::Receiver<ExchangeResult>>)> {
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let m2 = me.clone();
+            let accepted =
+                store::blocking(move || m2.accept(&caller, req, sync, call_deadline_ms)).await?;
+            let mut rx = None;
+            if let Accepted::New {
+                id,
+                dest,
+                dataset,
+                deadline_ms,
+                ..
+            } = &accepted
+            {
+                if sync {
+                    rx = Some(me.waiter(id));
+                }
+                let flushed = me.inner.store.durable().await;
+                // Queue it whatever the flush said: it is in the store, and the next flush (or
+                // a restart's recovery) covers it. The caller learns of a failed flush and
+                // retries with its idempotency key.
+                me.enqueue(id, dest, dataset, *deadline_ms).await?;
+                flushed?;
+            }
+            Ok((accepted, rx))
+        });
+        task.await
+            .map_err(|e| BrokerError::internal(format!("accept task failed: {e}")))?
+    }
+
     /// Accepts an exchange durably and answers at once (async).
     pub async fn submit(&self, caller: Caller, req: ExchangeRequest) -> Result<SubmitResponse> {
-        let me = self.clone();
-        let accepted = store::blocking(move || me.accept(&caller, req, false, None)).await?;
-        match accepted {
+        let (accepted, _) = self.accept_and_queue(caller, req, false, None).await?;
+        Ok(match accepted {
             Accepted::Duplicate {
                 id,
                 trace_id,
                 state,
-            } => Ok(SubmitResponse {
+            } => SubmitResponse {
                 exchange_id: id,
                 duplicate: true,
                 state: state as i32,
                 trace_id,
-            }),
-            Accepted::New {
-                id,
+            },
+            Accepted::New { id, trace_id, .. } => SubmitResponse {
+                exchange_id: id,
+                duplicate: false,
+                state: ExchangeState::Queued as i32,
                 trace_id,
-                dest,
-                dataset,
-                deadline_ms,
-            } => {
-                self.inner.store.durable().await?;
-                self.enqueue(&id, &dest, &dataset, deadline_ms).await?;
-                Ok(SubmitResponse {
-                    exchange_id: id,
-                    duplicate: false,
-                    state: ExchangeState::Queued as i32,
-                    trace_id,
-                })
-            }
-        }
+            },
+        })
     }
 
     async fn enqueue(&self, id: &str, dest: &str, dataset: &str, deadline_ms: i64) -> Result<()> {
@@ -580,6 +634,11 @@ impl Engine {
             .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))
     }
 
+    /// Tells the dispatcher that a grant was revoked, so its queued exchanges end now.
+    pub async fn grant_revoked(&self, grant_id: String) {
+        let _ = self.inner.cmd.send(Cmd::GrantRevoked { grant_id }).await;
+    }
+
     /// Accepts an exchange durably and waits for its end (sync); the result is released once returned.
     pub async fn request(
         &self,
@@ -587,31 +646,33 @@ impl Engine {
         req: ExchangeRequest,
         call_deadline_ms: Option<i64>,
     ) -> Result<ExchangeResult> {
-        let me = self.clone();
         let consumer = caller.id.to_string();
-        let accepted =
-            store::blocking(move || me.accept(&caller, req, true, call_deadline_ms)).await?;
-        let (id, deadline_ms) = match accepted {
-            Accepted::Duplicate { id, .. } => {
+        // End the exchange a little before the call's own deadline, so the caller hears how it
+        // ended instead of a bare timeout.
+        let call_deadline_ms = call_deadline_ms.map(|d| d.saturating_sub(SYNC_MARGIN_MS));
+        let (accepted, rx) = self
+            .accept_and_queue(caller, req, true, call_deadline_ms)
+            .await?;
+        let (id, deadline_ms) = match (accepted, rx) {
+            (
+                Accepted::New {
+                    id, deadline_ms, ..
+                },
+                Some(rx),
+            ) => {
+                let result = self.await_waiter(&id, rx, deadline_ms).await?;
+                return self.close_sync(&consumer, result).await;
+            }
+            (Accepted::New { .. }, None) => {
+                return Err(BrokerError::internal("sync exchange without a waiter"))
+            }
+            (Accepted::Duplicate { id, .. }, _) => {
                 let deadline = call_deadline_ms.unwrap_or_else(|| {
                     now_ms()
                         + i64::try_from(self.inner.cfg.default_sync_deadline_secs * 1000)
                             .unwrap_or(i64::MAX)
                 });
                 (id, deadline)
-            }
-            Accepted::New {
-                id,
-                dest,
-                dataset,
-                deadline_ms,
-                ..
-            } => {
-                let rx = self.waiter(&id);
-                self.inner.store.durable().await?;
-                self.enqueue(&id, &dest, &dataset, deadline_ms).await?;
-                let result = self.await_waiter(&id, rx, deadline_ms).await?;
-                return self.close_sync(&consumer, result).await;
             }
         };
         // A retried Request: answer from the first exchange if it is still known.
@@ -621,12 +682,24 @@ impl Engine {
                 "exchange {id} with this idempotency key already ended and was released; use a new key"
             ))),
             Some(r) if record::is_final(r.state()) => {
-                lock(&self.inner.waiters).remove(&id);
+                drop(rx);
+                self.prune_waiters(&id);
                 self.close_sync(&consumer, r).await
             }
             Some(_) => {
                 let result = self.await_waiter(&id, rx, deadline_ms).await?;
                 self.close_sync(&consumer, result).await
+            }
+        }
+    }
+
+    /// Forgets the waiters of an exchange whose callers have gone, keeping the others.
+    fn prune_waiters(&self, id: &str) {
+        let mut w = lock(&self.inner.waiters);
+        if let Some(list) = w.get_mut(id) {
+            list.retain(|s| !s.is_closed());
+            if list.is_empty() {
+                w.remove(id);
             }
         }
     }
@@ -647,14 +720,23 @@ impl Engine {
         deadline_ms: i64,
     ) -> Result<ExchangeResult> {
         // A little past the exchange's own deadline, so that its expiry (not our timer) ends it.
-        let wait = u64::try_from((deadline_ms - now_ms()).max(0)).unwrap_or(0) + 250;
-        match tokio::time::timeout(std::time::Duration::from_millis(wait), rx).await {
+        let wait = u64::try_from(deadline_ms.saturating_sub(now_ms()).max(0)).unwrap_or(0) + 250;
+        let mut stopping = self.inner.stopping.clone();
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(std::time::Duration::from_millis(wait), rx) => r,
+            _ = stopping.wait_for(|s| *s) => {
+                return Err(BrokerError::Unavailable(format!(
+                    "the broker is shutting down; exchange {id} is kept: take its result with Get"
+                )))
+            }
+        };
+        match outcome {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(BrokerError::Unavailable(format!(
                 "the broker is shutting down; exchange {id} is kept: take its result with Get"
             ))),
             Err(_) => {
-                lock(&self.inner.waiters).remove(id);
+                self.prune_waiters(id);
                 Err(BrokerError::DeadlineExceeded(format!(
                     "exchange {id} did not end before its deadline; take its result with Get"
                 )))
@@ -690,9 +772,9 @@ impl Engine {
         };
         let env = r.envelope.clone().unwrap_or_default();
         if env.consumer != consumer {
-            return Err(BrokerError::denied(format!(
-                "exchange {id} belongs to {}; only its consumer may read it",
-                env.consumer
+            // Not found, rather than denied: others may not even learn that it exists.
+            return Err(BrokerError::not_found(format!(
+                "exchange {id} is not one of {consumer}'s"
             )));
         }
         Ok(Some(match r.result {
@@ -728,12 +810,15 @@ impl Engine {
             if !wait || record::is_final(r.state()) {
                 return Ok(r);
             }
-            let left = deadline_ms - now_ms();
+            let left = deadline_ms.saturating_sub(now_ms());
             if left <= 0 {
                 return Ok(r);
             }
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_millis(left as u64), notified).await;
+            let mut stopping = self.inner.stopping.clone();
+            tokio::select! {
+                _ = tokio::time::timeout(std::time::Duration::from_millis(left as u64), notified) => {}
+                _ = stopping.wait_for(|s| *s) => return Ok(r),
+            }
         }
     }
 
@@ -755,9 +840,8 @@ impl Engine {
                     };
                     let env = r.envelope.clone().unwrap_or_default();
                     if env.consumer != consumer {
-                        return Err(BrokerError::denied(format!(
-                            "exchange {id} belongs to {}; only its consumer may acknowledge it",
-                            env.consumer
+                        return Err(BrokerError::not_found(format!(
+                            "exchange {id} is not one of {consumer}'s"
                         )));
                     }
                     if !r.finished() {
@@ -810,8 +894,9 @@ impl Engine {
                 let full = batch.len() == 256;
                 for (seq, r) in batch {
                     cursor = seq;
-                    if tx.send(Ok(r)).await.is_err() {
-                        return;
+                    tokio::select! {
+                        sent = tx.send(Ok(r)) => if sent.is_err() { return },
+                        _ = stop.wait_for(|s| *s) => return,
                     }
                 }
                 if full {

@@ -30,6 +30,10 @@ const HELLO_WAIT: Duration = Duration::from_secs(10);
 pub fn call_deadline_ms<B>(req: &Request<B>) -> Option<i64> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    // The gRPC spec: a positive integer of at most 8 digits, then the unit.
+    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: i64 = num.parse().ok()?;
     let ms = match unit {
         "H" => n.saturating_mul(3_600_000),
@@ -172,6 +176,10 @@ impl ExchangeService for ExchangeSvc {
             })
             .await?;
         let mut stopping = self.0.stopping.clone();
+        // Only the dispatcher holds the stream's sender: when it drops this instance (hung,
+        // broken), the stream ends and the provider knows to reconnect.
+        let weak = tx.downgrade();
+        drop(tx);
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -183,18 +191,18 @@ impl ExchangeService for ExchangeSvc {
                             if engine.send(Cmd::Answer { instance, answer }).await.is_err() { break }
                         }
                         Ok(Some(_)) => {
-                            let _ = tx.send(Err(Status::invalid_argument(
-                                "after ServeHello, send only ServeCredit and ProviderAnswer",
-                            ))).await;
+                            if let Some(tx) = weak.upgrade() {
+                                let _ = tx.try_send(Err(Status::invalid_argument(
+                                    "after ServeHello, send only ServeCredit and ProviderAnswer",
+                                )));
+                            }
                             break;
                         }
                         Ok(None) | Err(_) => break,
                     },
                     _ = stopping.changed() => break,
-                    _ = tx.closed() => break,
                 }
             }
-            drop(tx);
             let _ = engine.send(Cmd::Disconnect { instance }).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

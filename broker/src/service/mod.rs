@@ -47,8 +47,12 @@ impl App {
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self> {
         let catalog = Catalog::new(store.clone());
-        let engine =
-            crate::exchange::Engine::start(store.clone(), catalog.clone(), cfg.exchange.clone())?;
+        let engine = crate::exchange::Engine::start(
+            store.clone(),
+            catalog.clone(),
+            cfg.exchange.clone(),
+            stopping.clone(),
+        )?;
         Ok(Self {
             registry: Registry::new(store.clone()),
             catalog,

@@ -100,8 +100,9 @@ impl SharingService for SharingSvc {
     ) -> Result<Response<Grant>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        Ok(Response::new(
-            write(&self.0, move |a| a.sharing.revoke(&c, &r.id, &r.reason)).await?,
-        ))
+        let grant = write(&self.0, move |a| a.sharing.revoke(&c, &r.id, &r.reason)).await?;
+        // Exchanges queued under it end now, as denied, instead of waiting for a provider.
+        self.0.engine.grant_revoked(grant.id.clone()).await;
+        Ok(Response::new(grant))
     }
 }
