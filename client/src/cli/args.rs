@@ -110,6 +110,51 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+/// The long help of `serve`.
+const SERVE_HELP: &str = "Serve your datasets as a provider.
+
+Opens the broker's Serve stream and answers each request pushed to it, until Ctrl-C.
+With --from-file, rows come from a JSON-lines file (one JSON object per line): a row
+matches when every filter item equals its value. With --exec, the command runs once per
+request, gets the query as one JSON object on stdin
+  {\"exchange_id\", \"dataset_id\", \"consumer\", \"purpose\", \"filters\": {ITEM: VALUE},
+   \"fields\": [...], \"limit\": N}
+and writes the rows as JSON lines on stdout; a non-zero exit answers with an error.
+The broker cuts every answer to the consumer's grant and applies the catalog's masks.
+If the stream breaks, serve reconnects with backoff (unless --once).
+
+Examples:
+  govshare serve --dataset 330000/hrss/pension-status --from-file deploy/examples/pension-rows.jsonl
+  govshare serve --dataset 330000/hrss/pension-status --exec ./lookup.sh";
+
+/// `serve`'s options.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// A dataset to serve (repeatable); none means all of yours.
+    #[arg(long = "dataset", value_name = "ID")]
+    pub(crate) datasets: Vec<String>,
+    /// Answer from this JSON-lines file (one object per row).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "exec",
+        required_unless_present = "exec"
+    )]
+    pub(crate) from_file: Option<std::path::PathBuf>,
+    /// Answer by running this shell command once per request (query JSON on stdin, rows as JSON lines on stdout).
+    #[arg(long, value_name = "CMD")]
+    pub(crate) exec: Option<String>,
+    /// Requests this instance holds at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub(crate) max_in_flight: u32,
+    /// A label for this instance in the broker's logs.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) instance: Option<String>,
+    /// Exit when the stream ends instead of reconnecting.
+    #[arg(long)]
+    pub(crate) once: bool,
+}
+
 /// The top-level commands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
@@ -138,6 +183,9 @@ pub(crate) enum Command {
     Dlq(DlqCmd),
     /// Show the broker's status, federation links and queues (admin).
     Status,
+    /// Serve your datasets as a provider: answer queries from a JSON-lines file or a command.
+    #[command(long_about = SERVE_HELP)]
+    Serve(ServeArgs),
 }
 
 /// A node role on the command line.

@@ -14,7 +14,7 @@ use serde_json::Value as Json;
 
 use super::args::{
     AuditCmd, CatalogCmd, Cli, Command, DemandCmd, DlqCmd, ExchangeArgs, ExchangeCmd, GrantCmd,
-    NodeCmd,
+    NodeCmd, ServeArgs,
 };
 use super::json;
 use super::output::{self as out, note, print, print_ids, print_json, print_table};
@@ -42,6 +42,7 @@ pub(crate) async fn run(cli: Cli, client: Client) -> anyhow::Result<ExitCode> {
         Command::Exchange(cmd) => return ctx.exchange(cmd).await,
         Command::Dlq(cmd) => ctx.dlq(cmd).await?,
         Command::Status => ctx.status().await?,
+        Command::Serve(a) => return ctx.serve(a).await,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -577,5 +578,69 @@ mod tests {
     fn parse_module_is_reachable() {
         assert!(parse::parse_duration("1s").is_ok());
         assert!(ExchangeState::parse_name("answered").is_ok());
+    }
+}
+
+impl Ctx {
+    /// `serve`: answers pushed requests until Ctrl-C (or the stream ends, with --once).
+    async fn serve(&self, a: ServeArgs) -> anyhow::Result<ExitCode> {
+        use govshare_client::provider::{self, Source};
+        let (source, what) = match (&a.from_file, &a.exec) {
+            (Some(path), _) => {
+                let rows = provider::load_rows(path)?;
+                let what = format!("{} rows from {}", rows.len(), path.display());
+                (Source::Rows(std::sync::Arc::new(rows)), what)
+            }
+            (None, Some(cmd)) => (Source::Exec(cmd.clone()), format!("command `{cmd}`")),
+            (None, None) => anyhow::bail!("give --from-file FILE or --exec CMD"),
+        };
+        let label = a
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("govshare-serve-{}", std::process::id()));
+        let datasets = if a.datasets.is_empty() {
+            "all your datasets".to_string()
+        } else {
+            a.datasets.join(", ")
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            note(&format!(
+                "serving {datasets} with {what} via {} (Ctrl-C to stop)",
+                self.client.broker_url()
+            ));
+            let served = tokio::select! {
+                r = provider::serve(&self.client, a.datasets.clone(), a.max_in_flight, label.clone(), source.clone()) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    note("stopped");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            };
+            let why = match served {
+                Ok(n) => {
+                    backoff = Duration::from_millis(200);
+                    format!("the broker ended the stream after {n} requests")
+                }
+                Err(e) => {
+                    if a.once {
+                        return Err(e.into());
+                    }
+                    e.to_string()
+                }
+            };
+            if a.once {
+                note(&why);
+                return Ok(ExitCode::SUCCESS);
+            }
+            note(&format!(
+                "{why}; reconnecting in {} ms",
+                backoff.as_millis()
+            ));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
     }
 }
