@@ -560,27 +560,6 @@ fn clean_list(items: Vec<String>) -> Vec<String> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::super::parse;
-    use super::*;
-    use govshare_client::enums::ProtoEnum;
-
-    #[test]
-    fn lists_are_trimmed() {
-        assert_eq!(
-            clean_list(vec![" a".into(), "b ".into(), "".into()]),
-            ["a", "b"]
-        );
-    }
-
-    #[test]
-    fn parse_module_is_reachable() {
-        assert!(parse::parse_duration("1s").is_ok());
-        assert!(ExchangeState::parse_name("answered").is_ok());
-    }
-}
-
 impl Ctx {
     /// `serve`: answers pushed requests until Ctrl-C (or the stream ends, with --once).
     async fn serve(&self, a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -642,5 +621,26 @@ impl Ctx {
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+    use super::*;
+    use govshare_client::enums::ProtoEnum;
+
+    #[test]
+    fn lists_are_trimmed() {
+        assert_eq!(
+            clean_list(vec![" a".into(), "b ".into(), "".into()]),
+            ["a", "b"]
+        );
+    }
+
+    #[test]
+    fn parse_module_is_reachable() {
+        assert!(parse::parse_duration("1s").is_ok());
+        assert!(ExchangeState::parse_name("answered").is_ok());
     }
 }
