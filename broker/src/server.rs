@@ -19,6 +19,17 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+/// The fully qualified names of govshare's services, as health checking reports them.
+pub const SERVICE_NAMES: &[&str] = &[
+    "govshare.v1.NodeService",
+    "govshare.v1.CatalogService",
+    "govshare.v1.SharingService",
+    "govshare.v1.ExchangeService",
+    "govshare.v1.FederationService",
+    "govshare.v1.AdminService",
+    "govshare.v1.AuditService",
+];
+
 /// How long shutdown waits for in-flight calls and their tasks.
 const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -34,6 +45,7 @@ pub struct RunningBroker {
     pub broker_id: String,
     shutdown: Option<oneshot::Sender<()>>,
     stopping: tokio::sync::watch::Sender<bool>,
+    health: tonic_health::server::HealthReporter,
     engine: Option<crate::exchange::Engine>,
     task: Option<JoinHandle<std::result::Result<(), tonic::transport::Error>>>,
     store: Option<Store>,
@@ -83,6 +95,22 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         Arc::new(store::blocking(move || App::new(cfg, s, stop_rx)).await?)
     };
     let engine = app.engine.clone();
+    // Health: SERVING only now that storage is open and recovery is done; NOT_SERVING again
+    // as soon as shutdown starts, so orchestrators stop routing here first.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    for name in SERVICE_NAMES {
+        health
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(govshare_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| BrokerError::internal(format!("reflection service: {e}")))?;
     let (tx, rx) = oneshot::channel::<()>();
     let router = Server::builder()
         .tls_config(tls)
@@ -109,7 +137,9 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         .add_service(AdminServiceServer::new(service::admin::AdminSvc(
             app.clone(),
         )))
-        .add_service(AuditServiceServer::new(service::admin::AuditSvc(app)));
+        .add_service(AuditServiceServer::new(service::admin::AuditSvc(app)))
+        .add_service(health_service)
+        .add_service(reflection);
     let incoming = TcpListenerStream::new(listener);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = rx.await;
@@ -120,6 +150,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         broker_id,
         shutdown: Some(tx),
         stopping: stop_tx,
+        health,
         task: Some(task),
         engine: Some(engine),
         store: Some(store),
@@ -162,6 +193,9 @@ impl RunningBroker {
     }
 
     async fn stop(&mut self) -> Result<()> {
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
