@@ -830,7 +830,7 @@ impl Actor {
             tx.put(T::Exchanges, id, &rec)?;
             let mut e = exchange_entry(end.decision, store.broker_id(), &env);
             e.reason = if end.message.is_empty() {
-                format!("{} rows", end.rows.len())
+                format!("rows: {}", end.rows.len())
             } else {
                 end.message.clone()
             };
