@@ -19,6 +19,8 @@ pub struct Config {
     pub sharing: SharingSection,
     /// Exchanges: deadlines, redelivery, queue bounds, idempotency.
     pub exchange: ExchangeSection,
+    /// Metrics, status and the operator console.
+    pub metrics: MetricsSection,
     /// Logging.
     pub log: LogSection,
     /// The directory the file was loaded from; relative paths resolve against it. Not in the file.
@@ -121,6 +123,26 @@ impl Default for ExchangeSection {
     }
 }
 
+/// `[metrics]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `/metrics` (Prometheus), `/status` (JSON) and `/` (console) are served, plain HTTP;
+    /// empty turns them off. Keep it on loopback unless a firewall guards the port.
+    pub listen: String,
+    /// Also count exchanges per dataset (one series per dataset: mind the cardinality).
+    pub per_dataset: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+            per_dataset: false,
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -190,6 +212,7 @@ impl Default for Config {
             storage: StorageSection::default(),
             sharing: SharingSection::default(),
             exchange: ExchangeSection::default(),
+            metrics: MetricsSection::default(),
             log: LogSection::default(),
             data_dir: PathBuf::from("."),
         }
@@ -262,6 +285,14 @@ impl Config {
             return Err(BrokerError::invalid(
                 "[exchange] default deadlines must not exceed max_deadline_secs",
             ));
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(BrokerError::invalid(format!(
+                "[metrics] listen {:?} is not an address like 127.0.0.1:9464 (or \"\" for off)",
+                self.metrics.listen
+            )));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(BrokerError::invalid(
@@ -343,6 +374,13 @@ max_rows = {x_rows}
 # Most filters in one query. Default 32.
 max_filters = {x_filters}
 
+[metrics]
+# Plain-HTTP address of /metrics (Prometheus), /status (JSON) and / (operator console);
+# "" turns them off. Keep it on loopback unless a firewall guards it. Default "127.0.0.1:9464".
+listen = "{m_listen}"
+# Also count exchanges per dataset (a series per dataset). Default false.
+per_dataset = {m_per}
+
 [log]
 # tracing filter; RUST_LOG overrides it. Default "info".
 level = "{level}"
@@ -367,6 +405,8 @@ format = "{format}"
             x_idem = self.exchange.idempotency_window_secs,
             x_rows = self.exchange.max_rows,
             x_filters = self.exchange.max_filters,
+            m_listen = self.metrics.listen,
+            m_per = self.metrics.per_dataset,
             level = self.log.level,
             format = self.log.format,
         )

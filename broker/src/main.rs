@@ -77,6 +77,9 @@ struct RunArgs {
     /// Listen address, overriding [broker] listen in config.toml.
     #[arg(long, env = "GOVSHARE_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Address of /metrics, /status and the console (plain HTTP), overriding [metrics] listen; "" turns them off.
+    #[arg(long, env = "GOVSHARE_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,7 +140,7 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Some(Command::Run(a)) => run(&a.data_dir, a.listen, false),
+        Some(Command::Run(a)) => run(&a.data_dir, a.listen, a.metrics_listen, false),
         None => {
             // The zero-argument start still honours the same environment as `run`.
             let data_dir = std::env::var_os("GOVSHARE_DATA_DIR")
@@ -149,7 +152,8 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 })?),
                 Err(_) => None,
             };
-            run(&data_dir, listen, true)
+            let metrics = std::env::var("GOVSHARE_METRICS_LISTEN").ok();
+            run(&data_dir, listen, metrics, true)
         }
         Some(Command::Audit(AuditCommand::Verify { data_dir })) => audit_verify(&data_dir),
     }
@@ -193,6 +197,7 @@ fn init_logging(cfg: &Config) {
 fn run(
     data_dir: &Path,
     listen: Option<SocketAddr>,
+    metrics_listen: Option<String>,
     auto_init: bool,
 ) -> anyhow::Result<std::process::ExitCode> {
     if auto_init && !data_dir.join(govshare_broker::config::CONFIG_FILE).exists() {
@@ -212,6 +217,10 @@ fn run(
     let mut cfg = Config::load(data_dir)?;
     if let Some(l) = listen {
         cfg.broker.listen = l;
+    }
+    if let Some(m) = metrics_listen {
+        cfg.metrics.listen = m;
+        cfg.validate()?;
     }
     init_logging(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -239,6 +248,9 @@ fn run(
             broker.local_addr,
             admin_dir.display()
         );
+        if let Some(m) = broker.metrics_addr {
+            println!("metrics, status and console: http://{m}/metrics  http://{m}/status  http://{m}/");
+        }
         let stopped = tokio::select! {
             r = broker.wait() => { r?; bail!("the server stopped unexpectedly") }
             s = signal => s,

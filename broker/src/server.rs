@@ -46,6 +46,9 @@ pub struct RunningBroker {
     shutdown: Option<oneshot::Sender<()>>,
     stopping: tokio::sync::watch::Sender<bool>,
     health: tonic_health::server::HealthReporter,
+    /// Where `/metrics`, `/status` and the console are served, if they are.
+    pub metrics_addr: Option<SocketAddr>,
+    http_task: Option<JoinHandle<()>>,
     engine: Option<crate::exchange::Engine>,
     task: Option<JoinHandle<std::result::Result<(), tonic::transport::Error>>>,
     store: Option<Store>,
@@ -95,6 +98,35 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         Arc::new(store::blocking(move || App::new(cfg, s, stop_rx)).await?)
     };
     let engine = app.engine.clone();
+    crate::metrics::handle();
+    let (metrics_addr, http_task) = if app.cfg.metrics.listen.is_empty() {
+        (None, None)
+    } else {
+        let l = tokio::net::TcpListener::bind(&app.cfg.metrics.listen)
+            .await
+            .map_err(|e| {
+                BrokerError::Unavailable(format!(
+                    "cannot listen for metrics on {}: {e} (set [metrics] listen or --metrics-listen)",
+                    app.cfg.metrics.listen
+                ))
+            })?;
+        let addr = l
+            .local_addr()
+            .map_err(|e| BrokerError::internal(format!("metrics address: {e}")))?;
+        let mut stop = app.stopping.clone();
+        let serve =
+            axum::serve(l, crate::http::router(app.clone())).with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+        (
+            Some(addr),
+            Some(tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    tracing::warn!(error = %e, "metrics server ended");
+                }
+            })),
+        )
+    };
     // Health: SERVING only now that storage is open and recovery is done; NOT_SERVING again
     // as soon as shutdown starts, so orchestrators stop routing here first.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -110,6 +142,12 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         .register_encoded_file_descriptor_set(govshare_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .map_err(|e| BrokerError::internal(format!("reflection service: {e}")))?;
+    // The older protocol too, for grpcurl and tools that predate v1.
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(govshare_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .map_err(|e| BrokerError::internal(format!("reflection service: {e}")))?;
     let (tx, rx) = oneshot::channel::<()>();
     let router = Server::builder()
@@ -139,7 +177,8 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         )))
         .add_service(AuditServiceServer::new(service::admin::AuditSvc(app)))
         .add_service(health_service)
-        .add_service(reflection);
+        .add_service(reflection)
+        .add_service(reflection_alpha);
     let incoming = TcpListenerStream::new(listener);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = rx.await;
@@ -151,6 +190,8 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         shutdown: Some(tx),
         stopping: stop_tx,
         health,
+        metrics_addr,
+        http_task,
         task: Some(task),
         engine: Some(engine),
         store: Some(store),
@@ -214,6 +255,9 @@ impl RunningBroker {
                     let _ = task.await;
                 }
             }
+        }
+        if let Some(t) = self.http_task.take() {
+            let _ = tokio::time::timeout(DRAIN_GRACE, t).await;
         }
         if let Some(engine) = self.engine.take() {
             // Queued and in-flight exchanges are already durable in the queue tree.

@@ -282,6 +282,7 @@ impl Store {
                 Ok((r, h))
             },
         )?;
+        metrics::counter!(crate::metrics::AUDIT_APPENDS).increment(new_head.seq - start.seq);
         *head = new_head;
         Ok(r)
     }
@@ -346,7 +347,12 @@ fn flusher(
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
+        let started = std::time::Instant::now();
         let res = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        metrics::histogram!(crate::metrics::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::FLUSH_BATCH).record(batch.len() as f64);
+        metrics::counter!(crate::metrics::FLUSHES).increment(1);
+        metrics::counter!(crate::metrics::DURABLE_WRITES).increment(batch.len() as u64);
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         stats
             .requests

@@ -38,7 +38,15 @@ fn init(dir: &Path) -> TestResult {
 fn run_and_term(dir: &Path) -> TestResult {
     let d = dir.to_str().ok_or("temp path is not UTF-8")?;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_govshare-broker"));
-    cmd.args(["run", "--data-dir", d, "--listen", "127.0.0.1:0"]);
+    cmd.args([
+        "run",
+        "--data-dir",
+        d,
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
     term_after_start(cmd, "330000/admin")
 }
 
@@ -214,7 +222,8 @@ fn no_arguments_initialises_and_runs_govshare_data() -> TestResult {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_govshare-broker"));
     cmd.current_dir(tmp.path())
         .env_remove("GOVSHARE_DATA_DIR")
-        .env("GOVSHARE_LISTEN", "127.0.0.1:0");
+        .env("GOVSHARE_LISTEN", "127.0.0.1:0")
+        .env("GOVSHARE_METRICS_LISTEN", "127.0.0.1:0");
     // The first line is the first-start notice; skip it by checking the files afterwards.
     let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn()?;
     let stdout = child.stdout.take().ok_or("no stdout")?;

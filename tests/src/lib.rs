@@ -83,6 +83,8 @@ impl TestBroker {
         let mut cfg = Config::load(&self.data_dir)?;
         // Small caches: a test federation runs dozens of brokers on 2 cores.
         cfg.storage.cache_capacity_bytes = 8 * 1024 * 1024;
+        // Many brokers share this machine in tests: let each metrics port be picked freely.
+        cfg.metrics.listen = "127.0.0.1:0".into();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let running = govshare_broker::start(cfg, listener).await?;
         self.addr = running.local_addr;
@@ -149,6 +151,14 @@ impl TestBroker {
     /// Connects with an identity dir that exists already.
     pub async fn connect(&self, identity_dir: &Path) -> Result<Client> {
         Ok(Client::connect(self.client_config(identity_dir)).await?)
+    }
+
+    /// The broker's operators' HTTP port (`/metrics`, `/status`, `/`).
+    pub fn metrics_url(&self) -> Option<String> {
+        self.running
+            .as_ref()
+            .and_then(|r| r.metrics_addr)
+            .map(|a| format!("http://{a}"))
     }
 
     /// The broker's group-commit counters: (flushes, durability requests).

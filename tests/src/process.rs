@@ -31,6 +31,8 @@ impl BrokerProcess {
             .arg(data_dir)
             .arg("--listen")
             .arg("127.0.0.1:0")
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(logfile))

@@ -203,6 +203,8 @@ struct Delivery {
     exchange_id: String,
     instance: u64,
     ack_deadline_ms: i64,
+    /// When it was handed over, Unix ms (for the provider-time metric).
+    since_ms: i64,
 }
 
 #[derive(Debug)]
@@ -216,6 +218,8 @@ struct Pending {
 /// How an exchange ends.
 struct End {
     state: ExchangeState,
+    /// The rule, for denials.
+    rule: Option<Denial>,
     code: i32,
     message: String,
     decision: &'static str,
@@ -235,6 +239,7 @@ impl End {
     ) -> Self {
         Self {
             state,
+            rule: None,
             code: code as i32,
             message,
             decision,
@@ -254,6 +259,7 @@ impl End {
             "exchange_denied",
         );
         e.code = d.code();
+        e.rule = Some(d.clone());
         e
     }
 }
@@ -378,6 +384,7 @@ impl Actor {
                     },
                 );
                 let _ = reply.send(id);
+                self.engine.set_providers(self.instances.len());
                 self.dispatch(&dest);
             }
             Cmd::Credit { instance, add } => {
@@ -624,6 +631,10 @@ impl Actor {
             return false;
         }
         permit.send(Ok(msg));
+        if rec.deliveries == 1 {
+            self.engine
+                .record_stage("queue_wait", now - ms(&env.accepted_at));
+        }
         if let Some(inst) = self.instances.get_mut(&instance) {
             inst.credit = inst.credit.saturating_sub(1);
         }
@@ -635,6 +646,7 @@ impl Actor {
                 exchange_id: id.to_string(),
                 instance,
                 ack_deadline_ms: now.saturating_add(ack_ms),
+                since_ms: now,
             },
         );
         if let Some(p) = self.pending.get_mut(id) {
@@ -687,6 +699,7 @@ impl Actor {
         let Some(d) = self.deliveries.remove(&answer.delivery_id) else {
             return;
         };
+        self.engine.record_stage("provider", now_ms() - d.since_ms);
         let id = d.exchange_id;
         if let Some(p) = self.pending.get_mut(&id) {
             p.delivery = None;
@@ -759,6 +772,7 @@ impl Actor {
 
         End {
             state: ExchangeState::Answered,
+            rule: None,
             code: 0,
             message: String::new(),
             decision: "exchange_answered",
@@ -847,6 +861,19 @@ impl Actor {
         });
         match written {
             Ok(Some((consumer, dest, bytes, result, sync))) => {
+                let outcome = match end.state {
+                    ExchangeState::Answered => "answered",
+                    ExchangeState::Failed => "failed",
+                    ExchangeState::Expired => "expired",
+                    ExchangeState::DeadLettered => "dead_lettered",
+                    _ => "denied",
+                };
+                match &end.rule {
+                    Some(d) => self.engine.record_denial(d, &consumer, &result.dataset_id),
+                    None => self.engine.record_outcome(&result.dataset_id, outcome),
+                }
+                self.engine
+                    .record_stage("end_to_end", now - ms(&result.accepted_at));
                 self.forget(id);
                 self.engine.release(&dest, bytes);
                 self.done.push((consumer, result, sync));
@@ -902,9 +929,11 @@ impl Actor {
             .collect();
         for d in taken {
             if let Some(del) = self.deliveries.remove(&d) {
+                metrics::counter!(crate::metrics::REDELIVERIES).increment(1);
                 self.requeue_front(&del.exchange_id);
             }
         }
+        self.engine.set_providers(self.instances.len());
         self.dispatch(&inst.node);
     }
 
@@ -945,6 +974,7 @@ impl Actor {
                     }
                 }
                 tracing::info!(exchange = %del.exchange_id, "no answer within the ack wait; redelivering");
+                metrics::counter!(crate::metrics::REDELIVERIES).increment(1);
                 self.requeue_front(&del.exchange_id);
                 if let Some(p) = self.pending.get(&del.exchange_id) {
                     dests.insert(p.dest.clone());

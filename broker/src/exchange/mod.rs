@@ -60,6 +60,16 @@ struct Inner {
     depth: Mutex<HashMap<String, (u64, u64)>>,
     /// True once the broker is stopping: long waits (Request, Get, Watch) give up.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// Count exchanges per dataset too.
+    per_dataset: bool,
+    /// Connected provider streams (kept by the dispatcher).
+    providers: std::sync::atomic::AtomicU64,
+    /// Exchanges by outcome since start (for `/status`; Prometheus has its own counters).
+    outcomes: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The latest refusals, newest last, for the operator console.
+    denials: Mutex<std::collections::VecDeque<RecentDenial>>,
+    /// End-to-end latency of ended exchanges, in microseconds, for the console's percentiles.
+    latency: Mutex<hdrhistogram::Histogram<u64>>,
     /// The dispatcher thread, joined at shutdown.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -88,6 +98,24 @@ fn lock<'a, T>(m: &'a Mutex<T>) -> std::sync::MutexGuard<'a, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How many refusals the console keeps.
+const RECENT_DENIALS: usize = 50;
+
+/// A refusal, as the operator console shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentDenial {
+    /// When, Unix ms.
+    pub at_ms: i64,
+    /// The rule.
+    pub rule: String,
+    /// What failed.
+    pub detail: String,
+    /// The consumer refused.
+    pub consumer: String,
+    /// The dataset asked.
+    pub dataset: String,
+}
+
 /// A fresh W3C trace id (32 lowercase hex digits).
 fn new_trace_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
@@ -113,6 +141,7 @@ impl Engine {
         catalog: Catalog,
         cfg: ExchangeSection,
         stopping: tokio::sync::watch::Receiver<bool>,
+        per_dataset: bool,
     ) -> Result<Self> {
         let (cmd_tx, cmd_rx) = mpsc::channel(8192);
         let inner = Arc::new(Inner {
@@ -124,6 +153,14 @@ impl Engine {
             notifies: Mutex::new(HashMap::new()),
             depth: Mutex::new(HashMap::new()),
             stopping,
+            per_dataset,
+            providers: std::sync::atomic::AtomicU64::new(0),
+            outcomes: Mutex::new(std::collections::BTreeMap::new()),
+            denials: Mutex::new(std::collections::VecDeque::new()),
+            latency: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                    .map_err(|e| BrokerError::internal(format!("latency histogram: {e}")))?,
+            ),
             thread: Mutex::new(None),
         });
         let engine = Engine { inner };
@@ -183,6 +220,77 @@ impl Engine {
             .entry(consumer.to_string())
             .or_insert_with(|| Arc::new(Notify::new()))
             .clone()
+    }
+
+    /// Counts an exchange outcome (and per dataset, when enabled).
+    pub(crate) fn record_outcome(&self, dataset: &str, outcome: &'static str) {
+        metrics::counter!(crate::metrics::EXCHANGES, "outcome" => outcome).increment(1);
+        *lock(&self.inner.outcomes)
+            .entry(outcome.to_string())
+            .or_insert(0) += 1;
+        if self.inner.per_dataset {
+            metrics::counter!(crate::metrics::EXCHANGES_BY_DATASET, "dataset" => dataset.to_string(), "outcome" => outcome)
+                .increment(1);
+        }
+    }
+
+    /// Counts a refusal and keeps it for the console.
+    pub(crate) fn record_denial(&self, d: &Denial, consumer: &str, dataset: &str) {
+        metrics::counter!(crate::metrics::DENIALS, "rule" => d.rule).increment(1);
+        self.record_outcome(dataset, "denied");
+        let mut recent = lock(&self.inner.denials);
+        if recent.len() == RECENT_DENIALS {
+            recent.pop_front();
+        }
+        recent.push_back(RecentDenial {
+            at_ms: now_ms(),
+            rule: d.rule.to_string(),
+            detail: d.detail.clone(),
+            consumer: consumer.to_string(),
+            dataset: dataset.to_string(),
+        });
+    }
+
+    /// Records a stage's time.
+    pub(crate) fn record_stage(&self, stage: &'static str, millis: i64) {
+        let secs = millis.max(0) as f64 / 1000.0;
+        metrics::histogram!(crate::metrics::STAGE_SECONDS, "stage" => stage).record(secs);
+        if stage == "end_to_end" {
+            let _ = lock(&self.inner.latency)
+                .record((millis.max(0) as u64).saturating_mul(1000).max(1));
+        }
+    }
+
+    /// Sets the connected provider streams.
+    pub(crate) fn set_providers(&self, n: usize) {
+        self.inner
+            .providers
+            .store(n as u64, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::PROVIDER_STREAMS).set(n as f64);
+    }
+
+    /// Exchanges by outcome since start, counted here for `/status`.
+    pub fn outcome_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        lock(&self.inner.outcomes).clone()
+    }
+
+    /// Connected provider streams.
+    pub fn providers(&self) -> u64 {
+        self.inner
+            .providers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The latest refusals, newest first.
+    pub fn recent_denials(&self) -> Vec<RecentDenial> {
+        lock(&self.inner.denials).iter().rev().cloned().collect()
+    }
+
+    /// End-to-end latency percentiles in milliseconds (p50, p90, p99) and the count behind them.
+    pub fn latency_ms(&self) -> (f64, f64, f64, u64) {
+        let h = lock(&self.inner.latency);
+        let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+        (q(0.5), q(0.9), q(0.99), h.len())
     }
 
     /// Called by the dispatcher once an exchange's end is durable.
@@ -248,11 +356,10 @@ impl Engine {
         Ok(out)
     }
 
-    /// Queue depth and bytes per destination.
+    /// Open exchanges (queued or in flight) and bytes per destination ever seen since start.
     pub fn depths(&self) -> Vec<(String, u64, u64)> {
         let mut v: Vec<_> = lock(&self.inner.depth)
             .iter()
-            .filter(|(_, d)| d.0 > 0)
             .map(|(k, d)| (k.clone(), d.0, d.1))
             .collect();
         v.sort();
@@ -487,15 +594,19 @@ impl Engine {
             Ok((Ok(None), vec![e]))
         });
         match outcome {
-            Ok(Ok(None)) => Ok(Accepted::New {
-                id: exchange_id,
-                trace_id: req.trace_id,
-                dest,
-                dataset: req.dataset_id,
-                deadline_ms: deadline,
-            }),
+            Ok(Ok(None)) => {
+                self.record_outcome(&req.dataset_id, "accepted");
+                Ok(Accepted::New {
+                    id: exchange_id,
+                    trace_id: req.trace_id,
+                    dest,
+                    dataset: req.dataset_id,
+                    deadline_ms: deadline,
+                })
+            }
             Ok(Ok(Some(denial))) => {
                 self.release(&dest, bytes);
+                self.record_denial(&denial, &consumer, &req.dataset_id);
                 Err(denial.to_error())
             }
             Ok(Err(first)) => {
@@ -551,8 +662,14 @@ impl Engine {
         )
     }
 
-    /// Audits a refusal that stored nothing.
+    /// Audits (and counts) a refusal that stored nothing.
     fn audit_denial(&self, env: &ExchangeEnvelope, d: &Denial) -> Result<()> {
+        let dataset = env
+            .request
+            .as_ref()
+            .map(|r| r.dataset_id.as_str())
+            .unwrap_or("");
+        self.record_denial(d, &env.consumer, dataset);
         let mut e = exchange_entry("exchange_denied", &env.consumer, env);
         e.reason = format!("{}: {}", d.rule, d.detail);
         self.inner.store.write(|_| Ok(((), vec![e.clone()])))
@@ -569,6 +686,7 @@ impl Engine {
         call_deadline_ms: Option<i64>,
     ) -> Result<(Accepted, Option<oneshot::Receiver<ExchangeResult>>)> {
         let me = self.clone();
+        let started = now_ms();
         let task = tokio::spawn(async move {
             let m2 = me.clone();
             let accepted =
@@ -590,6 +708,7 @@ impl Engine {
                 // a restart's recovery) covers it. The caller learns of a failed flush and
                 // retries with its idempotency key.
                 me.enqueue(id, dest, dataset, *deadline_ms).await?;
+                me.record_stage("accept", now_ms() - started);
                 flushed?;
             }
             Ok((accepted, rx))

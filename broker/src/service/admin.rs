@@ -66,6 +66,7 @@ impl AdminService for AdminSvc {
             Ok(a.engine
                 .depths()
                 .into_iter()
+                .filter(|(_, open, _)| *open > 0)
                 .map(|(destination, open, bytes)| {
                     // The reservation counts every exchange not yet ended; split off those
                     // a provider holds now.

@@ -52,6 +52,7 @@ impl App {
             catalog.clone(),
             cfg.exchange.clone(),
             stopping.clone(),
+            cfg.metrics.per_dataset,
         )?;
         Ok(Self {
             registry: Registry::new(store.clone()),
