@@ -648,3 +648,26 @@ async fn the_queue_is_bounded_by_bytes_too() -> Result<()> {
     );
     s.broker.shutdown().await
 }
+
+#[tokio::test]
+async fn a_w3c_traceparent_sets_the_trace_id() -> Result<()> {
+    let s = setup().await?;
+    let mut raw = s.civil.raw_exchange();
+    let mut req = tonic::Request::new(ask("1"));
+    req.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse()?,
+    );
+    let sub = raw.submit(req).await?.into_inner();
+    ensure!(
+        sub.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{sub:?}"
+    );
+    // A malformed header is ignored: the broker assigns a fresh id.
+    let mut req = tonic::Request::new(ask("2"));
+    req.metadata_mut()
+        .insert("traceparent", "00-zz-00f067aa0ba902b7-01".parse()?);
+    let sub = raw.submit(req).await?.into_inner();
+    ensure!(sub.trace_id.len() == 32 && sub.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736");
+    s.broker.shutdown().await
+}

@@ -631,6 +631,7 @@ impl Actor {
             return false;
         }
         permit.send(Ok(msg));
+        tracing::debug!(exchange = id, trace_id = %req.trace_id, instance = %label, attempt = rec.deliveries, "delivered");
         if rec.deliveries == 1 {
             self.engine
                 .record_stage("queue_wait", now - ms(&env.accepted_at));
@@ -861,6 +862,11 @@ impl Actor {
         });
         match written {
             Ok(Some((consumer, dest, bytes, result, sync))) => {
+                if end.state == ExchangeState::Answered {
+                    tracing::debug!(exchange = id, trace_id = %result.trace_id, rows = result.rows.len(), "exchange answered");
+                } else {
+                    tracing::info!(exchange = id, trace_id = %result.trace_id, state = ?end.state, reason = %end.message, "exchange ended without rows");
+                }
                 let outcome = match end.state {
                     ExchangeState::Answered => "answered",
                     ExchangeState::Failed => "failed",

@@ -687,32 +687,49 @@ impl Engine {
     ) -> Result<(Accepted, Option<oneshot::Receiver<ExchangeResult>>)> {
         let me = self.clone();
         let started = now_ms();
-        let task = tokio::spawn(async move {
-            let m2 = me.clone();
-            let accepted =
-                store::blocking(move || m2.accept(&caller, req, sync, call_deadline_ms)).await?;
-            let mut rx = None;
-            if let Accepted::New {
-                id,
-                dest,
-                dataset,
-                deadline_ms,
-                ..
-            } = &accepted
-            {
-                if sync {
-                    rx = Some(me.waiter(id));
+        let mut req = req;
+        if req.trace_id.is_empty() {
+            // Assigned here, so that the span below already carries it.
+            req.trace_id = new_trace_id();
+        }
+        let span = tracing::info_span!(
+            "exchange",
+            consumer = %caller.id,
+            dataset = %req.dataset_id,
+            trace_id = %req.trace_id,
+            sync,
+        );
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let m2 = me.clone();
+                let accepted =
+                    store::blocking(move || m2.accept(&caller, req, sync, call_deadline_ms))
+                        .await?;
+                let mut rx = None;
+                if let Accepted::New {
+                    id,
+                    dest,
+                    dataset,
+                    deadline_ms,
+                    ..
+                } = &accepted
+                {
+                    if sync {
+                        rx = Some(me.waiter(id));
+                    }
+                    let flushed = me.inner.store.durable().await;
+                    // Queue it whatever the flush said: it is in the store, and the next flush (or
+                    // a restart's recovery) covers it. The caller learns of a failed flush and
+                    // retries with its idempotency key.
+                    me.enqueue(id, dest, dataset, *deadline_ms).await?;
+                    me.record_stage("accept", now_ms() - started);
+                    tracing::debug!(exchange = %id, dest = %dest, "accepted and queued");
+                    flushed?;
                 }
-                let flushed = me.inner.store.durable().await;
-                // Queue it whatever the flush said: it is in the store, and the next flush (or
-                // a restart's recovery) covers it. The caller learns of a failed flush and
-                // retries with its idempotency key.
-                me.enqueue(id, dest, dataset, *deadline_ms).await?;
-                me.record_stage("accept", now_ms() - started);
-                flushed?;
-            }
-            Ok((accepted, rx))
-        });
+                Ok((accepted, rx))
+            },
+            span,
+        ));
         task.await
             .map_err(|e| BrokerError::internal(format!("accept task failed: {e}")))?
     }

@@ -47,6 +47,32 @@ pub fn call_deadline_ms<B>(req: &Request<B>) -> Option<i64> {
     Some(now_ms().saturating_add(ms))
 }
 
+/// The trace id of a W3C `traceparent` header (`00-TRACEID-SPANID-FLAGS`), if well-formed.
+pub fn traceparent_trace_id<B>(req: &Request<B>) -> Option<String> {
+    let v = req.metadata().get("traceparent")?.to_str().ok()?;
+    let mut parts = v.split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let ok = hex(version, 2)
+        && hex(trace, 32)
+        && hex(span, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0');
+    ok.then(|| trace.to_ascii_lowercase())
+}
+
+/// Takes the trace id from `traceparent` when the request itself names none, so that the
+/// logs of every hop (and of the caller's own systems) join on one id.
+fn with_trace<B>(req: &Request<B>, mut r: ExchangeRequest) -> ExchangeRequest {
+    if r.trace_id.is_empty() {
+        if let Some(t) = traceparent_trace_id(req) {
+            r.trace_id = t;
+        }
+    }
+    r
+}
+
 #[tonic::async_trait]
 impl ExchangeService for ExchangeSvc {
     async fn request(
@@ -56,7 +82,8 @@ impl ExchangeService for ExchangeSvc {
         let c = caller(&self.0, &req).await?;
         c.require_department("exchange data")?;
         let deadline = call_deadline_ms(&req);
-        let r = self.0.engine.request(c, req.into_inner(), deadline).await?;
+        let inner = with_trace(&req, req.get_ref().clone());
+        let r = self.0.engine.request(c, inner, deadline).await?;
         Ok(Response::new(r))
     }
 
@@ -66,9 +93,8 @@ impl ExchangeService for ExchangeSvc {
     ) -> Result<Response<SubmitResponse>, Status> {
         let c = caller(&self.0, &req).await?;
         c.require_department("exchange data")?;
-        Ok(Response::new(
-            self.0.engine.submit(c, req.into_inner()).await?,
-        ))
+        let inner = with_trace(&req, req.get_ref().clone());
+        Ok(Response::new(self.0.engine.submit(c, inner).await?))
     }
 
     async fn get(
