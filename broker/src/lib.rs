@@ -14,6 +14,7 @@ pub mod error;
 pub mod exchange;
 pub mod http;
 pub mod ids;
+pub mod keys;
 pub mod mask;
 pub mod metrics;
 pub mod pki;

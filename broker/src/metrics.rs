@@ -111,6 +111,7 @@ pub const RULES: &[&str] = &[
     "quota_exhausted",
     "dataset_withdrawn",
     "masking_unavailable",
+    "grant_forged",
 ];
 
 /// Every exchange outcome (the `outcome` label).

@@ -23,6 +23,8 @@ const MAX_FIELDS: usize = crate::catalog::MAX_ITEMS;
 pub struct Sharing {
     store: Store,
     cfg: SharingSection,
+    /// Signs every grant issued here.
+    key: crate::keys::SigningKey,
 }
 
 /// Fills the fields computed at read time: a demand's `overdue`.
@@ -58,8 +60,8 @@ fn check_fields(fields: &[String]) -> Result<()> {
 
 impl Sharing {
     /// Sharing over the store, with the configured rules.
-    pub fn new(store: Store, cfg: SharingSection) -> Self {
-        Self { store, cfg }
+    pub fn new(store: Store, cfg: SharingSection, key: crate::keys::SigningKey) -> Self {
+        Self { store, cfg, key }
     }
 
     /// Files a demand; decides it at once for UNCONDITIONAL and NOT_SHARED datasets.
@@ -198,7 +200,7 @@ impl Sharing {
     }
 
     fn new_grant(&self, d: &Demand, fields: &[String], days: u32, quota: u64, now: i64) -> Grant {
-        Grant {
+        let mut g = Grant {
             id: uuid::Uuid::now_v7().to_string(),
             dataset_id: d.dataset_id.clone(),
             consumer: d.consumer.clone(),
@@ -213,7 +215,9 @@ impl Sharing {
             state: GrantState::Active as i32,
             issued_at: Some(ts(now)),
             ..Default::default()
-        }
+        };
+        g.token = Some(self.key.token_for(&g));
+        g
     }
 
     fn put_grant(&self, tx: &crate::store::Tx<'_>, g: &Grant) -> Result<()> {

@@ -53,9 +53,11 @@ pub enum T {
     /// Exchange id → `InFlight`: handed to a provider instance, not yet answered. Cleared at
     /// start, since every delivery of a stopped broker goes back to its queue.
     InFlight,
+    /// Broker id ‖ 0 ‖ key id → `KeyAnnouncement`: the keys grants are verified with.
+    Keys,
 }
 
-const TREE_NAMES: [&str; 19] = [
+const TREE_NAMES: [&str; 20] = [
     "nodes",
     "datasets",
     "cat_gram",
@@ -75,6 +77,7 @@ const TREE_NAMES: [&str; 19] = [
     "dead_letters",
     "quota",
     "in_flight",
+    "keys",
 ];
 
 /// A view of every tree inside one transaction.
@@ -312,6 +315,14 @@ impl Store {
     pub fn flush_blocking(&self) -> Result<()> {
         self.inner.db.flush()?;
         Ok(())
+    }
+
+    /// Every broker signing key known here (this broker's and those announced to it).
+    pub fn keys(&self) -> Result<Vec<govshare_proto::v1::KeyAnnouncement>> {
+        self.tree(T::Keys)
+            .iter()
+            .map(|kv| Ok(prost::Message::decode(kv?.1.as_ref())?))
+            .collect()
     }
 
     /// A new id, unique and increasing across restarts (for queue and result order).

@@ -175,6 +175,14 @@ impl TestBroker {
         self.boot().await
     }
 
+    /// Stops the broker, runs `offline` against its data dir (e.g. to tamper with the store),
+    /// and starts it again.
+    pub async fn restart_with(&mut self, offline: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.stop().await?;
+        offline()?;
+        self.boot().await
+    }
+
     async fn stop(&mut self) -> Result<()> {
         if let Some(r) = self.running.take() {
             r.shutdown().await?;

@@ -1,7 +1,7 @@
 //! Exchanges on one broker: sync and async, enforcement, cut and masking, provider failover,
 //! idempotency, expiry, dead letters, queue bounds, quota, recovery and group commit.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use govshare_client::proto::*;
 use govshare_client::{Client, ClientError};
 use govshare_tests::provider::{row, text, Reply, TestProvider};
@@ -670,4 +670,40 @@ async fn a_w3c_traceparent_sets_the_trace_id() -> Result<()> {
     let sub = raw.submit(req).await?.into_inner();
     ensure!(sub.trace_id.len() == 32 && sub.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736");
     s.broker.shutdown().await
+}
+
+#[tokio::test]
+async fn grants_are_signed_and_an_altered_grant_is_refused() -> Result<()> {
+    let s = setup().await?;
+    let token = s.grant.token.clone().unwrap_or_default();
+    ensure!(
+        !token.signature.is_empty() && !token.key_id.is_empty(),
+        "grant is signed: {:?}",
+        s.grant
+    );
+    // Widen the stored grant behind the broker's back (someone with disk access): the
+    // signature no longer matches its terms, and the exchange is refused.
+    let data = s.broker.data_dir.clone();
+    let grant_id = s.grant.id.clone();
+    let mut broker = s.broker;
+    broker
+        .restart_with(move || {
+            use prost::Message;
+            let db = sled::open(data.join("db"))?;
+            let grants = db.open_tree("grants")?;
+            let raw = grants.get(grant_id.as_bytes())?.context("grant missing")?;
+            let mut g = Grant::decode(raw.as_ref())?;
+            g.fields.push("name".into());
+            grants.insert(grant_id.as_bytes(), g.encode_to_vec())?;
+            db.flush()?;
+            Ok(())
+        })
+        .await?;
+    let civil = broker.connect(&broker.scratch("id-330100-civil")).await?;
+    let c = code_of(&civil.request(ask("1")).await);
+    ensure!(
+        matches!(&c, Some((Code::PermissionDenied, m)) if m.contains("grant_forged")),
+        "{c:?}"
+    );
+    broker.shutdown().await
 }

@@ -524,6 +524,12 @@ impl Actor {
                 exhausted: false,
             });
         };
+        let keys = self.engine.store().keys().map_err(|e| Denial {
+            rule: "grant_forged",
+            detail: format!("cannot read the issuers' keys: {e}"),
+            exhausted: false,
+        })?;
+        crate::keys::verify_grant(&grant, &keys)?;
         enforce::check_grant(
             &grant,
             &env.consumer,

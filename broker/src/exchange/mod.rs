@@ -517,7 +517,12 @@ impl Engine {
                     if query.fields.is_empty() {
                         query.fields = g.fields.clone();
                     }
-                    enforce::check_grant(&g, &consumer, &req.dataset_id, &query, now).err()
+                    match crate::keys::verify_grant(&g, &store.keys()?) {
+                        Err(d) => Some(d),
+                        Ok(_) => {
+                            enforce::check_grant(&g, &consumer, &req.dataset_id, &query, now).err()
+                        }
+                    }
                 }
             }
         };

@@ -47,6 +47,13 @@ impl App {
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self> {
         let catalog = Catalog::new(store.clone());
+        // This broker's signing key, created on first start; announced in its own key table.
+        let key = crate::keys::SigningKey::load_or_create(&cfg.data_dir, &cfg.broker.id)?;
+        let own = key.announcement();
+        store.tree(crate::store::T::Keys).insert(
+            crate::store::index_key(&own.broker_id, &own.key_id),
+            prost::Message::encode_to_vec(&own),
+        )?;
         let engine = crate::exchange::Engine::start(
             store.clone(),
             catalog.clone(),
@@ -57,7 +64,7 @@ impl App {
         Ok(Self {
             registry: Registry::new(store.clone()),
             catalog,
-            sharing: Sharing::new(store.clone(), cfg.sharing.clone()),
+            sharing: Sharing::new(store.clone(), cfg.sharing.clone(), key),
             engine,
             store,
             cfg,

@@ -1,0 +1,224 @@
+//! The broker's signing key: grants are signed by the broker that issues them, so that any
+//! hop can verify a grant locally with the issuer's public key (learned over federation
+//! links), and a forged or altered grant is refused at the first hop that sees it.
+
+use crate::error::{BrokerError, Result};
+use crate::exchange::enforce::Denial;
+use govshare_proto::v1::{Grant, GrantClaims, GrantToken, KeyAnnouncement};
+use prost::Message;
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The key file inside a data dir (PKCS#8, Ed25519).
+pub const KEY_FILE: &str = "keys/signing.pk8";
+
+/// A broker's signing key.
+#[derive(Clone)]
+pub struct SigningKey {
+    pair: Arc<Ed25519KeyPair>,
+    key_id: String,
+    broker_id: String,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("key_id", &self.key_id)
+            .field("broker_id", &self.broker_id)
+            .finish()
+    }
+}
+
+/// The id of a public key: the first 8 bytes of its SHA-256, in hex.
+pub fn key_id(public: &[u8]) -> String {
+    hex::encode(&Sha256::digest(public)[..8])
+}
+
+impl SigningKey {
+    /// Loads the data dir's key, creating it on first use.
+    pub fn load_or_create(data_dir: &Path, broker_id: &str) -> Result<Self> {
+        let path = data_dir.join(KEY_FILE);
+        let pkcs8 = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+                    .map_err(|_| BrokerError::internal("cannot generate a signing key"))?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| BrokerError::internal(format!("{}: {e}", dir.display())))?;
+                }
+                std::fs::write(&path, doc.as_ref())
+                    .map_err(|e| BrokerError::internal(format!("{}: {e}", path.display())))?;
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+                }
+                doc.as_ref().to_vec()
+            }
+            Err(e) => return Err(BrokerError::internal(format!("{}: {e}", path.display()))),
+        };
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| {
+            BrokerError::invalid(format!("{} is not an Ed25519 PKCS#8 key", path.display()))
+        })?;
+        Ok(Self {
+            key_id: key_id(pair.public_key().as_ref()),
+            pair: Arc::new(pair),
+            broker_id: broker_id.to_string(),
+        })
+    }
+
+    /// The key's id.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// The announcement other brokers verify with.
+    pub fn announcement(&self) -> KeyAnnouncement {
+        KeyAnnouncement {
+            broker_id: self.broker_id.clone(),
+            key_id: self.key_id.clone(),
+            public_key: self.pair.public_key().as_ref().to_vec(),
+        }
+    }
+
+    /// Signs bytes.
+    pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.pair.sign(msg).as_ref().to_vec()
+    }
+
+    /// The signed terms of a grant.
+    pub fn token_for(&self, g: &Grant) -> GrantToken {
+        let claims = claims_of(g).encode_to_vec();
+        GrantToken {
+            signature: self.sign(&claims),
+            claims,
+            key_id: self.key_id.clone(),
+        }
+    }
+}
+
+/// The terms of a grant that its signature covers.
+pub fn claims_of(g: &Grant) -> GrantClaims {
+    GrantClaims {
+        grant_id: g.id.clone(),
+        dataset_id: g.dataset_id.clone(),
+        consumer: g.consumer.clone(),
+        provider: g.provider.clone(),
+        fields: g.fields.clone(),
+        valid_from_ms: crate::time::ms(&g.valid_from),
+        valid_until_ms: crate::time::ms(&g.valid_until),
+        daily_quota: g.daily_quota,
+        issuer: g.issuer.clone(),
+    }
+}
+
+/// Verifies a grant's token with the issuer's announced key and checks that the grant's
+/// terms are exactly the signed ones. Fails closed: an unknown key, a bad signature or any
+/// difference is a refusal under rule `grant_forged`.
+pub fn verify_grant(
+    g: &Grant,
+    keys: &[KeyAnnouncement],
+) -> std::result::Result<GrantClaims, Denial> {
+    let forged = |why: String| Denial {
+        rule: "grant_forged",
+        detail: format!("grant {}: {why}", g.id),
+        exhausted: false,
+    };
+    let token = g
+        .token
+        .as_ref()
+        .ok_or_else(|| forged("it carries no signature".into()))?;
+    let key = keys
+        .iter()
+        .find(|k| k.key_id == token.key_id && k.broker_id == g.issuer)
+        .ok_or_else(|| {
+            forged(format!(
+                "key {} of issuer {} is unknown here",
+                token.key_id, g.issuer
+            ))
+        })?;
+    UnparsedPublicKey::new(&ED25519, &key.public_key)
+        .verify(&token.claims, &token.signature)
+        .map_err(|_| forged("the signature does not verify".into()))?;
+    let claims = GrantClaims::decode(token.claims.as_slice())
+        .map_err(|_| forged("the signed terms do not decode".into()))?;
+    if claims != claims_of(g) {
+        return Err(forged("its terms differ from the signed ones".into()));
+    }
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::ts;
+
+    fn grant() -> Grant {
+        Grant {
+            id: "g1".into(),
+            dataset_id: "330000/hrss/p".into(),
+            consumer: "330100/civil".into(),
+            provider: "330000/hrss".into(),
+            fields: vec!["status".into()],
+            valid_from: Some(ts(1)),
+            valid_until: Some(ts(2)),
+            issuer: "330000/hub".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn any_change_to_a_signed_grant_is_refused() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(BrokerError::internal)?;
+        let key = SigningKey::load_or_create(dir.path(), "330000/hub")?;
+        let again = SigningKey::load_or_create(dir.path(), "330000/hub")?;
+        assert_eq!(key.key_id(), again.key_id(), "the key persists");
+        let keys = vec![key.announcement()];
+        let mut g = grant();
+        g.token = Some(key.token_for(&g));
+        assert!(verify_grant(&g, &keys).is_ok());
+        // Widen the fields, extend the validity, swap the consumer: each is caught.
+        let mut wider = g.clone();
+        wider.fields.push("id_number".into());
+        let mut longer = g.clone();
+        longer.valid_until = Some(ts(999_999));
+        let mut other = g.clone();
+        other.consumer = "330200/other".into();
+        for bad in [wider, longer, other] {
+            assert_eq!(
+                verify_grant(&bad, &keys).err().map(|d| d.rule),
+                Some("grant_forged")
+            );
+        }
+        // Flip any single byte of the signed bytes or the signature.
+        let token = g.token.clone().unwrap_or_default();
+        for i in 0..token.claims.len() {
+            let mut t = token.clone();
+            t.claims[i] ^= 1;
+            let mut m = g.clone();
+            m.token = Some(t);
+            assert!(verify_grant(&m, &keys).is_err(), "claims byte {i}");
+        }
+        for i in 0..token.signature.len() {
+            let mut t = token.clone();
+            t.signature[i] ^= 0x80;
+            let mut m = g.clone();
+            m.token = Some(t);
+            assert!(verify_grant(&m, &keys).is_err(), "signature byte {i}");
+        }
+        // Unsigned, or signed by a key nobody announced.
+        let mut unsigned = g.clone();
+        unsigned.token = None;
+        assert!(verify_grant(&unsigned, &keys).is_err());
+        let other_dir = tempfile::tempdir().map_err(BrokerError::internal)?;
+        let stranger = SigningKey::load_or_create(other_dir.path(), "330000/hub")?;
+        let mut forged = g.clone();
+        forged.token = Some(stranger.token_for(&g));
+        assert!(verify_grant(&forged, &keys).is_err());
+        Ok(())
+    }
+}
