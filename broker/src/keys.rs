@@ -4,7 +4,7 @@
 
 use crate::error::{BrokerError, Result};
 use crate::exchange::enforce::Denial;
-use govshare_proto::v1::{Grant, GrantClaims, GrantToken, KeyAnnouncement};
+use govshare_proto::v1::{Grant, GrantClaims, GrantToken, HopReceipt, KeyAnnouncement};
 use prost::Message;
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
@@ -90,6 +90,20 @@ impl SigningKey {
         self.pair.sign(msg).as_ref().to_vec()
     }
 
+    /// A signed receipt for this broker's handling of one hop of an exchange.
+    pub fn receipt(&self, exchange_id: &str, hop: u32, decision: &str, at_ms: i64) -> HopReceipt {
+        let mut r = HopReceipt {
+            broker: self.broker_id.clone(),
+            at: Some(crate::time::ts(at_ms)),
+            decision: decision.to_string(),
+            hop,
+            signature: Vec::new(),
+            key_id: self.key_id.clone(),
+        };
+        r.signature = self.sign(&receipt_bytes(exchange_id, &r));
+        r
+    }
+
     /// The signed terms of a grant.
     pub fn token_for(&self, g: &Grant) -> GrantToken {
         let claims = claims_of(g).encode_to_vec();
@@ -99,6 +113,43 @@ impl SigningKey {
             key_id: self.key_id.clone(),
         }
     }
+}
+
+/// The bytes a hop receipt's signature covers: exchange id, hop, broker, decision and time,
+/// each field NUL-terminated or fixed-width so that no two receipts share an encoding.
+pub fn receipt_bytes(exchange_id: &str, r: &HopReceipt) -> Vec<u8> {
+    let mut b = Vec::with_capacity(128);
+    b.extend_from_slice(b"govshare.v1.HopReceipt\0");
+    for part in [exchange_id, r.broker.as_str(), r.decision.as_str()] {
+        b.extend_from_slice(part.as_bytes());
+        b.push(0);
+    }
+    b.extend_from_slice(&r.hop.to_be_bytes());
+    b.extend_from_slice(&crate::time::ms(&r.at).to_be_bytes());
+    b
+}
+
+/// Verifies every receipt of an exchange's trail against the announced keys.
+pub fn verify_trail(
+    exchange_id: &str,
+    trail: &[HopReceipt],
+    keys: &[KeyAnnouncement],
+) -> std::result::Result<(), String> {
+    for (i, r) in trail.iter().enumerate() {
+        let key = keys
+            .iter()
+            .find(|k| k.key_id == r.key_id && k.broker_id == r.broker)
+            .ok_or_else(|| format!("receipt {i} ({}): key {} unknown", r.broker, r.key_id))?;
+        UnparsedPublicKey::new(&ED25519, &key.public_key)
+            .verify(&receipt_bytes(exchange_id, r), &r.signature)
+            .map_err(|_| {
+                format!(
+                    "receipt {i} ({}, {}): signature does not verify",
+                    r.broker, r.decision
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// The terms of a grant that its signature covers.

@@ -276,6 +276,22 @@ impl Client {
         unary!(self, raw_nodes, who_am_i, WhoAmIRequest {})
     }
 
+    /// The brokers' public signing keys known to this broker (to verify hop receipts).
+    pub async fn broker_keys(&self) -> Result<Vec<KeyAnnouncement>> {
+        let r: ListBrokerKeysResponse =
+            unary!(self, raw_nodes, list_broker_keys, ListBrokerKeysRequest {})?;
+        Ok(r.keys)
+    }
+
+    /// Verifies the signed hop receipts of an exchange's result with the brokers' keys;
+    /// answers how many receipts verified.
+    pub async fn verify_trail(&self, result: &ExchangeResult) -> Result<usize> {
+        let keys = self.broker_keys().await?;
+        crate::trail::verify(&result.exchange_id, &result.trail, &keys)
+            .map_err(|reason| ClientError::Protocol { reason })?;
+        Ok(result.trail.len())
+    }
+
     // ----- CatalogService -----
 
     /// Publishes a dataset (or a new version); the broker sets id, provider, version, state and times.

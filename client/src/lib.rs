@@ -25,6 +25,7 @@ mod identity;
 pub mod provider;
 #[cfg(test)]
 mod tls_tests;
+pub mod trail;
 
 pub use client::{install_crypto_provider, Client, MAX_DECODING_MESSAGE_SIZE};
 pub use config::{

@@ -161,6 +161,13 @@ impl NodeService for Fake {
         }))
     }
 
+    async fn list_broker_keys(
+        &self,
+        _: Request<ListBrokerKeysRequest>,
+    ) -> Result<Response<ListBrokerKeysResponse>, Status> {
+        Ok(Response::new(ListBrokerKeysResponse { keys: Vec::new() }))
+    }
+
     async fn who_am_i(
         &self,
         request: Request<WhoAmIRequest>,

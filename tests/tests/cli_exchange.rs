@@ -185,6 +185,19 @@ async fn serve_from_file_request_submit_get_with_masking() -> Result<()> {
             .is_some_and(|o| o.len() == 1 && o.contains_key("status")),
         "{got}"
     );
+    let with_trail = ok(&broker, &civil, &["exchange", "get", &id, "--trail"]).await?;
+    ensure!(
+        with_trail
+            .stderr
+            .contains("2 receipts, every signature verified"),
+        "{}",
+        with_trail.stderr
+    );
+    ensure!(
+        with_trail.stdout.contains("accepted") && with_trail.stdout.contains("answered"),
+        "{}",
+        with_trail.stdout
+    );
     ok(&broker, &civil, &["exchange", "ack", &id]).await?;
 
     // Outside the grant: refused, naming the rule.

@@ -707,3 +707,28 @@ async fn grants_are_signed_and_an_altered_grant_is_refused() -> Result<()> {
     );
     broker.shutdown().await
 }
+
+#[tokio::test]
+async fn the_hop_trail_is_signed_and_verifies() -> Result<()> {
+    let s = setup().await?;
+    let _p = TestProvider::start(&s.hrss, &[DS], 4, "p", generous()).await?;
+    let sub = s.civil.submit(ask("1")).await?;
+    let r = s.civil.get_exchange(&sub.exchange_id, true).await?;
+    let decisions: Vec<&str> = r.trail.iter().map(|h| h.decision.as_str()).collect();
+    ensure!(decisions == ["accepted", "answered"], "{decisions:?}");
+    ensure!(r
+        .trail
+        .iter()
+        .all(|h| h.broker == "330000/hub" && !h.signature.is_empty()));
+    ensure!(s.civil.verify_trail(&r).await? == 2);
+    // Any change to a receipt, or a receipt claimed for another exchange, fails verification.
+    let keys = s.civil.broker_keys().await?;
+    let mut altered = r.clone();
+    altered.trail[1].decision = "denied".into();
+    ensure!(govshare_client::trail::verify(&altered.exchange_id, &altered.trail, &keys).is_err());
+    ensure!(govshare_client::trail::verify("another-exchange", &r.trail, &keys).is_err());
+    let mut unknown = r.clone();
+    unknown.trail[0].key_id = "0000000000000000".into();
+    ensure!(govshare_client::trail::verify(&unknown.exchange_id, &unknown.trail, &keys).is_err());
+    s.broker.shutdown().await
+}

@@ -826,7 +826,17 @@ impl Actor {
                 finished_at: Some(ts(now)),
                 masked_fields: end.masked.clone(),
                 dropped_fields: end.dropped.clone(),
-                trail: env.trail.clone(),
+                trail: {
+                    let mut t = env.trail.clone();
+                    let hop = t.last().map(|r| r.hop).unwrap_or(0);
+                    t.push(self.engine.key().receipt(
+                        id,
+                        hop,
+                        end.decision.trim_start_matches("exchange_"),
+                        now,
+                    ));
+                    t
+                },
                 truncated: end.truncated,
             };
             rec.state = end.state as i32;

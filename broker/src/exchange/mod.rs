@@ -58,6 +58,8 @@ struct Inner {
     notifies: Mutex<HashMap<String, Arc<Notify>>>,
     /// Exchanges and bytes queued per destination, for the queue bounds.
     depth: Mutex<HashMap<String, (u64, u64)>>,
+    /// Signs this broker's hop receipts.
+    key: crate::keys::SigningKey,
     /// True once the broker is stopping: long waits (Request, Get, Watch) give up.
     stopping: tokio::sync::watch::Receiver<bool>,
     /// Count exchanges per dataset too.
@@ -142,6 +144,7 @@ impl Engine {
         cfg: ExchangeSection,
         stopping: tokio::sync::watch::Receiver<bool>,
         per_dataset: bool,
+        key: crate::keys::SigningKey,
     ) -> Result<Self> {
         let (cmd_tx, cmd_rx) = mpsc::channel(8192);
         let inner = Arc::new(Inner {
@@ -153,6 +156,7 @@ impl Engine {
             notifies: Mutex::new(HashMap::new()),
             depth: Mutex::new(HashMap::new()),
             stopping,
+            key,
             per_dataset,
             providers: std::sync::atomic::AtomicU64::new(0),
             outcomes: Mutex::new(std::collections::BTreeMap::new()),
@@ -208,6 +212,10 @@ impl Engine {
 
     pub(crate) fn catalog(&self) -> &Catalog {
         &self.inner.catalog
+    }
+
+    pub(crate) fn key(&self) -> &crate::keys::SigningKey {
+        &self.inner.key
     }
 
     pub(crate) fn cfg(&self) -> &ExchangeSection {
@@ -535,6 +543,8 @@ impl Engine {
         let grant: Grant = store
             .get(T::Grants, &req.grant_id)?
             .ok_or_else(|| BrokerError::internal("grant vanished during accept"))?;
+        env.trail
+            .push(self.inner.key.receipt(&exchange_id, 0, "accepted", now));
         let dest = env.provider.clone();
         let record = StoredExchange {
             envelope: Some(env.clone()),

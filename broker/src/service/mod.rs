@@ -60,6 +60,7 @@ impl App {
             cfg.exchange.clone(),
             stopping.clone(),
             cfg.metrics.per_dataset,
+            key.clone(),
         )?;
         Ok(Self {
             registry: Registry::new(store.clone()),

@@ -12,6 +12,15 @@ pub struct NodeSvc(pub Arc<App>);
 
 #[tonic::async_trait]
 impl NodeService for NodeSvc {
+    async fn list_broker_keys(
+        &self,
+        req: Request<ListBrokerKeysRequest>,
+    ) -> Result<Response<ListBrokerKeysResponse>, Status> {
+        caller(&self.0, &req).await?;
+        let keys = read(&self.0, |a| a.store.keys()).await?;
+        Ok(Response::new(ListBrokerKeysResponse { keys }))
+    }
+
     async fn register_node(
         &self,
         req: Request<RegisterNodeRequest>,

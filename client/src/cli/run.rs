@@ -500,6 +500,13 @@ impl Ctx {
             }
             ExchangeCmd::Get { id, wait, trail } => {
                 let r = self.client.get_exchange(id, wait).await?;
+                if trail && !r.trail.is_empty() {
+                    // Verified before it is shown: a trail that does not verify is an error.
+                    let n = self.client.verify_trail(&r).await?;
+                    note(&format!(
+                        "hop trail: {n} receipts, every signature verified"
+                    ));
+                }
                 self.show_exchange(&r, &[], trail)
             }
             ExchangeCmd::Ack { ids } => {
