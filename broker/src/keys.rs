@@ -167,6 +167,42 @@ pub fn claims_of(g: &Grant) -> GrantClaims {
     }
 }
 
+/// Signatures already verified, by the hash of (public key, signed bytes, signature): the
+/// same grant is checked on every exchange, and an Ed25519 verification costs far more than a
+/// hash. Bounded: cleared when full.
+static VERIFIED: std::sync::Mutex<Option<std::collections::HashSet<[u8; 32]>>> =
+    std::sync::Mutex::new(None);
+/// Most remembered verifications.
+const VERIFIED_MAX: usize = 100_000;
+
+fn verified_key(public: &[u8], msg: &[u8], sig: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [public, msg, sig] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+fn already_verified(public: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+    let k = verified_key(public, msg, sig);
+    VERIFIED
+        .lock()
+        .map(|g| g.as_ref().is_some_and(|s| s.contains(&k)))
+        .unwrap_or(false)
+}
+
+fn remember_verified(public: &[u8], msg: &[u8], sig: &[u8]) {
+    let k = verified_key(public, msg, sig);
+    if let Ok(mut g) = VERIFIED.lock() {
+        let set = g.get_or_insert_with(std::collections::HashSet::new);
+        if set.len() >= VERIFIED_MAX {
+            set.clear();
+        }
+        set.insert(k);
+    }
+}
+
 /// Verifies a grant's token with the issuer's announced key and checks that the grant's
 /// terms are exactly the signed ones. Fails closed: an unknown key, a bad signature or any
 /// difference is a refusal under rule `grant_forged`.
@@ -192,9 +228,12 @@ pub fn verify_grant(
                 token.key_id, g.issuer
             ))
         })?;
-    UnparsedPublicKey::new(&ED25519, &key.public_key)
-        .verify(&token.claims, &token.signature)
-        .map_err(|_| forged("the signature does not verify".into()))?;
+    if !already_verified(&key.public_key, &token.claims, &token.signature) {
+        UnparsedPublicKey::new(&ED25519, &key.public_key)
+            .verify(&token.claims, &token.signature)
+            .map_err(|_| forged("the signature does not verify".into()))?;
+        remember_verified(&key.public_key, &token.claims, &token.signature);
+    }
     let claims = GrantClaims::decode(token.claims.as_slice())
         .map_err(|_| forged("the signed terms do not decode".into()))?;
     if claims != claims_of(g) {

@@ -87,6 +87,13 @@ pub fn handle() -> &'static PrometheusHandle {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0, 30.0,
             ])
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        // Batch sizes are counts, not seconds: their own buckets.
+        let recorder = recorder
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(FLUSH_BATCH.to_string()),
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            )
             .unwrap_or_else(|_| PrometheusBuilder::new())
             .build_recorder();
         let handle = recorder.handle();

@@ -897,7 +897,10 @@ impl Engine {
 
     /// Ends a Request: releases its stored result and turns non-answers into statuses.
     async fn close_sync(&self, consumer: &str, result: ExchangeResult) -> Result<ExchangeResult> {
-        self.ack(consumer.to_string(), vec![result.exchange_id.clone()])
+        // The release rides on the next shared flush instead of waiting for one of its own:
+        // the caller has its answer now, and a crash before that flush at worst lets the
+        // result show once more on Watch (with the same exchange id).
+        self.release_now(consumer.to_string(), vec![result.exchange_id.clone()])
             .await?;
         if result.state() == ExchangeState::Answered {
             return Ok(result);
@@ -973,8 +976,17 @@ impl Engine {
         }
     }
 
-    /// Releases ended exchanges the caller has taken; answers how many were released.
+    /// Releases ended exchanges the caller has taken, durably; answers how many were released.
     pub async fn ack(&self, consumer: String, ids: Vec<String>) -> Result<u32> {
+        let n = self.release_now(consumer, ids).await?;
+        if n > 0 {
+            self.inner.store.durable().await?;
+        }
+        Ok(n)
+    }
+
+    /// Releases ended exchanges without waiting for the flush that makes it durable.
+    async fn release_now(&self, consumer: String, ids: Vec<String>) -> Result<u32> {
         if ids.len() > 1000 {
             return Err(BrokerError::invalid("at most 1000 exchange ids per Ack"));
         }
@@ -1006,9 +1018,6 @@ impl Engine {
             })
         })
         .await?;
-        if n > 0 {
-            self.inner.store.durable().await?;
-        }
         Ok(n)
     }
 

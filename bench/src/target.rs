@@ -1,0 +1,557 @@
+//! What a scenario drives: an in-process broker in a temp dir (the default) or an external
+//! one, with a provider node, consumer nodes, the dataset and the grants set up; and the
+//! provider instances that answer over the `Serve` stream.
+
+use crate::cli::IdentitiesArgs;
+use anyhow::{bail, Context, Result};
+use govshare_broker::pki::{self, InitOptions};
+use govshare_broker::{Config, RunningBroker};
+use govshare_client::proto::{
+    broker_message, provider_message, value, Dataset, FileDemandRequest, InfoItem, NodeRole,
+    ProviderAnswer, ProviderMessage, RegisterNodeRequest, Row, ServeHello, ShareType, Value,
+};
+use govshare_client::{Client, ClientConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// The provider node of in-process runs.
+const PROVIDER: &str = "330000/bench-provider";
+/// The dataset code the harness publishes.
+const DATASET_CODE: &str = "bench";
+/// The id number every query filters on (masked by the broker with the `id_number` rule).
+pub(crate) const ID_NUMBER: &str = "330102199001011234";
+/// Per-call deadline of the harness's clients.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The consumer node id of index `i` for in-process runs.
+fn consumer_id(i: usize) -> String {
+    format!("330100/bench-c{i}")
+}
+
+/// A listener on a free loopback port. With `nodelay`, TCP_NODELAY is set on the listening
+/// socket, and Linux hands it down to every accepted connection: tonic ignores
+/// `Server::tcp_nodelay` when it serves a caller's listener (`serve_with_incoming`), so
+/// without this each small response may wait for the peer's delayed ACK (Nagle, ~40 ms).
+pub(crate) fn loopback_listener(nodelay: bool) -> Result<tokio::net::TcpListener> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    if nodelay {
+        sock.set_nodelay(true)?;
+    }
+    sock.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    Ok(sock.listen(1024)?)
+}
+
+/// A broker in this process, in a temp dir.
+#[derive(Debug)]
+pub(crate) struct InProcess {
+    /// Keeps the data dir alive.
+    _dir: TempDir,
+    data_dir: PathBuf,
+    running: Option<RunningBroker>,
+    /// Flushes and durable writes of earlier incarnations (before restarts).
+    carried: (u64, u64),
+    url: String,
+    nodelay: bool,
+}
+
+impl InProcess {
+    async fn start(nodelay: bool, tune: impl FnOnce(&mut Config)) -> Result<Self> {
+        let dir = tempfile::tempdir().context("temp dir for the broker")?;
+        let data_dir = dir.path().join("data");
+        pki::init_data_dir(&InitOptions {
+            data_dir: data_dir.clone(),
+            broker_id: "330000/hub".into(),
+            sans: Vec::new(),
+            listen: None,
+            admin_id: None,
+        })?;
+        let mut cfg = Config::load(&data_dir)?;
+        // Metrics stay on, as in production, on a port of their own: several brokers may
+        // share this machine.
+        cfg.metrics.listen = "127.0.0.1:0".into();
+        tune(&mut cfg);
+        std::fs::write(data_dir.join("config.toml"), cfg.render_template())?;
+        let mut b = Self {
+            _dir: dir,
+            data_dir,
+            running: None,
+            carried: (0, 0),
+            url: String::new(),
+            nodelay,
+        };
+        b.boot().await?;
+        Ok(b)
+    }
+
+    async fn boot(&mut self) -> Result<()> {
+        let cfg = Config::load(&self.data_dir)?;
+        let listener = loopback_listener(self.nodelay)?;
+        let running = govshare_broker::start(cfg, listener).await?;
+        self.url = format!("https://{}", running.local_addr);
+        self.running = Some(running);
+        Ok(())
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        let (f, w) = self
+            .running
+            .as_ref()
+            .map(RunningBroker::flush_counts)
+            .unwrap_or((0, 0));
+        (f + self.carried.0, w + self.carried.1)
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        if let Some(r) = self.running.take() {
+            let (f, w) = r.flush_counts();
+            self.carried.0 += f;
+            self.carried.1 += w;
+            r.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A connected node: its client and id.
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    /// The client, on its own connection.
+    pub client: Client,
+    /// Its node id.
+    pub id: String,
+    /// Where its identity is.
+    pub identity: PathBuf,
+}
+
+/// A broker with the bench's nodes, dataset and grants in place.
+#[derive(Debug)]
+pub(crate) struct Fixture {
+    /// The in-process broker, or None for an external one.
+    pub broker: Option<InProcess>,
+    /// Where the broker is.
+    pub url: String,
+    /// The provider node.
+    pub provider: Node,
+    /// The consumer nodes.
+    pub consumers: Vec<Node>,
+    /// The grant of each consumer, by index.
+    pub grants: Vec<String>,
+    /// The dataset's id.
+    pub dataset: String,
+    /// An admin client, when there is an admin identity.
+    pub admin: Option<Client>,
+    /// Describes the target for reports.
+    pub target: String,
+}
+
+fn client_config(url: &str, identity: &Path) -> ClientConfig {
+    ClientConfig {
+        retries: 0,
+        timeout: CALL_TIMEOUT,
+        ..ClientConfig::new(identity).with_broker_url(url)
+    }
+}
+
+async fn connect(url: &str, identity: &Path) -> Result<Client> {
+    Client::connect(client_config(url, identity))
+        .await
+        .with_context(|| format!("connecting to {url} as {}", identity.display()))
+}
+
+/// The node id in an identity dir's certificate.
+fn node_id_of(identity: &Path) -> Result<(String, NodeRole)> {
+    let pem = std::fs::read(identity.join(pki::NODE_CERT))
+        .with_context(|| format!("reading {}", identity.join(pki::NODE_CERT).display()))?;
+    let (_, p) = x509_parser::pem::parse_x509_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("{}: not PEM: {e}", identity.display()))?;
+    let id = pki::identity_from_der(&p.contents)?;
+    Ok((id.node_id.to_string(), id.role))
+}
+
+impl Fixture {
+    /// Starts an in-process broker (config changed by `tune`) with `consumers` consumer nodes.
+    pub(crate) async fn in_process(
+        consumers: usize,
+        nodelay: bool,
+        tune: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
+        let broker = InProcess::start(nodelay, tune).await?;
+        let url = broker.url.clone();
+        let admin_dir = broker.data_dir.join("admin");
+        let admin = connect(&url, &admin_dir).await?;
+        let mut ids = vec![(PROVIDER.to_string(), broker.data_dir.join("../provider"))];
+        for i in 0..consumers {
+            ids.push((
+                consumer_id(i),
+                broker.data_dir.join(format!("../consumer-{i}")),
+            ));
+        }
+        let mut nodes = Vec::new();
+        for (id, dir) in ids {
+            pki::issue_identity(&broker.data_dir, &id, NodeRole::Department, &dir)?;
+            register(&admin, &id).await?;
+            nodes.push(Node {
+                client: connect(&url, &dir).await?,
+                id,
+                identity: dir,
+            });
+        }
+        let provider = nodes.remove(0);
+        Self::finish(
+            Some(broker),
+            url,
+            provider,
+            nodes,
+            Some(admin),
+            "in-process".into(),
+        )
+        .await
+    }
+
+    /// Uses an external broker, with the identities under `dir` (see `--help`).
+    pub(crate) async fn external(url: &str, dir: &Path, consumers: usize) -> Result<Self> {
+        let admin_dir = dir.join("admin");
+        let admin = if admin_dir.join(pki::NODE_CERT).exists() {
+            Some(connect(url, &admin_dir).await?)
+        } else {
+            None
+        };
+        let provider_dir = dir.join("provider");
+        let mut consumer_dirs: Vec<PathBuf> = (0..consumers)
+            .map(|i| dir.join(format!("consumer-{i}")))
+            .take_while(|d| d.join(pki::NODE_CERT).exists())
+            .collect();
+        if consumer_dirs.is_empty() && dir.join("consumer").join(pki::NODE_CERT).exists() {
+            consumer_dirs.push(dir.join("consumer"));
+        }
+        if consumer_dirs.is_empty() || !provider_dir.join(pki::NODE_CERT).exists() {
+            bail!(
+                "{} must hold provider/ and consumer/ (or consumer-0/, ...) identity dirs; \
+                 `govshare-bench identities --data-dir BROKER_DATA_DIR --out {}` makes them",
+                dir.display(),
+                dir.display()
+            );
+        }
+        let mut nodes = Vec::new();
+        for d in std::iter::once(&provider_dir).chain(consumer_dirs.iter()) {
+            let (id, _) = node_id_of(d)?;
+            if let Some(a) = &admin {
+                register(a, &id).await?;
+            }
+            nodes.push(Node {
+                client: connect(url, d).await?,
+                id,
+                identity: d.clone(),
+            });
+        }
+        let provider = nodes.remove(0);
+        // With fewer consumer identities than asked, the same nodes take several connections.
+        let have = nodes.len();
+        for i in have..consumers {
+            let n = nodes[i % have].clone();
+            nodes.push(Node {
+                client: connect(url, &n.identity).await?,
+                ..n
+            });
+        }
+        Self::finish(
+            None,
+            url.to_string(),
+            provider,
+            nodes,
+            admin,
+            url.to_string(),
+        )
+        .await
+    }
+
+    /// Publishes the dataset and files each consumer's demand (granted at once).
+    async fn finish(
+        broker: Option<InProcess>,
+        url: String,
+        provider: Node,
+        consumers: Vec<Node>,
+        admin: Option<Client>,
+        target: String,
+    ) -> Result<Self> {
+        let item = |name: &str, mask: &str| InfoItem {
+            name: name.into(),
+            r#type: "string".into(),
+            mask: mask.into(),
+            ..Default::default()
+        };
+        let published = provider
+            .client
+            .publish_dataset(Dataset {
+                code: DATASET_CODE.into(),
+                name: "govshare-bench load test rows".into(),
+                description: "rows served by govshare-bench's provider".into(),
+                share_type: ShareType::Unconditional as i32,
+                items: vec![
+                    item("id_number", "id_number"),
+                    item("status", ""),
+                    item("payload", ""),
+                ],
+                ..Default::default()
+            })
+            .await
+            .context("publishing the bench dataset")?;
+        let dataset = published
+            .dataset
+            .map(|d| d.id)
+            .unwrap_or_else(|| format!("{}/{DATASET_CODE}", provider.id));
+        let mut grants = Vec::new();
+        let mut by_node: HashMap<String, String> = HashMap::new();
+        for c in &consumers {
+            if let Some(g) = by_node.get(&c.id) {
+                grants.push(g.clone());
+                continue;
+            }
+            let r = c
+                .client
+                .file_demand(FileDemandRequest {
+                    dataset_id: dataset.clone(),
+                    fields: vec!["id_number".into(), "status".into(), "payload".into()],
+                    purpose: "govshare-bench load test".into(),
+                    legal_basis: "load test".into(),
+                    period_days: 1,
+                })
+                .await
+                .with_context(|| format!("filing {}'s demand", c.id))?;
+            let g = r
+                .grant
+                .map(|g| g.id)
+                .context("the UNCONDITIONAL demand was not granted at once")?;
+            by_node.insert(c.id.clone(), g.clone());
+            grants.push(g);
+        }
+        Ok(Self {
+            broker,
+            url,
+            provider,
+            consumers,
+            grants,
+            dataset,
+            admin,
+            target,
+        })
+    }
+
+    /// The group-commit counters (flushes, durable writes) since the broker first started:
+    /// in-process from the broker itself, external from its status (with an admin identity).
+    pub(crate) async fn flushes(&self) -> Option<(u64, u64)> {
+        if let Some(b) = &self.broker {
+            return Some(b.counts());
+        }
+        let st = self.admin.as_ref()?.broker_status().await.ok()?;
+        Some((st.flushes, st.durable_writes))
+    }
+
+    /// Stops the in-process broker gracefully and starts it again on the same data dir;
+    /// reconnects every client. Returns (shutdown time, start time including recovery).
+    pub(crate) async fn restart(&mut self) -> Result<(Duration, Duration)> {
+        let Some(b) = self.broker.as_mut() else {
+            bail!("an external broker cannot be restarted by the harness");
+        };
+        let t = Instant::now();
+        b.stop().await?;
+        let down = t.elapsed();
+        let t = Instant::now();
+        b.boot().await?;
+        let up = t.elapsed();
+        self.url = b.url.clone();
+        self.provider.client = connect(&self.url, &self.provider.identity).await?;
+        for c in &mut self.consumers {
+            c.client = connect(&self.url, &c.identity).await?;
+        }
+        Ok((down, up))
+    }
+
+    /// Stops the in-process broker.
+    pub(crate) async fn shutdown(mut self) -> Result<()> {
+        if let Some(b) = self.broker.as_mut() {
+            b.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+async fn register(admin: &Client, id: &str) -> Result<()> {
+    let r = admin
+        .register_node(RegisterNodeRequest {
+            id: id.into(),
+            name: format!("govshare-bench {id}"),
+            role: NodeRole::Department as i32,
+            ..Default::default()
+        })
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.status()
+                .is_some_and(|s| s.code() == tonic::Code::AlreadyExists) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("registering {id}"))),
+    }
+}
+
+/// The rows every answer carries: one row of `row_bytes` bytes of item values.
+pub(crate) fn answer_rows(row_bytes: usize) -> Vec<Row> {
+    let text = |s: String| Value {
+        kind: Some(value::Kind::StringValue(s)),
+    };
+    let fixed = ID_NUMBER.len() + "PAID".len();
+    let fields = [
+        ("id_number".to_string(), text(ID_NUMBER.to_string())),
+        ("status".to_string(), text("PAID".to_string())),
+        (
+            "payload".to_string(),
+            text("x".repeat(row_bytes.saturating_sub(fixed))),
+        ),
+    ];
+    vec![Row {
+        fields: fields.into_iter().collect(),
+    }]
+}
+
+/// A provider instance answering every request with the same rows.
+#[derive(Debug)]
+pub(crate) struct Provider {
+    task: JoinHandle<()>,
+    /// Requests answered.
+    pub answered: Arc<AtomicU64>,
+}
+
+impl Provider {
+    /// Opens a serving stream for `dataset` and answers until stopped or the stream ends.
+    pub(crate) async fn start(
+        client: &Client,
+        dataset: &str,
+        max_in_flight: u32,
+        label: &str,
+        rows: Arc<Vec<Row>>,
+    ) -> Result<Self> {
+        let (tx, rx) = mpsc::channel(max_in_flight as usize + 16);
+        tx.send(ProviderMessage {
+            body: Some(provider_message::Body::Hello(ServeHello {
+                dataset_ids: vec![dataset.to_string()],
+                max_in_flight,
+                instance: label.to_string(),
+            })),
+        })
+        .await?;
+        let mut inbound = client.serve(rx).await.context("opening the Serve stream")?;
+        let first = inbound
+            .message()
+            .await?
+            .context("the Serve stream ended before ServeReady")?;
+        if !matches!(first.body, Some(broker_message::Body::Ready(_))) {
+            bail!("expected ServeReady, got {first:?}");
+        }
+        let answered = Arc::new(AtomicU64::new(0));
+        let count = answered.clone();
+        let task = tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                let Some(broker_message::Body::Request(req)) = m.body else {
+                    continue;
+                };
+                // An answer returns its credit to the broker; no ServeCredit needed.
+                let msg = ProviderMessage {
+                    body: Some(provider_message::Body::Answer(ProviderAnswer {
+                        delivery_id: req.delivery_id,
+                        rows: rows.as_ref().clone(),
+                        error: None,
+                        truncated: false,
+                    })),
+                };
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(Self { task, answered })
+    }
+
+    /// Starts `n` instances, spread over the provider's connection.
+    pub(crate) async fn start_many(
+        fx: &Fixture,
+        n: usize,
+        max_in_flight: u32,
+        row_bytes: usize,
+    ) -> Result<Vec<Provider>> {
+        let rows = Arc::new(answer_rows(row_bytes));
+        let mut out = Vec::new();
+        for i in 0..n {
+            out.push(
+                Provider::start(
+                    &fx.provider.client,
+                    &fx.dataset,
+                    max_in_flight,
+                    &format!("bench-{i}"),
+                    rows.clone(),
+                )
+                .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Closes the stream.
+    pub(crate) fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// `identities`: issues provider/ and consumer-N/ with a broker's CA and copies admin/.
+pub(crate) fn write_identities(args: &IdentitiesArgs) -> Result<()> {
+    if args.consumers == 0 || args.consumers > 1000 {
+        bail!("--consumers must be 1 to 1000");
+    }
+    pki::issue_identity(
+        &args.data_dir,
+        PROVIDER,
+        NodeRole::Department,
+        &args.out.join("provider"),
+    )?;
+    for i in 0..args.consumers {
+        pki::issue_identity(
+            &args.data_dir,
+            &consumer_id(i),
+            NodeRole::Department,
+            &args.out.join(format!("consumer-{i}")),
+        )?;
+    }
+    let admin = args.data_dir.join("admin");
+    if admin.join(pki::NODE_CERT).exists() {
+        let to = args.out.join("admin");
+        std::fs::create_dir_all(&to)?;
+        for f in [pki::NODE_CERT, pki::NODE_KEY, pki::CA_CERT] {
+            std::fs::copy(admin.join(f), to.join(f))
+                .with_context(|| format!("copying {}", admin.join(f).display()))?;
+        }
+    }
+    println!(
+        "wrote provider/ and consumer-0/..consumer-{}/ to {}{}",
+        args.consumers - 1,
+        args.out.display(),
+        if admin.exists() {
+            " with a copy of admin/ (the harness registers the nodes)"
+        } else {
+            "; register the nodes before use"
+        }
+    );
+    println!(
+        "use: govshare-bench run sync --broker https://HOST:PORT --identity {}",
+        args.out.display()
+    );
+    Ok(())
+}

