@@ -353,3 +353,112 @@ pub fn example(name: &str) -> PathBuf {
         .join("../deploy/examples")
         .join(name)
 }
+
+/// A file under the workspace's `deploy/`.
+pub fn deploy(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(rel)
+}
+
+/// The executable `name` on PATH.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// An outside tool a test needs (Prometheus, Chromium): its path, or None after a loud skip
+/// message naming the Debian package; an error instead of the skip when
+/// `GOVSHARE_REQUIRE_EXTERNAL=1` (which `.ci/run` sets after installing the packages).
+pub fn external(tool: &str, package: &str, test: &str) -> Result<Option<PathBuf>> {
+    use std::io::Write;
+    if let Some(p) = on_path(tool) {
+        return Ok(Some(p));
+    }
+    let why = format!(
+        "`{tool}` is not on PATH: install the Debian package `{package}` \
+         (apt-get install {package})"
+    );
+    if std::env::var("GOVSHARE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+        bail!("{test}: {why}; GOVSHARE_REQUIRE_EXTERNAL=1 makes this a failure");
+    }
+    let bar = "=".repeat(100);
+    // Straight to the process's stderr: the test harness captures `eprintln!` of passing
+    // tests, and a skip must be seen.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{bar}\nSKIPPED {test}: {why}.\n\
+         Set GOVSHARE_REQUIRE_EXTERNAL=1 to make a missing tool fail the test (CI does).\n{bar}\n"
+    );
+    Ok(None)
+}
+
+/// A plain HTTP/1.1 GET against the broker's operators' port; returns (status code, body).
+pub async fn http_get(base: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((len, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16)?;
+            if n == 0 {
+                break;
+            }
+            out.push_str(tail.get(..n).context("short chunk")?);
+            rest = tail.get(n + 2..).unwrap_or("");
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+/// Asserts that a call failed with gRPC `code` and a message containing `needle` (every
+/// rejection path must say what to fix, so the message is part of the contract).
+pub fn expect_status<T: std::fmt::Debug>(
+    r: std::result::Result<T, govshare_client::ClientError>,
+    code: tonic::Code,
+    needle: &str,
+) -> Result<()> {
+    match r {
+        Ok(v) => bail!("expected {code:?} naming {needle:?}, got success: {v:?}"),
+        Err(e) => {
+            let Some(s) = e.status().cloned() else {
+                bail!("expected {code:?}, got {e}")
+            };
+            anyhow::ensure!(
+                s.code() == code,
+                "expected {code:?}, got {:?}: {}",
+                s.code(),
+                s.message()
+            );
+            anyhow::ensure!(
+                s.message().contains(needle),
+                "message {:?} lacks {needle:?}",
+                s.message()
+            );
+            Ok(())
+        }
+    }
+}

@@ -3,34 +3,10 @@
 
 use anyhow::{bail, ensure, Result};
 use govshare_client::proto::*;
-use govshare_client::ClientError;
 use govshare_tests::TestBroker;
 use tonic::Code;
 
-/// Asserts that a call failed with `code` and a message containing `needle`.
-fn denied<T: std::fmt::Debug>(r: Result<T, ClientError>, code: Code, needle: &str) -> Result<()> {
-    match r {
-        Ok(v) => bail!("expected {code:?}, got success: {v:?}"),
-        Err(e) => {
-            let status = e.status().cloned();
-            let Some(s) = status else {
-                bail!("expected {code:?}, got {e}")
-            };
-            ensure!(
-                s.code() == code,
-                "expected {code:?}, got {:?}: {}",
-                s.code(),
-                s.message()
-            );
-            ensure!(
-                s.message().contains(needle),
-                "message {:?} lacks {needle:?}",
-                s.message()
-            );
-            Ok(())
-        }
-    }
-}
+use govshare_tests::expect_status as denied;
 
 fn dataset(code: &str) -> Dataset {
     Dataset {

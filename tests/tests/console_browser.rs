@@ -6,90 +6,18 @@
 //! Needs the Debian package `chromium`. Without it the test is skipped with a loud message,
 //! unless `GOVSHARE_REQUIRE_EXTERNAL=1` (as in CI), where a missing browser is a failure.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use govshare_client::proto::*;
 use govshare_tests::provider::{row, Reply, TestProvider};
 use govshare_tests::TestBroker;
 use serde_json::Value as Json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The exchanges answered before the browser looks.
 const ANSWERED: u64 = 4;
-
-/// The executable `name` on PATH.
-fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The tool, or None after a loud skip message; an error instead of the skip when
-/// `GOVSHARE_REQUIRE_EXTERNAL=1`.
-fn external(tool: &str, package: &str, test: &str) -> Result<Option<PathBuf>> {
-    if let Some(p) = on_path(tool) {
-        return Ok(Some(p));
-    }
-    let why = format!(
-        "`{tool}` is not on PATH: install the Debian package `{package}` \
-         (apt-get install {package})"
-    );
-    if std::env::var("GOVSHARE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
-        bail!("{test}: {why}; GOVSHARE_REQUIRE_EXTERNAL=1 makes this a failure");
-    }
-    let bar = "=".repeat(100);
-    // Straight to the process's stderr: the test harness captures `eprintln!` of passing
-    // tests, and a skip must be seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n{bar}\nSKIPPED {test}: {why}.\n\
-         Set GOVSHARE_REQUIRE_EXTERNAL=1 to make a missing tool fail the test (CI does).\n{bar}\n"
-    );
-    Ok(None)
-}
-
-/// A plain HTTP/1.1 GET; returns (status code, body).
-async fn get(base: &str, path: &str) -> Result<(u16, String)> {
-    let host = base.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((len, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16)?;
-            if n == 0 {
-                break;
-            }
-            out.push_str(tail.get(..n).context("short chunk")?);
-            rest = tail.get(n + 2..).unwrap_or("");
-        }
-        out
-    } else {
-        body.to_string()
-    };
-    Ok((code, body))
-}
 
 /// Kills a whole process group when dropped: Chromium forks renderer, GPU and zygote
 /// processes, which must not outlive the test whatever path it takes.
@@ -215,7 +143,7 @@ fn artifacts() -> PathBuf {
 #[tokio::test]
 async fn the_console_shows_live_figures_in_a_browser() -> Result<()> {
     let test = "the_console_shows_live_figures_in_a_browser";
-    let Some(bin) = external("chromium", "chromium", test)? else {
+    let Some(bin) = govshare_tests::external("chromium", "chromium", test)? else {
         return Ok(());
     };
     let broker = TestBroker::start_with("330000/hub", |c| {
@@ -274,7 +202,7 @@ async fn the_console_shows_live_figures_in_a_browser() -> Result<()> {
     let url = format!("{base}/");
     let dom = chromium(&bin, profile.path(), &url, &["--dump-dom".to_string()]).await?;
     // The load is over: what the page showed must be what /status says now.
-    let (code, body) = get(&base, "/status").await?;
+    let (code, body) = govshare_tests::http_get(&base, "/status").await?;
     ensure!(code == 200, "/status answered {code}");
     let status: Json = serde_json::from_str(&body)?;
     let checked = check_dom(&dom, &status);

@@ -19,7 +19,6 @@ use serde_json::Value as Json;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Metrics that do not exist yet: federation links (a later issue) and certificate expiry
 /// (issue 7). They may be queried only in `deploy/prometheus/alerts-federation.yml` and in the
@@ -40,12 +39,6 @@ const FUTURE_ROW_MARK: &str = "needs federation";
 
 /// The suffixes of a histogram's (or summary's) series.
 const SUFFIXES: &[&str] = &["_bucket", "_sum", "_count"];
-
-fn deploy(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(rel)
-}
 
 fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
@@ -371,7 +364,7 @@ fn rules(text: &str) -> Result<Vec<Rule>> {
 
 /// The alert rule files: every `alerts*.yml` in deploy/prometheus.
 fn alert_files() -> Result<Vec<PathBuf>> {
-    let dir = deploy("prometheus");
+    let dir = govshare_tests::deploy("prometheus");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -414,7 +407,7 @@ fn alert_queries() -> Result<Vec<PromQuery>> {
 }
 
 fn dashboard() -> Result<Json> {
-    let path = deploy("grafana/govshare.json");
+    let path = govshare_tests::deploy("grafana/govshare.json");
     serde_json::from_str(&read(&path)?).with_context(|| format!("{} is not JSON", path.display()))
 }
 
@@ -762,7 +755,7 @@ fn every_alert_rule_is_complete() -> Result<()> {
         ensure!(names.contains(want), "no alert {want}: {names:?}");
     }
     // The scrape config names each target's broker.
-    let prom = read(&deploy("prometheus/prometheus.yml"))?;
+    let prom = read(&govshare_tests::deploy("prometheus/prometheus.yml"))?;
     let targets = prom
         .lines()
         .filter(|l| l.trim_start().starts_with("- targets:"))
@@ -782,44 +775,6 @@ fn every_alert_rule_is_complete() -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // The live check: the names are served, with histogram suffixes only on histograms.
-
-/// A plain HTTP/1.1 GET; returns (status code, body).
-async fn get(base: &str, path: &str) -> Result<(u16, String)> {
-    let host = base.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((len, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16)?;
-            if n == 0 {
-                break;
-            }
-            out.push_str(tail.get(..n).context("short chunk")?);
-            rest = tail.get(n + 2..).unwrap_or("");
-        }
-        out
-    } else {
-        body.to_string()
-    };
-    Ok((code, body))
-}
 
 #[tokio::test]
 async fn every_queried_metric_is_served_by_a_live_broker() -> Result<()> {
@@ -875,7 +830,7 @@ async fn every_queried_metric_is_served_by_a_live_broker() -> Result<()> {
         "an item outside the grant was allowed"
     );
 
-    let (code, text) = get(&base, "/metrics").await?;
+    let (code, text) = govshare_tests::http_get(&base, "/metrics").await?;
     ensure!(code == 200, "/metrics answered {code}");
     let mut types = BTreeMap::new();
     let mut sampled = HashSet::new();

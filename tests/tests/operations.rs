@@ -6,47 +6,6 @@ use govshare_client::proto::*;
 use govshare_tests::provider::{row, Reply, TestProvider};
 use govshare_tests::TestBroker;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A plain HTTP/1.1 GET; returns (status code, body).
-async fn get(base: &str, path: &str) -> Result<(u16, String)> {
-    let host = base.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    // Bodies may be chunked; the assertions below look for substrings, which survive chunking
-    // except across chunk boundaries, so de-chunk when needed.
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((len, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16)?;
-            if n == 0 {
-                break;
-            }
-            out.push_str(tail.get(..n).context("short chunk")?);
-            rest = tail.get(n + 2..).unwrap_or("");
-        }
-        out
-    } else {
-        body.to_string()
-    };
-    Ok((code, body))
-}
 
 /// The value of the first sample line that starts with `series`.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
@@ -109,7 +68,7 @@ async fn metrics_status_and_console_follow_the_load() -> Result<()> {
         bail!("an item outside the grant was allowed");
     }
 
-    let (code, m) = get(&base, "/metrics").await?;
+    let (code, m) = govshare_tests::http_get(&base, "/metrics").await?;
     ensure!(code == 200, "/metrics answered {code}");
     let answered =
         sample(&m, "govshare_exchanges_total{outcome=\"answered\"}").context("answered series")?;
@@ -144,11 +103,11 @@ async fn metrics_status_and_console_follow_the_load() -> Result<()> {
     for _ in 0..3 {
         civil.request(ask(vec![])).await?;
     }
-    let (_, m2) = get(&base, "/metrics").await?;
+    let (_, m2) = govshare_tests::http_get(&base, "/metrics").await?;
     let after = sample(&m2, "govshare_exchanges_total{outcome=\"answered\"}").unwrap_or(0.0);
     ensure!(after >= answered + 3.0, "{answered} then {after}");
 
-    let (code, body) = get(&base, "/status").await?;
+    let (code, body) = govshare_tests::http_get(&base, "/status").await?;
     ensure!(code == 200);
     let st: serde_json::Value = serde_json::from_str(&body)?;
     ensure!(
@@ -162,12 +121,12 @@ async fn metrics_status_and_console_follow_the_load() -> Result<()> {
         "{st}"
     );
 
-    let (code, html) = get(&base, "/").await?;
+    let (code, html) = govshare_tests::http_get(&base, "/").await?;
     ensure!(
         code == 200 && html.contains("govshare broker") && html.contains("/status"),
         "console page"
     );
-    let (code, _) = get(&base, "/nope").await?;
+    let (code, _) = govshare_tests::http_get(&base, "/nope").await?;
     ensure!(code == 404);
     broker.shutdown().await
 }

@@ -12,12 +12,10 @@ use govshare_client::proto::*;
 use govshare_tests::provider::{row, Reply, TestProvider};
 use govshare_tests::{wait_until, TestBroker};
 use serde_json::Value as Json;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Metrics still to come (see `FUTURE` in tests/tests/dashboards.rs): queries that use them
 /// return nothing yet.
@@ -35,44 +33,6 @@ type Check<'a> = (&'a str, &'a str, &'a dyn Fn(f64) -> bool);
 /// scrape comes about five seconds after start (service discovery sends target updates at most
 /// every five seconds).
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn deploy(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(rel)
-}
-
-/// The executable `name` on PATH.
-fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The tool, or None after a loud skip message; an error instead of the skip when
-/// `GOVSHARE_REQUIRE_EXTERNAL=1`.
-fn external(tool: &str, package: &str, test: &str) -> Result<Option<PathBuf>> {
-    if let Some(p) = on_path(tool) {
-        return Ok(Some(p));
-    }
-    let why = format!(
-        "`{tool}` is not on PATH: install the Debian package `{package}` \
-         (apt-get install {package})"
-    );
-    if std::env::var("GOVSHARE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
-        bail!("{test}: {why}; GOVSHARE_REQUIRE_EXTERNAL=1 makes this a failure");
-    }
-    let bar = "=".repeat(100);
-    // Straight to the process's stderr: the test harness captures `eprintln!` of passing
-    // tests, and a skip must be seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n{bar}\nSKIPPED {test}: {why}.\n\
-         Set GOVSHARE_REQUIRE_EXTERNAL=1 to make a missing tool fail the test (CI does).\n{bar}\n"
-    );
-    Ok(None)
-}
 
 /// Runs a command to completion (killed if it takes longer than a minute); returns its output
 /// or fails with both streams shown.
@@ -94,44 +54,6 @@ async fn run_ok(program: &Path, args: &[&str]) -> Result<String> {
         out.status
     );
     Ok(text)
-}
-
-/// A plain HTTP/1.1 GET; returns (status code, body).
-async fn get(base: &str, path: &str) -> Result<(u16, String)> {
-    let host = base.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((len, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(len.trim(), 16)?;
-            if n == 0 {
-                break;
-            }
-            out.push_str(tail.get(..n).context("short chunk")?);
-            rest = tail.get(n + 2..).unwrap_or("");
-        }
-        out
-    } else {
-        body.to_string()
-    };
-    Ok((code, body))
 }
 
 /// Percent-encodes a query-string value.
@@ -191,7 +113,7 @@ impl Prometheus {
                 if let Ok(Some(status)) = exited {
                     bail!("prometheus exited: {status}");
                 }
-                Ok(match get(&base, "/-/ready").await {
+                Ok(match govshare_tests::http_get(&base, "/-/ready").await {
                     Ok((200, _)) => Some(()),
                     _ => None,
                 })
@@ -212,7 +134,7 @@ impl Prometheus {
 
     /// `GET /api/v1/...`; the `data` of a successful answer.
     async fn api(&self, path: &str) -> Result<Json> {
-        let (code, body) = get(&self.base, path).await?;
+        let (code, body) = govshare_tests::http_get(&self.base, path).await?;
         let v: Json = serde_json::from_str(&body)
             .with_context(|| format!("{path}: HTTP {code}, not JSON: {body}"))?;
         ensure!(
@@ -276,7 +198,7 @@ impl Prometheus {
 
 #[tokio::test]
 async fn promtool_accepts_the_deploy_files() -> Result<()> {
-    let Some(promtool) = external(
+    let Some(promtool) = govshare_tests::external(
         "promtool",
         "prometheus",
         "promtool_accepts_the_deploy_files",
@@ -284,10 +206,10 @@ async fn promtool_accepts_the_deploy_files() -> Result<()> {
     else {
         return Ok(());
     };
-    let config = deploy("prometheus/prometheus.yml");
+    let config = govshare_tests::deploy("prometheus/prometheus.yml");
     let out = run_ok(&promtool, &["check", "config", &config.to_string_lossy()]).await?;
     ensure!(out.contains("SUCCESS"), "{out}");
-    let mut files: Vec<String> = std::fs::read_dir(deploy("prometheus"))?
+    let mut files: Vec<String> = std::fs::read_dir(govshare_tests::deploy("prometheus"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| {
@@ -304,7 +226,7 @@ async fn promtool_accepts_the_deploy_files() -> Result<()> {
     let out = run_ok(&promtool, &args).await?;
     ensure!(out.matches("SUCCESS").count() == files.len(), "{out}");
     // The alert rules' unit tests: each alert fires when it should, and only then.
-    let tests = deploy("prometheus/tests/alerts-test.yml");
+    let tests = govshare_tests::deploy("prometheus/tests/alerts-test.yml");
     let out = run_ok(&promtool, &["test", "rules", &tests.to_string_lossy()]).await?;
     ensure!(out.contains("SUCCESS"), "{out}");
     Ok(())
@@ -312,7 +234,7 @@ async fn promtool_accepts_the_deploy_files() -> Result<()> {
 
 #[tokio::test]
 async fn prometheus_scrapes_a_broker_under_load() -> Result<()> {
-    let Some(bin) = external(
+    let Some(bin) = govshare_tests::external(
         "prometheus",
         "prometheus",
         "prometheus_scrapes_a_broker_under_load",
@@ -342,8 +264,8 @@ scrape_configs:
         labels:
           broker: "330000/hub"
 "#,
-        alerts = deploy("prometheus/alerts.yml").display(),
-        federation = deploy("prometheus/alerts-federation.yml").display(),
+        alerts = govshare_tests::deploy("prometheus/alerts.yml").display(),
+        federation = govshare_tests::deploy("prometheus/alerts-federation.yml").display(),
     );
     let prom = Prometheus::start(&bin, &config).await?;
     let result = scrape_under_load(&broker, &prom).await;
@@ -528,7 +450,7 @@ async fn scrape_under_load(broker: &TestBroker, prom: &Prometheus) -> Result<()>
 /// Every dashboard query, with Grafana's variables filled in, is valid PromQL and (except the
 /// federation row's) returns data from the live broker.
 async fn dashboard_queries_return_data(prom: &Prometheus) -> Result<()> {
-    let path = deploy("grafana/govshare.json");
+    let path = govshare_tests::deploy("grafana/govshare.json");
     let dash: Json = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
     let mut exprs = Vec::new();
     let mut stack: Vec<&Json> = dash["panels"]

@@ -1,33 +1,12 @@
 //! Bad input gets the right status and a message that names the problem.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::Result;
 use govshare_client::proto::*;
 use govshare_client::ClientError;
 use govshare_tests::TestBroker;
 use tonic::Code;
 
-fn fails<T: std::fmt::Debug>(r: Result<T, ClientError>, code: Code, needle: &str) -> Result<()> {
-    match r {
-        Ok(v) => bail!("expected {code:?} naming {needle:?}, got success: {v:?}"),
-        Err(e) => {
-            let Some(s) = e.status().cloned() else {
-                bail!("expected {code:?}, got {e}")
-            };
-            ensure!(
-                s.code() == code,
-                "expected {code:?}, got {:?}: {}",
-                s.code(),
-                s.message()
-            );
-            ensure!(
-                s.message().contains(needle),
-                "message {:?} lacks {needle:?}",
-                s.message()
-            );
-            Ok(())
-        }
-    }
-}
+use govshare_tests::expect_status as fails;
 
 fn item(name: &str) -> InfoItem {
     InfoItem {
