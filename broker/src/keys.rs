@@ -100,7 +100,7 @@ impl SigningKey {
             signature: Vec::new(),
             key_id: self.key_id.clone(),
         };
-        r.signature = self.sign(&receipt_bytes(exchange_id, &r));
+        r.signature = self.sign(&govshare_proto::receipt_bytes(exchange_id, &r));
         r
     }
 
@@ -113,43 +113,6 @@ impl SigningKey {
             key_id: self.key_id.clone(),
         }
     }
-}
-
-/// The bytes a hop receipt's signature covers: exchange id, hop, broker, decision and time,
-/// each field NUL-terminated or fixed-width so that no two receipts share an encoding.
-pub fn receipt_bytes(exchange_id: &str, r: &HopReceipt) -> Vec<u8> {
-    let mut b = Vec::with_capacity(128);
-    b.extend_from_slice(b"govshare.v1.HopReceipt\0");
-    for part in [exchange_id, r.broker.as_str(), r.decision.as_str()] {
-        b.extend_from_slice(part.as_bytes());
-        b.push(0);
-    }
-    b.extend_from_slice(&r.hop.to_be_bytes());
-    b.extend_from_slice(&crate::time::ms(&r.at).to_be_bytes());
-    b
-}
-
-/// Verifies every receipt of an exchange's trail against the announced keys.
-pub fn verify_trail(
-    exchange_id: &str,
-    trail: &[HopReceipt],
-    keys: &[KeyAnnouncement],
-) -> std::result::Result<(), String> {
-    for (i, r) in trail.iter().enumerate() {
-        let key = keys
-            .iter()
-            .find(|k| k.key_id == r.key_id && k.broker_id == r.broker)
-            .ok_or_else(|| format!("receipt {i} ({}): key {} unknown", r.broker, r.key_id))?;
-        UnparsedPublicKey::new(&ED25519, &key.public_key)
-            .verify(&receipt_bytes(exchange_id, r), &r.signature)
-            .map_err(|_| {
-                format!(
-                    "receipt {i} ({}, {}): signature does not verify",
-                    r.broker, r.decision
-                )
-            })?;
-    }
-    Ok(())
 }
 
 /// The terms of a grant that its signature covers.

@@ -176,6 +176,8 @@ struct Inner {
     /// only taken on blocking threads and never held across an `.await`.
     write_lock: Mutex<AuditHead>,
     broker_id: String,
+    /// The `keys` tree in memory, loaded on first use. A std RwLock: never held across an await.
+    keys: std::sync::RwLock<Option<Arc<Vec<govshare_proto::v1::KeyAnnouncement>>>>,
     /// Taken (dropped) in `Drop` to stop the flusher; always Some before that.
     flush_tx: Option<mpsc::Sender<oneshot::Sender<std::result::Result<(), String>>>>,
     /// Joined in `Drop`, so that sled's file lock is released once the last handle is gone
@@ -239,6 +241,7 @@ impl Store {
                 trees,
                 write_lock: Mutex::new(head),
                 broker_id: broker_id.to_string(),
+                keys: std::sync::RwLock::new(None),
                 flush_tx: Some(flush_tx),
                 flusher: Some(flusher),
                 stats,
@@ -318,11 +321,44 @@ impl Store {
     }
 
     /// Every broker signing key known here (this broker's and those announced to it).
-    pub fn keys(&self) -> Result<Vec<govshare_proto::v1::KeyAnnouncement>> {
-        self.tree(T::Keys)
+    /// Read on every grant check, so served from memory; `add_key` keeps the copy current.
+    pub fn keys(&self) -> Result<Arc<Vec<govshare_proto::v1::KeyAnnouncement>>> {
+        if let Some(k) = self
+            .inner
+            .keys
+            .read()
+            .map_err(|_| BrokerError::internal("keys lock poisoned"))?
+            .as_ref()
+        {
+            return Ok(k.clone());
+        }
+        let loaded: Vec<govshare_proto::v1::KeyAnnouncement> = self
+            .tree(T::Keys)
             .iter()
             .map(|kv| Ok(prost::Message::decode(kv?.1.as_ref())?))
-            .collect()
+            .collect::<Result<_>>()?;
+        let loaded = Arc::new(loaded);
+        *self
+            .inner
+            .keys
+            .write()
+            .map_err(|_| BrokerError::internal("keys lock poisoned"))? = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Records a broker's signing key (this broker's own, or one announced over a link).
+    pub fn add_key(&self, k: &govshare_proto::v1::KeyAnnouncement) -> Result<()> {
+        self.tree(T::Keys).insert(
+            index_key(&k.broker_id, &k.key_id),
+            prost::Message::encode_to_vec(k),
+        )?;
+        // Reloaded from the tree at the next read.
+        *self
+            .inner
+            .keys
+            .write()
+            .map_err(|_| BrokerError::internal("keys lock poisoned"))? = None;
+        Ok(())
     }
 
     /// A new id, unique and increasing across restarts (for queue and result order).

@@ -4,26 +4,7 @@
 use crate::proto::{HopReceipt, KeyAnnouncement};
 use ring::signature::{UnparsedPublicKey, ED25519};
 
-/// The bytes a receipt's signature covers (the broker's `keys::receipt_bytes`).
-pub fn receipt_bytes(exchange_id: &str, r: &HopReceipt) -> Vec<u8> {
-    let at_ms =
-        r.at.as_ref()
-            .map(|t| {
-                t.seconds
-                    .saturating_mul(1000)
-                    .saturating_add(i64::from(t.nanos) / 1_000_000)
-            })
-            .unwrap_or(0);
-    let mut b = Vec::with_capacity(128);
-    b.extend_from_slice(b"govshare.v1.HopReceipt\0");
-    for part in [exchange_id, r.broker.as_str(), r.decision.as_str()] {
-        b.extend_from_slice(part.as_bytes());
-        b.push(0);
-    }
-    b.extend_from_slice(&r.hop.to_be_bytes());
-    b.extend_from_slice(&at_ms.to_be_bytes());
-    b
-}
+pub use govshare_proto::receipt_bytes;
 
 /// Checks every receipt against the keys; the error names the first that fails.
 pub fn verify(

@@ -7,13 +7,10 @@
 //! unless `GOVSHARE_REQUIRE_EXTERNAL=1` (as in CI), where a missing browser is a failure.
 
 use anyhow::{ensure, Context, Result};
-use govshare_client::proto::*;
-use govshare_tests::provider::{row, Reply, TestProvider};
 use govshare_tests::TestBroker;
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// The exchanges answered before the browser looks.
@@ -153,43 +150,8 @@ async fn the_console_shows_live_figures_in_a_browser() -> Result<()> {
     let base = broker.metrics_url().context("metrics port")?;
 
     // A little load: answered exchanges and one denial.
-    let hrss = broker.client_for("330000/hrss").await?;
-    let civil = broker.client_for("330100/civil").await?;
-    hrss.publish_dataset(Dataset {
-        code: "alive".into(),
-        name: "人员生存状态".into(),
-        share_type: ShareType::Unconditional as i32,
-        items: vec![InfoItem {
-            name: "status".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-    .await?;
-    civil
-        .file_demand(FileDemandRequest {
-            dataset_id: "330000/hrss/alive".into(),
-            fields: vec!["status".into()],
-            purpose: "console test".into(),
-            ..Default::default()
-        })
-        .await?;
-    let _provider = TestProvider::start(
-        &hrss,
-        &["330000/hrss/alive"],
-        8,
-        "p",
-        Arc::new(|_: &ProviderRequest| Reply::Rows(vec![row(&[("status", "ALIVE")])])),
-    )
-    .await?;
-    let ask = |fields: Vec<String>| ExchangeRequest {
-        dataset_id: "330000/hrss/alive".into(),
-        query: Some(Query {
-            fields,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let load = govshare_tests::load::AliveLoad::start(&broker).await?;
+    let (civil, ask) = (&load.civil, govshare_tests::load::AliveLoad::ask);
     for _ in 0..ANSWERED {
         civil.request(ask(vec![])).await?;
     }

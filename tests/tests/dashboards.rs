@@ -12,13 +12,10 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use govshare_broker::metrics::ALL;
-use govshare_client::proto::*;
-use govshare_tests::provider::{row, Reply, TestProvider};
 use govshare_tests::TestBroker;
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Metrics that do not exist yet: federation links (a later issue) and certificate expiry
 /// (issue 7). They may be queried only in `deploy/prometheus/alerts-federation.yml` and in the
@@ -785,43 +782,8 @@ async fn every_queried_metric_is_served_by_a_live_broker() -> Result<()> {
     .await?;
     let base = broker.metrics_url().context("metrics port")?;
     // A little load, so that every histogram and labelled series has been recorded.
-    let hrss = broker.client_for("330000/hrss").await?;
-    let civil = broker.client_for("330100/civil").await?;
-    hrss.publish_dataset(Dataset {
-        code: "alive".into(),
-        name: "人员生存状态".into(),
-        share_type: ShareType::Unconditional as i32,
-        items: vec![InfoItem {
-            name: "status".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-    .await?;
-    civil
-        .file_demand(FileDemandRequest {
-            dataset_id: "330000/hrss/alive".into(),
-            fields: vec!["status".into()],
-            purpose: "dashboards test".into(),
-            ..Default::default()
-        })
-        .await?;
-    let _p = TestProvider::start(
-        &hrss,
-        &["330000/hrss/alive"],
-        8,
-        "p",
-        Arc::new(|_: &ProviderRequest| Reply::Rows(vec![row(&[("status", "ALIVE")])])),
-    )
-    .await?;
-    let ask = |fields: Vec<String>| ExchangeRequest {
-        dataset_id: "330000/hrss/alive".into(),
-        query: Some(Query {
-            fields,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let load = govshare_tests::load::AliveLoad::start(&broker).await?;
+    let (civil, ask) = (&load.civil, govshare_tests::load::AliveLoad::ask);
     for _ in 0..3 {
         civil.request(ask(vec![])).await?;
     }

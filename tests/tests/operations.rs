@@ -2,10 +2,7 @@
 //! the embedded console page.
 
 use anyhow::{bail, ensure, Context, Result};
-use govshare_client::proto::*;
-use govshare_tests::provider::{row, Reply, TestProvider};
 use govshare_tests::TestBroker;
-use std::sync::Arc;
 
 /// The value of the first sample line that starts with `series`.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
@@ -24,43 +21,8 @@ async fn metrics_status_and_console_follow_the_load() -> Result<()> {
     })
     .await?;
     let base = broker.metrics_url().context("metrics port")?;
-    let hrss = broker.client_for("330000/hrss").await?;
-    let civil = broker.client_for("330100/civil").await?;
-    hrss.publish_dataset(Dataset {
-        code: "alive".into(),
-        name: "人员生存状态".into(),
-        share_type: ShareType::Unconditional as i32,
-        items: vec![InfoItem {
-            name: "status".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-    .await?;
-    civil
-        .file_demand(FileDemandRequest {
-            dataset_id: "330000/hrss/alive".into(),
-            fields: vec!["status".into()],
-            purpose: "p".into(),
-            ..Default::default()
-        })
-        .await?;
-    let _p = TestProvider::start(
-        &hrss,
-        &["330000/hrss/alive"],
-        8,
-        "p",
-        Arc::new(|_: &ProviderRequest| Reply::Rows(vec![row(&[("status", "ALIVE")])])),
-    )
-    .await?;
-    let ask = |fields: Vec<String>| ExchangeRequest {
-        dataset_id: "330000/hrss/alive".into(),
-        query: Some(Query {
-            fields,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let load = govshare_tests::load::AliveLoad::start(&broker).await?;
+    let (civil, ask) = (&load.civil, govshare_tests::load::AliveLoad::ask);
     for _ in 0..5 {
         civil.request(ask(vec![])).await?;
     }

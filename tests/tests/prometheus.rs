@@ -8,13 +8,10 @@
 //! a missing tool is a failure.
 
 use anyhow::{bail, ensure, Context, Result};
-use govshare_client::proto::*;
-use govshare_tests::provider::{row, Reply, TestProvider};
 use govshare_tests::{wait_until, TestBroker};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Metrics still to come (see `FUTURE` in tests/tests/dashboards.rs): queries that use them
@@ -287,43 +284,9 @@ async fn scrape_under_load(broker: &TestBroker, prom: &Prometheus) -> Result<()>
     .await?;
 
     // A department that supplies a dataset, one that consumes it, a provider instance.
-    let hrss = broker.client_for("330000/hrss").await?;
-    let civil = broker.client_for("330100/civil").await?;
-    hrss.publish_dataset(Dataset {
-        code: "alive".into(),
-        name: "人员生存状态".into(),
-        share_type: ShareType::Unconditional as i32,
-        items: vec![InfoItem {
-            name: "status".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-    .await?;
-    civil
-        .file_demand(FileDemandRequest {
-            dataset_id: "330000/hrss/alive".into(),
-            fields: vec!["status".into()],
-            purpose: "prometheus test".into(),
-            ..Default::default()
-        })
-        .await?;
-    let provider = TestProvider::start(
-        &hrss,
-        &["330000/hrss/alive"],
-        8,
-        "p",
-        Arc::new(|_: &ProviderRequest| Reply::Rows(vec![row(&[("status", "ALIVE")])])),
-    )
-    .await?;
-    let ask = |fields: Vec<String>| ExchangeRequest {
-        dataset_id: "330000/hrss/alive".into(),
-        query: Some(Query {
-            fields,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let load = govshare_tests::load::AliveLoad::start(broker).await?;
+    let (civil, ask) = (&load.civil, govshare_tests::load::AliveLoad::ask);
+    let provider = &load.provider;
 
     // Phase 1: 10 answered exchanges and one denial.
     const FIRST: usize = 10;

@@ -50,10 +50,7 @@ impl App {
         // This broker's signing key, created on first start; announced in its own key table.
         let key = crate::keys::SigningKey::load_or_create(&cfg.data_dir, &cfg.broker.id)?;
         let own = key.announcement();
-        store.tree(crate::store::T::Keys).insert(
-            crate::store::index_key(&own.broker_id, &own.key_id),
-            prost::Message::encode_to_vec(&own),
-        )?;
+        store.add_key(&own)?;
         let engine = crate::exchange::Engine::start(
             store.clone(),
             catalog.clone(),

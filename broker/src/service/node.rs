@@ -18,7 +18,9 @@ impl NodeService for NodeSvc {
     ) -> Result<Response<ListBrokerKeysResponse>, Status> {
         caller(&self.0, &req).await?;
         let keys = read(&self.0, |a| a.store.keys()).await?;
-        Ok(Response::new(ListBrokerKeysResponse { keys }))
+        Ok(Response::new(ListBrokerKeysResponse {
+            keys: keys.as_ref().clone(),
+        }))
     }
 
     async fn register_node(
