@@ -119,6 +119,8 @@ pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
         sans: Vec::new(),
         listen: None,
         admin_id: None,
+        parent: None,
+        parent_identity: None,
     })?;
     let cfg = Config::load(&data)?;
     let read = |p: &std::path::Path| {
@@ -133,7 +135,13 @@ pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
         ))
         .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?));
     let ident = dir.path().join("consumer");
-    pki::issue_identity(&data, "330100/bench-echo", NodeRole::Department, &ident)?;
+    pki::issue_identity(
+        &data,
+        "330100/bench-echo",
+        NodeRole::Department,
+        &ident,
+        &[],
+    )?;
 
     let listener = crate::target::loopback_listener(!load.plain_listener)?;
     let addr = listener.local_addr()?;

@@ -70,6 +70,8 @@ impl InProcess {
             sans: Vec::new(),
             listen: None,
             admin_id: None,
+            parent: None,
+            parent_identity: None,
         })?;
         let mut cfg = Config::load(&data_dir)?;
         // Metrics stay on, as in production, on a port of their own: several brokers may
@@ -194,7 +196,7 @@ impl Fixture {
         }
         let mut nodes = Vec::new();
         for (id, dir) in ids {
-            pki::issue_identity(&broker.data_dir, &id, NodeRole::Department, &dir)?;
+            pki::issue_identity(&broker.data_dir, &id, NodeRole::Department, &dir, &[])?;
             register(&admin, &id).await?;
             nodes.push(Node {
                 client: connect(&url, &dir).await?,
@@ -521,6 +523,7 @@ pub(crate) fn write_identities(args: &IdentitiesArgs) -> Result<()> {
         PROVIDER,
         NodeRole::Department,
         &args.out.join("provider"),
+        &[],
     )?;
     for i in 0..args.consumers {
         pki::issue_identity(
@@ -528,6 +531,7 @@ pub(crate) fn write_identities(args: &IdentitiesArgs) -> Result<()> {
             &consumer_id(i),
             NodeRole::Department,
             &args.out.join(format!("consumer-{i}")),
+            &[],
         )?;
     }
     let admin = args.data_dir.join("admin");

@@ -226,6 +226,56 @@ impl Catalog {
         })
     }
 
+    /// Takes in a catalog entry cascaded from another broker; true when it was news (a new
+    /// entry, a newer version, or a withdrawal), so that it floods on.
+    pub fn apply_remote(&self, d: &Dataset, from: &str) -> Result<bool> {
+        let did = DatasetId::parse(&d.id)?;
+        if did.provider.as_str() != d.provider {
+            return Err(BrokerError::invalid(format!(
+                "cascaded dataset {} names provider {}",
+                d.id, d.provider
+            )));
+        }
+        if d.home_broker == self.store.broker_id() {
+            return Ok(false); // our own entry coming back
+        }
+        self.store.write(|tx| {
+            let old: Option<Dataset> = tx.get(T::Datasets, &d.id)?;
+            if let Some(o) = &old {
+                let newer = d.version > o.version
+                    || (d.version == o.version
+                        && d.state != o.state
+                        && crate::time::ms(&d.updated_at) >= crate::time::ms(&o.updated_at));
+                if !newer || o.home_broker == self.store.broker_id() {
+                    return Ok((false, vec![]));
+                }
+            }
+            reindex(tx, old.as_ref(), d)?;
+            tx.put(T::Datasets, &d.id, d)?;
+            let mut e = audit::entry(
+                if d.state() == DatasetState::Withdrawn {
+                    "dataset_withdrawn"
+                } else {
+                    "dataset_cascaded"
+                },
+                from,
+            );
+            e.dataset_id = d.id.clone();
+            e.provider = d.provider.clone();
+            e.reason = format!("version {} from {}", d.version, d.home_broker);
+            Ok((true, vec![e]))
+        })
+    }
+
+    /// Every dataset this broker knows, for a link's initial catalog sync.
+    pub fn all(&self) -> Result<Vec<Dataset>> {
+        self.store
+            .tree(T::Datasets)
+            .iter()
+            .map(|kv| Ok(prost::Message::decode(kv?.1.as_ref())?))
+            .collect()
+    }
+
     /// Returns one dataset.
     pub fn get(&self, id: &str) -> Result<Dataset> {
         DatasetId::parse(id)?;

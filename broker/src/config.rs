@@ -23,6 +23,8 @@ pub struct Config {
     pub metrics: MetricsSection,
     /// Logging.
     pub log: LogSection,
+    /// The link to a parent broker and the scopes of child brokers.
+    pub federation: FederationSection,
     /// The directory the file was loaded from; relative paths resolve against it. Not in the file.
     #[serde(skip)]
     pub data_dir: PathBuf,
@@ -153,6 +155,116 @@ pub struct LogSection {
     pub format: String,
 }
 
+/// `[federation]`: where this broker sits in the broker tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationSection {
+    /// The parent broker's URL, e.g. `https://127.0.0.1:7443`; empty means this broker is a
+    /// root (the national hub, or a standalone broker).
+    pub parent: String,
+    /// The directory holding the identity the parent issued for this broker's link
+    /// (`node.pem`, `node.key`, `ca.pem`), relative to the data dir.
+    pub identity: PathBuf,
+    /// The longest wait between reconnect attempts, in seconds (jittered exponential backoff
+    /// starting at 200 ms).
+    pub max_backoff_secs: u64,
+    /// Seconds between keepalive pings on the link.
+    pub ping_secs: u64,
+    /// Overrides of the scope a child broker may claim, taking precedence over the scope
+    /// written into the child's certificate (`[[federation.children]]`).
+    pub children: Vec<ChildScope>,
+}
+
+/// `[[federation.children]]`: the scope one child broker may claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChildScope {
+    /// The child broker's node id, REGION/NAME.
+    pub id: String,
+    /// The node-id prefixes the child may claim, e.g. `["3301"]`.
+    pub scope: Vec<String>,
+}
+
+impl FederationSection {
+    /// The configured scope of a child broker, if `[[federation.children]]` names it.
+    pub fn scope_override(&self, child: &str) -> Option<&[String]> {
+        self.children
+            .iter()
+            .find(|c| c.id == child)
+            .map(|c| c.scope.as_slice())
+    }
+
+    /// The `[[federation.children]]` tables, one per override.
+    fn render_children(&self) -> String {
+        let mut out = String::new();
+        for c in &self.children {
+            let scope: Vec<String> = c.scope.iter().map(|p| toml_str(p)).collect();
+            out.push_str(&format!(
+                "\n[[federation.children]]\nid = {}\nscope = [{}]\n",
+                toml_str(&c.id),
+                scope.join(", ")
+            ));
+        }
+        out
+    }
+
+    /// True when this broker links to a parent.
+    pub fn has_parent(&self) -> bool {
+        !self.parent.is_empty()
+    }
+
+    /// Checks `[federation]`: the parent URL, the timers and every child override.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        if !self.parent.is_empty() {
+            check_parent_url(&self.parent, "[federation] parent")?;
+            if self.identity.as_os_str().is_empty() {
+                return Err(BrokerError::invalid(
+                    "[federation] identity must name the link identity directory (default \"link\") when parent is set",
+                ));
+            }
+        }
+        if self.max_backoff_secs == 0 || self.ping_secs == 0 {
+            return Err(BrokerError::invalid(
+                "[federation] max_backoff_secs and ping_secs must be at least 1",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for child in &self.children {
+            crate::ids::NodeId::parse(&child.id, "[[federation.children]] id")?;
+            if !seen.insert(child.id.as_str()) {
+                return Err(BrokerError::invalid(format!(
+                    "[[federation.children]] id {:?} appears more than once",
+                    child.id
+                )));
+            }
+            if child.scope.is_empty() {
+                return Err(BrokerError::invalid(format!(
+                    "[[federation.children]] {:?}: scope must list at least one node-id prefix",
+                    child.id
+                )));
+            }
+            for prefix in &child.scope {
+                check_scope_prefix(prefix).map_err(|e| {
+                    BrokerError::invalid(format!("[[federation.children]] {:?}: {e}", child.id))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for FederationSection {
+    fn default() -> Self {
+        Self {
+            parent: String::new(),
+            identity: "link".into(),
+            max_backoff_secs: 30,
+            ping_secs: 10,
+            children: Vec::new(),
+        }
+    }
+}
+
 impl Default for BrokerSection {
     fn default() -> Self {
         Self {
@@ -214,6 +326,7 @@ impl Default for Config {
             exchange: ExchangeSection::default(),
             metrics: MetricsSection::default(),
             log: LogSection::default(),
+            federation: FederationSection::default(),
             data_dir: PathBuf::from("."),
         }
     }
@@ -299,9 +412,50 @@ impl Config {
                 "[log] format must be \"text\" or \"json\"",
             ));
         }
-        Ok(())
+        self.federation.validate()
     }
+}
 
+/// A TOML basic string, quoted and escaped.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// Longest scope prefix (a node id is at most 6 + 1 + 63 characters).
+pub const MAX_SCOPE_PREFIX: usize = 70;
+
+/// Validates a scope entry, a node-id prefix: 1 to 70 of `0-9`, `a-z`, `/` and `-`.
+pub fn check_scope_prefix(prefix: &str) -> Result<(), BrokerError> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= MAX_SCOPE_PREFIX
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'/' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(BrokerError::invalid(format!(
+            "scope prefix {prefix:?} must be 1 to {MAX_SCOPE_PREFIX} of 0-9, a-z, '/' and '-' (a node-id prefix, e.g. 33 or 3301 or 000000/mca)"
+        )))
+    }
+}
+
+/// Validates a parent broker URL: `https://HOST:PORT` (links are always mutual TLS).
+pub fn check_parent_url(url: &str, what: &str) -> Result<(), BrokerError> {
+    let rest = url.strip_prefix("https://").ok_or_else(|| {
+        BrokerError::invalid(format!(
+            "{what} {url:?} must start with https:// (links to the parent are mutual TLS), e.g. https://10.0.0.1:7443"
+        ))
+    })?;
+    if rest.is_empty() || rest.starts_with('/') || rest.chars().any(char::is_whitespace) {
+        return Err(BrokerError::invalid(format!(
+            "{what} {url:?} has no host; expected e.g. https://10.0.0.1:7443"
+        )));
+    }
+    Ok(())
+}
+
+impl Config {
     /// Resolves a configured path against the data dir.
     pub fn path(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
@@ -386,7 +540,25 @@ per_dataset = {m_per}
 level = "{level}"
 # "text" or "json". Default "text".
 format = "{format}"
-"#,
+
+[federation]
+# The parent broker's URL (mutual TLS), e.g. "https://10.0.0.1:7443"; "" means this broker is
+# a root (the national hub, or a standalone broker). `init --parent` sets it. Default "".
+parent = {f_parent}
+# Directory of the identity the parent issued for this broker's link (node.pem, node.key,
+# ca.pem), from `govshare-broker issue --role broker` on the parent. Default "link".
+identity = {f_identity}
+# Longest wait between reconnect attempts to the parent, in seconds (jittered exponential
+# backoff starting at 200 ms). Default 30.
+max_backoff_secs = {f_backoff}
+# Seconds between keepalive pings on the link. Default 10.
+ping_secs = {f_ping}
+# Scope overrides for child brokers: the node-id prefixes a child may claim, taking precedence
+# over the scope written into its certificate. None by default. For example:
+# [[federation.children]]
+# id = "330100/hub"
+# scope = ["3301"]
+{f_children}"#,
             id = self.broker.id,
             listen = self.broker.listen,
             admin = self.broker.admin_id,
@@ -409,6 +581,11 @@ format = "{format}"
             m_per = self.metrics.per_dataset,
             level = self.log.level,
             format = self.log.format,
+            f_parent = toml_str(&self.federation.parent),
+            f_identity = toml_str(&self.federation.identity.to_string_lossy()),
+            f_backoff = self.federation.max_backoff_secs,
+            f_ping = self.federation.ping_secs,
+            f_children = self.federation.render_children(),
         )
     }
 }
@@ -437,5 +614,94 @@ mod tests {
         let mut cfg = Config::default();
         cfg.broker.id = "nope".into();
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn federation_defaults_and_template() -> Result<(), Box<dyn std::error::Error>> {
+        let cfg = Config::default();
+        assert_eq!(cfg.federation.parent, "");
+        assert!(!cfg.federation.has_parent());
+        assert_eq!(cfg.federation.identity, PathBuf::from("link"));
+        assert_eq!(cfg.federation.max_backoff_secs, 30);
+        assert_eq!(cfg.federation.ping_secs, 10);
+        assert!(cfg.federation.children.is_empty());
+        // A file without [federation] gets the defaults.
+        let parsed: Config = toml::from_str("[broker]\nid = \"330000/hub\"")?;
+        assert_eq!(parsed.federation.identity, PathBuf::from("link"));
+        assert_eq!(parsed.federation.ping_secs, 10);
+
+        let mut cfg = Config::default();
+        cfg.federation.parent = "https://10.0.0.1:7443".into();
+        cfg.federation.max_backoff_secs = 60;
+        cfg.federation.children = vec![
+            ChildScope {
+                id: "330100/hub".into(),
+                scope: vec!["3301".into()],
+            },
+            ChildScope {
+                id: "000000/mca".into(),
+                scope: vec!["000000/mca".into(), "000000/mca-death".into()],
+            },
+        ];
+        cfg.validate()?;
+        let parsed: Config = toml::from_str(&cfg.render_template())?;
+        parsed.validate()?;
+        assert_eq!(parsed.federation.parent, "https://10.0.0.1:7443");
+        assert_eq!(parsed.federation.max_backoff_secs, 60);
+        assert_eq!(parsed.federation.children, cfg.federation.children);
+        assert_eq!(
+            parsed.federation.scope_override("330100/hub"),
+            Some(&["3301".to_string()][..])
+        );
+        assert_eq!(parsed.federation.scope_override("330200/hub"), None);
+        // The following section still parses as its own table after the children.
+        assert_eq!(parsed.log.level, "info");
+        Ok(())
+    }
+
+    #[test]
+    fn federation_toml_children() -> Result<(), Box<dyn std::error::Error>> {
+        let cfg: Config = toml::from_str(
+            "[federation]\nparent = \"https://hub:7443\"\n\n[[federation.children]]\nid = \"330100/hub\"\nscope = [\"3301\", \"3302\"]\n",
+        )?;
+        cfg.validate()?;
+        assert_eq!(
+            cfg.federation.scope_override("330100/hub"),
+            Some(&["3301".to_string(), "3302".to_string()][..])
+        );
+        assert!(toml::from_str::<Config>("[federation]\nparnt = \"x\"").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn federation_validation() {
+        let with = |f: &dyn Fn(&mut FederationSection)| {
+            let mut cfg = Config::default();
+            f(&mut cfg.federation);
+            cfg.validate()
+        };
+        assert!(with(&|f| f.parent = "https://127.0.0.1:7443".into()).is_ok());
+        let err = with(&|f| f.parent = "http://127.0.0.1:7443".into());
+        assert!(matches!(&err, Err(e) if e.to_string().contains("[federation] parent")));
+        assert!(with(&|f| f.parent = "127.0.0.1:7443".into()).is_err());
+        assert!(with(&|f| f.parent = "https://".into()).is_err());
+        assert!(with(&|f| f.ping_secs = 0).is_err());
+        assert!(with(&|f| f.max_backoff_secs = 0).is_err());
+        let child = |id: &str, scope: &[&str]| ChildScope {
+            id: id.into(),
+            scope: scope.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(with(&|f| f.children = vec![child("nope", &["33"])]).is_err());
+        assert!(with(&|f| f.children = vec![child("330100/hub", &[])]).is_err());
+        assert!(with(&|f| f.children = vec![child("330100/hub", &["33 01"])]).is_err());
+        assert!(with(&|f| f.children = vec![child("330100/hub", &["ABC"])]).is_err());
+        assert!(with(&|f| f.children = vec![
+            child("330100/hub", &["3301"]),
+            child("330100/hub", &["3302"])
+        ])
+        .is_err());
+        assert!(check_scope_prefix(&"3".repeat(70)).is_ok());
+        assert!(check_scope_prefix(&"3".repeat(71)).is_err());
+        assert!(check_scope_prefix("").is_err());
     }
 }

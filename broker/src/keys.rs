@@ -4,7 +4,9 @@
 
 use crate::error::{BrokerError, Result};
 use crate::exchange::enforce::Denial;
-use govshare_proto::v1::{Grant, GrantClaims, GrantToken, HopReceipt, KeyAnnouncement};
+use govshare_proto::v1::{
+    Grant, GrantClaims, GrantRevocation, GrantToken, HopReceipt, KeyAnnouncement,
+};
 use prost::Message;
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
@@ -104,6 +106,19 @@ impl SigningKey {
         r
     }
 
+    /// A signed revocation of one of this broker's grants, to flood through the cascade.
+    pub fn revocation(&self, g: &Grant) -> GrantRevocation {
+        let at = crate::time::ms(&g.revoked_at);
+        GrantRevocation {
+            grant_id: g.id.clone(),
+            issuer: g.issuer.clone(),
+            revoked_at: g.revoked_at,
+            reason: g.revoke_reason.clone(),
+            signature: self.sign(&revocation_bytes(&g.id, &g.issuer, at)),
+            key_id: self.key_id.clone(),
+        }
+    }
+
     /// The signed terms of a grant.
     pub fn token_for(&self, g: &Grant) -> GrantToken {
         let claims = claims_of(g).encode_to_vec();
@@ -173,36 +188,108 @@ pub fn verify_grant(
     g: &Grant,
     keys: &[KeyAnnouncement],
 ) -> std::result::Result<GrantClaims, Denial> {
+    let token = g.token.as_ref().ok_or_else(|| Denial {
+        rule: "grant_forged",
+        detail: format!("grant {}: it carries no signature", g.id),
+        exhausted: false,
+    })?;
+    let claims = verify_token(token, &g.issuer, keys)?;
+    if claims != claims_of(g) {
+        return Err(Denial {
+            rule: "grant_forged",
+            detail: format!("grant {}: its terms differ from the signed ones", g.id),
+            exhausted: false,
+        });
+    }
+    Ok(claims)
+}
+
+/// Verifies a grant token on its own (as a forwarding hop does, which holds no copy of the
+/// grant): the issuer's key must be known here and the signature must hold. `issuer`, when not
+/// empty, must be the broker the claims name.
+pub fn verify_token(
+    token: &GrantToken,
+    issuer: &str,
+    keys: &[KeyAnnouncement],
+) -> std::result::Result<GrantClaims, Denial> {
     let forged = |why: String| Denial {
         rule: "grant_forged",
-        detail: format!("grant {}: {why}", g.id),
+        detail: why,
         exhausted: false,
     };
-    let token = g
-        .token
-        .as_ref()
-        .ok_or_else(|| forged("it carries no signature".into()))?;
+    let claims = GrantClaims::decode(token.claims.as_slice())
+        .map_err(|_| forged("the grant's signed terms do not decode".into()))?;
+    if !issuer.is_empty() && claims.issuer != issuer {
+        return Err(forged(format!(
+            "grant {} names issuer {}, not {issuer}",
+            claims.grant_id, claims.issuer
+        )));
+    }
     let key = keys
         .iter()
-        .find(|k| k.key_id == token.key_id && k.broker_id == g.issuer)
+        .find(|k| k.key_id == token.key_id && k.broker_id == claims.issuer)
         .ok_or_else(|| {
             forged(format!(
-                "key {} of issuer {} is unknown here",
-                token.key_id, g.issuer
+                "grant {}: key {} of issuer {} is unknown here",
+                claims.grant_id, token.key_id, claims.issuer
             ))
         })?;
     if !already_verified(&key.public_key, &token.claims, &token.signature) {
         UnparsedPublicKey::new(&ED25519, &key.public_key)
             .verify(&token.claims, &token.signature)
-            .map_err(|_| forged("the signature does not verify".into()))?;
+            .map_err(|_| {
+                forged(format!(
+                    "grant {}: the signature does not verify",
+                    claims.grant_id
+                ))
+            })?;
         remember_verified(&key.public_key, &token.claims, &token.signature);
     }
-    let claims = GrantClaims::decode(token.claims.as_slice())
-        .map_err(|_| forged("the signed terms do not decode".into()))?;
-    if claims != claims_of(g) {
-        return Err(forged("its terms differ from the signed ones".into()));
-    }
     Ok(claims)
+}
+
+/// The grant a verified token stands for, as a hop without a stored copy checks it.
+pub fn grant_of_claims(c: &GrantClaims, token: &GrantToken) -> Grant {
+    Grant {
+        id: c.grant_id.clone(),
+        dataset_id: c.dataset_id.clone(),
+        consumer: c.consumer.clone(),
+        provider: c.provider.clone(),
+        fields: c.fields.clone(),
+        valid_from: Some(crate::time::ts(c.valid_from_ms)),
+        valid_until: Some(crate::time::ts(c.valid_until_ms)),
+        daily_quota: c.daily_quota,
+        issuer: c.issuer.clone(),
+        state: govshare_proto::v1::GrantState::Active as i32,
+        token: Some(token.clone()),
+        ..Default::default()
+    }
+}
+
+/// The bytes a revocation's signature covers.
+pub fn revocation_bytes(grant_id: &str, issuer: &str, revoked_at_ms: i64) -> Vec<u8> {
+    let mut b = b"govshare.v1 revocation\0".to_vec();
+    for part in [grant_id.as_bytes(), issuer.as_bytes()] {
+        b.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        b.extend_from_slice(part);
+    }
+    b.extend_from_slice(&revoked_at_ms.to_be_bytes());
+    b
+}
+
+/// Checks a revocation's signature with its issuer's announced key: only the broker that
+/// issued a grant can revoke it anywhere in the cascade.
+pub fn verify_revocation(r: &GrantRevocation, keys: &[KeyAnnouncement]) -> bool {
+    let Some(key) = keys
+        .iter()
+        .find(|k| k.key_id == r.key_id && k.broker_id == r.issuer)
+    else {
+        return false;
+    };
+    let msg = revocation_bytes(&r.grant_id, &r.issuer, crate::time::ms(&r.revoked_at));
+    UnparsedPublicKey::new(&ED25519, &key.public_key)
+        .verify(&msg, &r.signature)
+        .is_ok()
 }
 
 #[cfg(test)]

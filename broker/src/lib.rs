@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod exchange;
+pub mod federation;
 pub mod http;
 pub mod ids;
 pub mod keys;

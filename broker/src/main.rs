@@ -51,6 +51,16 @@ struct InitArgs {
     /// The admin identity's node id (default: REGION/admin).
     #[arg(long, value_name = "ID")]
     admin_id: Option<String>,
+    /// The parent broker's address, e.g. https://10.0.0.1:7443: this broker links to it and
+    /// routes what it does not reach upwards. Without it the broker is a root (the national hub,
+    /// or standalone). Needs --parent-identity.
+    #[arg(long, value_name = "URL", requires = "parent_identity")]
+    parent: Option<String>,
+    /// The identity the parent issued for this broker's link, made on the parent with
+    /// `govshare-broker issue --node ID --role broker --out DIR`; copied into DATA_DIR/link.
+    /// Needs --parent.
+    #[arg(long, value_name = "DIR", requires = "parent")]
+    parent_identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -67,6 +77,10 @@ struct IssueArgs {
     /// Where to write node.pem, node.key and ca.pem.
     #[arg(long, value_name = "OUTDIR")]
     out: PathBuf,
+    /// A node-id prefix the child broker may claim (e.g. 3301, or 000000/mca for a ministry).
+    /// Repeatable. Default: its region prefix, e.g. 33 for 330000/hub. Only for --role broker.
+    #[arg(long = "scope", value_name = "PREFIX")]
+    scope: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +94,9 @@ struct RunArgs {
     /// Address of /metrics, /status and the console (plain HTTP), overriding [metrics] listen; "" turns them off.
     #[arg(long, env = "GOVSHARE_METRICS_LISTEN", value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// The parent broker's URL (https://HOST:PORT), overriding [federation] parent; "" makes this broker a root.
+    #[arg(long, env = "GOVSHARE_PARENT", value_name = "URL")]
+    parent: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,12 +123,15 @@ fn main() -> std::process::ExitCode {
 fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Some(Command::Init(a)) => {
+            let broker_id = a.id.clone();
             let report = pki::init_data_dir(&pki::InitOptions {
                 data_dir: a.data_dir.clone(),
                 broker_id: a.id,
                 sans: a.sans,
                 listen: a.listen,
                 admin_id: a.admin_id,
+                parent: a.parent.clone(),
+                parent_identity: a.parent_identity,
             })?;
             println!("initialised {}", a.data_dir.display());
             println!("  config:         {}", report.config_path.display());
@@ -120,17 +140,38 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 report.admin_dir.display(),
                 report.admin_id
             );
+            if let (Some(parent), Some(link)) = (&a.parent, &report.link_dir) {
+                println!("  link identity:  {}", link.display());
+                println!("broker {broker_id} will link to the parent {parent} when it runs");
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
         Some(Command::Issue(a)) => {
             let role = pki::parse_role(&a.role)?;
-            pki::issue_identity(&a.data_dir, &a.node, role, &a.out)?;
+            pki::issue_identity(&a.data_dir, &a.node, role, &a.out, &a.scope)?;
             println!(
                 "wrote {} identity for {} to {} (node.pem, node.key, ca.pem)",
                 a.role,
                 a.node,
                 a.out.display()
             );
+            if role == govshare_proto::v1::NodeRole::Broker {
+                let scope = if a.scope.is_empty() {
+                    govshare_broker::ids::NodeId::parse(&a.node, "--node")
+                        .map(|n| pki::default_scope(&n))?
+                } else {
+                    a.scope.clone()
+                };
+                println!(
+                    "  scope (node-id prefixes it may claim): {}",
+                    scope.join(", ")
+                );
+                println!(
+                    "on the child: govshare-broker init --data-dir CHILD --id {} --parent https://THIS_HOST:PORT --parent-identity {}",
+                    a.node,
+                    a.out.display()
+                );
+            }
             if role != govshare_proto::v1::NodeRole::Admin {
                 println!(
                     "register it before use: govshare --identity {}/admin node register --id {} --name NAME",
@@ -140,7 +181,7 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
-        Some(Command::Run(a)) => run(&a.data_dir, a.listen, a.metrics_listen, false),
+        Some(Command::Run(a)) => run(&a.data_dir, a.listen, a.metrics_listen, a.parent, false),
         None => {
             // The zero-argument start still honours the same environment as `run`.
             let data_dir = std::env::var_os("GOVSHARE_DATA_DIR")
@@ -153,7 +194,8 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Err(_) => None,
             };
             let metrics = std::env::var("GOVSHARE_METRICS_LISTEN").ok();
-            run(&data_dir, listen, metrics, true)
+            let parent = std::env::var("GOVSHARE_PARENT").ok();
+            run(&data_dir, listen, metrics, parent, true)
         }
         Some(Command::Audit(AuditCommand::Verify { data_dir })) => audit_verify(&data_dir),
     }
@@ -198,15 +240,14 @@ fn run(
     data_dir: &Path,
     listen: Option<SocketAddr>,
     metrics_listen: Option<String>,
+    parent: Option<String>,
     auto_init: bool,
 ) -> anyhow::Result<std::process::ExitCode> {
     if auto_init && !data_dir.join(govshare_broker::config::CONFIG_FILE).exists() {
         let report = pki::init_data_dir(&pki::InitOptions {
             data_dir: data_dir.to_path_buf(),
             broker_id: DEFAULT_BROKER_ID.into(),
-            sans: Vec::new(),
-            listen: None,
-            admin_id: None,
+            ..pki::InitOptions::default()
         })?;
         println!(
             "first start: initialised {} (broker {DEFAULT_BROKER_ID}, config {})",
@@ -222,6 +263,24 @@ fn run(
         cfg.metrics.listen = m;
         cfg.validate()?;
     }
+    if let Some(p) = parent {
+        cfg.federation.parent = p;
+        cfg.validate()?;
+    }
+    if cfg.federation.has_parent() {
+        let link = cfg.path(&cfg.federation.identity);
+        for f in [pki::NODE_CERT, pki::NODE_KEY, pki::CA_CERT] {
+            if !link.join(f).is_file() {
+                bail!(
+                    "[federation] parent is {} but {} is missing: issue a link identity on the parent with `govshare-broker issue --node {} --role broker --out DIR` and copy node.pem, node.key and ca.pem into {}",
+                    cfg.federation.parent,
+                    link.join(f).display(),
+                    cfg.broker.id,
+                    link.display()
+                );
+            }
+        }
+    }
     init_logging(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -234,6 +293,7 @@ fn run(
         let admin_dir = data_dir.join("admin");
         let broker_id = cfg.broker.id.clone();
         let admin_id = cfg.broker.admin_id.clone();
+        let parent = cfg.federation.parent.clone();
         // Listen for signals before announcing ourselves, so that a SIGTERM sent as soon as
         // the address is printed is a graceful stop and not the default kill.
         let signal = shutdown_signal()?;
@@ -248,6 +308,9 @@ fn run(
             broker.local_addr,
             admin_dir.display()
         );
+        if !parent.is_empty() {
+            println!("parent broker: {parent} (this broker links to it and routes upwards what it does not reach)");
+        }
         if let Some(m) = broker.metrics_addr {
             println!("metrics, status and console: http://{m}/metrics  http://{m}/status  http://{m}/");
         }

@@ -52,6 +52,13 @@ pub const RSS: &str = "process_resident_memory_bytes";
 /// Open file descriptors of the process.
 pub const OPEN_FDS: &str = "process_open_fds";
 
+/// 1 while the federation link to a peer broker is up, 0 while it is down (label `peer`).
+pub const LINK_UP: &str = "govshare_link_up";
+/// Frames over federation links, by peer and direction (`sent`, `received`).
+pub const LINK_FRAMES: &str = "govshare_link_frames_total";
+/// Frames waiting in the durable outbox toward a peer (not yet acknowledged by it).
+pub const LINK_OUTBOX: &str = "govshare_link_outbox";
+
 /// Every metric name the broker exports (for tests that check dashboards and alerts).
 pub const ALL: &[&str] = &[
     EXCHANGES,
@@ -76,6 +83,9 @@ pub const ALL: &[&str] = &[
     CPU,
     RSS,
     OPEN_FDS,
+    LINK_UP,
+    LINK_FRAMES,
+    LINK_OUTBOX,
 ];
 
 /// The process-wide Prometheus recorder (one per process: brokers in one test process share it).
@@ -119,6 +129,9 @@ pub const RULES: &[&str] = &[
     "dataset_withdrawn",
     "masking_unavailable",
     "grant_forged",
+    "hop_scope",
+    "hop_limit",
+    "no_route",
 ];
 
 /// Every exchange outcome (the `outcome` label).
@@ -145,6 +158,18 @@ fn zero() {
 }
 
 fn describe() {
+    describe_gauge!(
+        LINK_UP,
+        "1 while the federation link to a peer broker is up, 0 while it is down."
+    );
+    describe_counter!(
+        LINK_FRAMES,
+        "Frames over federation links, by peer and direction (sent, received)."
+    );
+    describe_gauge!(
+        LINK_OUTBOX,
+        "Frames waiting in the durable outbox toward a peer broker."
+    );
     describe_counter!(
         EXCHANGES,
         "Exchanges by outcome: accepted, answered, failed, denied, expired, dead_lettered."

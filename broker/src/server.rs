@@ -49,6 +49,7 @@ pub struct RunningBroker {
     pub metrics_addr: Option<SocketAddr>,
     http_task: Option<JoinHandle<()>>,
     engine: Option<crate::exchange::Engine>,
+    fed: Option<crate::federation::Fed>,
     task: Option<JoinHandle<std::result::Result<(), tonic::transport::Error>>>,
     store: Option<Store>,
 }
@@ -97,6 +98,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         Arc::new(store::blocking(move || App::new(cfg, s, stop_rx)).await?)
     };
     let engine = app.engine.clone();
+    let fed = app.fed.clone();
     crate::metrics::handle();
     let (metrics_addr, http_task) = if app.cfg.metrics.listen.is_empty() {
         (None, None)
@@ -148,6 +150,8 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| BrokerError::internal(format!("reflection service: {e}")))?;
+    let parent = app.cfg.federation.parent.clone();
+    let link_app = app.clone();
     let (tx, rx) = oneshot::channel::<()>();
     let router = Server::builder()
         .tls_config(tls)
@@ -174,7 +178,9 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         .add_service(AdminServiceServer::new(service::admin::AdminSvc(
             app.clone(),
         )))
-        .add_service(AuditServiceServer::new(service::admin::AuditSvc(app)))
+        .add_service(AuditServiceServer::new(service::admin::AuditSvc(
+            app.clone(),
+        )))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha);
@@ -184,6 +190,10 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         let _ = rx.await;
     }));
     tracing::info!(%local_addr, broker = %broker_id, "broker serving");
+    if !parent.is_empty() {
+        tracing::info!(parent = %parent, "linking to the parent broker");
+        crate::federation::link::spawn_parent_link(link_app);
+    }
     Ok(RunningBroker {
         local_addr,
         broker_id,
@@ -194,6 +204,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         http_task,
         task: Some(task),
         engine: Some(engine),
+        fed: Some(fed),
         store: Some(store),
     })
 }
@@ -208,6 +219,9 @@ impl Drop for RunningBroker {
         }
         if let Some(engine) = self.engine.take() {
             engine.request_shutdown();
+        }
+        if let Some(fed) = self.fed.take() {
+            fed.close_all();
         }
     }
 }
@@ -242,6 +256,9 @@ impl RunningBroker {
         }
         // Long-lived streams end now; unary calls in flight finish normally.
         let _ = self.stopping.send(true);
+        if let Some(fed) = self.fed.take() {
+            fed.close_all();
+        }
         if let Some(mut task) = self.task.take() {
             // In-flight calls get a grace period; a client that never lets go does not keep
             // the broker from stopping.

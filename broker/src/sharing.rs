@@ -4,10 +4,12 @@ use crate::audit;
 use crate::auth::Caller;
 use crate::config::SharingSection;
 use crate::error::{BrokerError, Result};
+use crate::federation::{in_scope, link::Peer, Effect, Fed, Route};
 use crate::ids::{self, DatasetId};
 use crate::registry::page_size;
 use crate::store::{index_key, Store, T};
 use crate::time::{ms, now_ms, ts, DAY_MS};
+use govshare_proto::v1::{link_frame::Body, DemandDecisionEnvelope, DemandEnvelope};
 use govshare_proto::v1::{
     ApproveDemandRequest, ApproveDemandResponse, Dataset, DatasetState, Demand, DemandState,
     DemandView, FileDemandRequest, FileDemandResponse, Grant, GrantState, GrantView,
@@ -25,6 +27,8 @@ pub struct Sharing {
     cfg: SharingSection,
     /// Signs every grant issued here.
     key: crate::keys::SigningKey,
+    /// Routes demands and decisions to other brokers.
+    fed: Fed,
 }
 
 /// Fills the fields computed at read time: a demand's `overdue`.
@@ -60,8 +64,13 @@ fn check_fields(fields: &[String]) -> Result<()> {
 
 impl Sharing {
     /// Sharing over the store, with the configured rules.
-    pub fn new(store: Store, cfg: SharingSection, key: crate::keys::SigningKey) -> Self {
-        Self { store, cfg, key }
+    pub fn new(store: Store, cfg: SharingSection, key: crate::keys::SigningKey, fed: Fed) -> Self {
+        Self {
+            store,
+            cfg,
+            key,
+            fed,
+        }
     }
 
     /// Files a demand; decides it at once for UNCONDITIONAL and NOT_SHARED datasets.
@@ -128,10 +137,49 @@ impl Sharing {
             dataset_version: dataset.version,
             ..Default::default()
         };
+        let route = self.fed.route(&demand.provider)?;
+        let grant = match &route {
+            Some(Route::Local) => self.decide(&dataset, &mut demand, now),
+            Some(Route::Via(_)) => None,
+            None => {
+                return Err(BrokerError::not_found(format!(
+                    "provider {} is not reachable from this broker (no route)",
+                    demand.provider
+                )))
+            }
+        };
+        self.store.write(|tx| {
+            let mut entries = self.store_new(tx, &demand, grant.as_ref())?;
+            if let Some(Route::Via(peer)) = &route {
+                self.fed.put_outbox(
+                    tx,
+                    peer,
+                    Body::Demand(DemandEnvelope {
+                        demand: Some(demand.clone()),
+                        origin_broker: self.store.broker_id().to_string(),
+                    }),
+                )?;
+                entries[0].reason = format!(
+                    "sent toward {}, the provider's home broker",
+                    dataset.home_broker
+                );
+            }
+            Ok(((), entries))
+        })?;
+        Ok(FileDemandResponse {
+            demand: Some(with_overdue(demand, now)),
+            grant,
+        })
+    }
+
+    /// Applies the catalog's sharing rules to a new demand at the provider's home broker:
+    /// UNCONDITIONAL approves at once (returning the grant), NOT_SHARED refuses at once.
+    fn decide(&self, dataset: &Dataset, demand: &mut Demand, now: i64) -> Option<Grant> {
+        let period = demand.period_days;
         let not_shared_item = dataset
             .items
             .iter()
-            .find(|i| req.fields.contains(&i.name) && i.share_type() == ShareType::NotShared);
+            .find(|i| demand.fields.contains(&i.name) && i.share_type() == ShareType::NotShared);
         let mut grant = None;
         let mut decision = None;
         if dataset.share_type() == ShareType::NotShared {
@@ -147,7 +195,7 @@ impl Sharing {
                 item.name, dataset.id
             ));
         } else if dataset.share_type() == ShareType::Unconditional {
-            let g = self.new_grant(&demand, &demand.fields, period, 0, now);
+            let g = self.new_grant(demand, &demand.fields, period, 0, now);
             demand.state = DemandState::Approved as i32;
             demand.grant_id = g.id.clone();
             demand.decided_at = Some(ts(now));
@@ -161,8 +209,19 @@ impl Sharing {
             demand.decided_by = self.store.broker_id().to_string();
             demand.reason = reason;
         }
-        self.store.write(|tx| {
-            tx.put(T::Demands, &demand.id, &demand)?;
+        grant
+    }
+
+    /// Stores a new demand (and the grant deciding it), with its audit entries, the first of
+    /// which records the filing.
+    fn store_new(
+        &self,
+        tx: &crate::store::Tx<'_>,
+        demand: &Demand,
+        grant: Option<&Grant>,
+    ) -> Result<Vec<govshare_proto::v1::AuditEntry>> {
+        {
+            tx.put(T::Demands, &demand.id, demand)?;
             tx.mark(
                 T::DemandsByConsumer,
                 &index_key(&demand.consumer, &demand.id),
@@ -171,10 +230,10 @@ impl Sharing {
                 T::DemandsByProvider,
                 &index_key(&demand.provider, &demand.id),
             )?;
-            let mut entries = vec![demand_entry("demand_filed", caller.id.as_str(), &demand)];
+            let mut entries = vec![demand_entry("demand_filed", &demand.consumer, demand)];
             match demand.state() {
                 DemandState::Rejected => {
-                    let mut e = demand_entry("demand_rejected", self.store.broker_id(), &demand);
+                    let mut e = demand_entry("demand_rejected", self.store.broker_id(), demand);
                     e.reason = demand.reason.clone();
                     entries.push(e);
                 }
@@ -182,21 +241,245 @@ impl Sharing {
                     entries.push(demand_entry(
                         "demand_approved",
                         self.store.broker_id(),
-                        &demand,
+                        demand,
                     ));
-                    if let Some(g) = &grant {
+                    if let Some(g) = grant {
                         self.put_grant(tx, g)?;
                         entries.push(grant_entry("grant_issued", self.store.broker_id(), g));
                     }
                 }
                 _ => {}
             }
-            Ok(((), entries))
-        })?;
-        Ok(FileDemandResponse {
-            demand: Some(with_overdue(demand, now)),
-            grant,
-        })
+            Ok(entries)
+        }
+    }
+
+    /// Sends a decision back toward a consumer on another broker, inside the deciding
+    /// transaction.
+    fn send_decision(
+        &self,
+        tx: &crate::store::Tx<'_>,
+        d: &Demand,
+        grant: Option<&Grant>,
+        back: &Option<Route>,
+    ) -> Result<()> {
+        if let Some(Route::Via(peer)) = back {
+            self.fed.put_outbox(
+                tx,
+                peer,
+                Body::Decision(DemandDecisionEnvelope {
+                    demand: Some(d.clone()),
+                    grant: grant.cloned(),
+                }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Where a stored demand's consumer or provider is reached, looked up before a
+    /// transaction (sled reads cannot run inside one).
+    fn route_of(&self, id: &str, node: impl Fn(&Demand) -> &String) -> Result<Option<Route>> {
+        match self.store.get::<Demand>(T::Demands, id)? {
+            Some(d) => self.fed.route(node(&d)),
+            None => Ok(None),
+        }
+    }
+
+    /// A demand that arrived over a link: decided here when the provider is local (and the
+    /// decision sent back), passed on otherwise. A consumer's withdrawal arrives the same way.
+    pub fn receive_demand(
+        &self,
+        fed: &Fed,
+        peer: &Peer,
+        env: DemandEnvelope,
+    ) -> Result<Vec<Effect>> {
+        let Some(mut d) = env.demand.clone() else {
+            return Ok(vec![]);
+        };
+        ids::check_opaque_id("demand id", &d.id)?;
+        if let Some(scope) = &peer.scope {
+            if !in_scope(scope, &d.consumer) {
+                let mut e = demand_entry("demand_refused", &peer.id, &d);
+                e.reason = format!(
+                    "hop_scope: consumer {} is outside the scope of {} ({})",
+                    d.consumer,
+                    peer.id,
+                    scope.join(", ")
+                );
+                self.store.write(|_| Ok(((), vec![e.clone()])))?;
+                return Ok(vec![]);
+            }
+        }
+        let now = now_ms();
+        match fed.route(&d.provider)? {
+            Some(Route::Via(p)) if p != peer.key => {
+                let e = demand_entry("demand_forwarded", &peer.id, &d);
+                self.store.write(|tx| {
+                    fed.put_outbox(tx, &p, Body::Demand(env.clone()))?;
+                    Ok(((), vec![e.clone()]))
+                })?;
+                Ok(vec![Effect::Wake(p)])
+            }
+            Some(Route::Local) => {
+                if let Some(mut old) = self.store.get::<Demand>(T::Demands, &d.id)? {
+                    if d.state() == DemandState::Withdrawn && old.state() == DemandState::Pending {
+                        old.state = DemandState::Withdrawn as i32;
+                        old.decided_at = Some(ts(now));
+                        old.decided_by = d.consumer.clone();
+                        self.store.write(|tx| {
+                            tx.put(T::Demands, &old.id, &old)?;
+                            Ok((
+                                (),
+                                vec![demand_entry("demand_withdrawn", &old.consumer, &old)],
+                            ))
+                        })?;
+                    }
+                    return Ok(vec![]);
+                }
+                if d.state() != DemandState::Pending {
+                    return Ok(vec![]);
+                }
+                let dataset: Option<Dataset> = self.store.get(T::Datasets, &d.dataset_id)?;
+                let problem = match &dataset {
+                    None => Some(format!(
+                        "dataset {} is not in the catalog of its provider's broker",
+                        d.dataset_id
+                    )),
+                    Some(ds) if ds.state() != DatasetState::Published => {
+                        Some(format!("dataset {} is withdrawn; no new demands", ds.id))
+                    }
+                    Some(ds) => d
+                        .fields
+                        .iter()
+                        .find(|f| !ds.items.iter().any(|i| &i.name == *f))
+                        .map(|f| format!("field {f:?} is not an item of dataset {}", ds.id)),
+                };
+                let grant = match (&problem, &dataset) {
+                    (None, Some(ds)) => self.decide(ds, &mut d, now),
+                    _ => {
+                        d.state = DemandState::Rejected as i32;
+                        d.decided_at = Some(ts(now));
+                        d.decided_by = self.store.broker_id().to_string();
+                        d.reason = problem.clone().unwrap_or_default();
+                        None
+                    }
+                };
+                let back = fed.route(&d.consumer)?;
+                self.store.write(|tx| {
+                    let mut entries = self.store_new(tx, &d, grant.as_ref())?;
+                    entries[0].reason = format!("arrived from {}", peer.id);
+                    if d.state() != DemandState::Pending {
+                        self.send_decision(tx, &d, grant.as_ref(), &back)?;
+                    }
+                    Ok(((), entries))
+                })?;
+                Ok(match back {
+                    Some(Route::Via(p)) => vec![Effect::Wake(p)],
+                    _ => vec![],
+                })
+            }
+            _ => {
+                d.state = DemandState::Rejected as i32;
+                d.decided_at = Some(ts(now));
+                d.decided_by = self.store.broker_id().to_string();
+                d.reason = format!("provider {} is not known in the cascade", d.provider);
+                let mut e = demand_entry("demand_rejected", self.store.broker_id(), &d);
+                e.reason = d.reason.clone();
+                self.store.write(|tx| {
+                    fed.put_outbox(
+                        tx,
+                        &peer.key,
+                        Body::Decision(DemandDecisionEnvelope {
+                            demand: Some(d.clone()),
+                            grant: None,
+                        }),
+                    )?;
+                    Ok(((), vec![e.clone()]))
+                })?;
+                Ok(vec![Effect::Wake(peer.key.clone())])
+            }
+        }
+    }
+
+    /// A decision that arrived over a link: stored with its grant at the consumer's home
+    /// broker (the grant's signature checked first), passed on otherwise.
+    pub fn receive_decision(
+        &self,
+        fed: &Fed,
+        peer: &Peer,
+        env: DemandDecisionEnvelope,
+    ) -> Result<Vec<Effect>> {
+        let Some(d) = env.demand.clone() else {
+            return Ok(vec![]);
+        };
+        ids::check_opaque_id("demand id", &d.id)?;
+        let refuse = |why: String| -> Result<Vec<Effect>> {
+            let mut e = demand_entry("decision_refused", &peer.id, &d);
+            e.reason = why;
+            self.store.write(|_| Ok(((), vec![e.clone()])))?;
+            Ok(vec![])
+        };
+        if let Some(scope) = &peer.scope {
+            if !in_scope(scope, &d.provider) {
+                return refuse(format!(
+                    "hop_scope: provider {} is outside the scope of {} ({})",
+                    d.provider,
+                    peer.id,
+                    scope.join(", ")
+                ));
+            }
+        }
+        match fed.route(&d.consumer)? {
+            Some(Route::Local) => {
+                if let Some(g) = &env.grant {
+                    if let Err(x) = crate::keys::verify_grant(g, &self.store.keys()?) {
+                        return refuse(format!("{}: {}", x.rule, x.detail));
+                    }
+                    if g.consumer != d.consumer
+                        || g.dataset_id != d.dataset_id
+                        || g.demand_id != d.id
+                    {
+                        return refuse(format!("grant {} does not match demand {}", g.id, d.id));
+                    }
+                }
+                self.store.write(|tx| {
+                    if let Some(old) = tx.get::<Demand>(T::Demands, &d.id)? {
+                        if old.state() != DemandState::Pending {
+                            return Ok(((), vec![]));
+                        }
+                    }
+                    tx.put(T::Demands, &d.id, &d)?;
+                    tx.mark(T::DemandsByConsumer, &index_key(&d.consumer, &d.id))?;
+                    tx.mark(T::DemandsByProvider, &index_key(&d.provider, &d.id))?;
+                    let decision = match d.state() {
+                        DemandState::Approved => "demand_approved",
+                        DemandState::Rejected => "demand_rejected",
+                        _ => "demand_decided",
+                    };
+                    let mut e = demand_entry(decision, &d.decided_by, &d);
+                    e.reason = format!(
+                        "decided at the provider's broker, learned from {}: {}",
+                        peer.id, d.reason
+                    );
+                    let mut entries = vec![e];
+                    if let Some(g) = &env.grant {
+                        self.put_grant(tx, g)?;
+                        entries.push(grant_entry("grant_received", &g.issuer, g));
+                    }
+                    Ok(((), entries))
+                })?;
+                Ok(vec![])
+            }
+            Some(Route::Via(p)) if p != peer.key => {
+                let e = demand_entry("decision_forwarded", &peer.id, &d);
+                self.store.write(|tx| {
+                    fed.put_outbox(tx, &p, Body::Decision(env.clone()))?;
+                    Ok(((), vec![e.clone()]))
+                })?;
+                Ok(vec![Effect::Wake(p)])
+            }
+            _ => Ok(vec![]),
+        }
     }
 
     fn new_grant(&self, d: &Demand, fields: &[String], days: u32, quota: u64, now: i64) -> Grant {
@@ -353,6 +636,7 @@ impl Sharing {
         check_fields(&req.fields)?;
         ids::check_text("note", &req.note, false, 1000)?;
         let now = now_ms();
+        let back = self.route_of(&req.id, |d| &d.consumer)?;
         self.store.write(|tx| {
             let mut d = self.decidable(tx, caller, &req.id)?;
             let fields = if req.fields.is_empty() {
@@ -384,6 +668,7 @@ impl Sharing {
             d.reason = req.note.clone();
             tx.put(T::Demands, &d.id, &d)?;
             self.put_grant(tx, &g)?;
+            self.send_decision(tx, &d, Some(&g), &back)?;
             let entries = vec![
                 demand_entry("demand_approved", caller.id.as_str(), &d),
                 grant_entry("grant_issued", caller.id.as_str(), &g),
@@ -423,6 +708,7 @@ impl Sharing {
         ids::check_opaque_id("demand id", id)?;
         ids::check_text("reason", reason, true, 1000)?;
         let now = now_ms();
+        let back = self.route_of(id, |d| &d.consumer)?;
         self.store.write(|tx| {
             let mut d = self.decidable(tx, caller, id)?;
             d.state = DemandState::Rejected as i32;
@@ -430,6 +716,7 @@ impl Sharing {
             d.decided_by = caller.id.to_string();
             d.reason = reason.trim().to_string();
             tx.put(T::Demands, &d.id, &d)?;
+            self.send_decision(tx, &d, None, &back)?;
             let mut e = demand_entry("demand_rejected", caller.id.as_str(), &d);
             e.reason = d.reason.clone();
             Ok((with_overdue(d, now), vec![e]))
@@ -440,6 +727,7 @@ impl Sharing {
     pub fn withdraw(&self, caller: &Caller, id: &str) -> Result<Demand> {
         ids::check_opaque_id("demand id", id)?;
         let now = now_ms();
+        let toward = self.route_of(id, |d| &d.provider)?;
         self.store.write(|tx| {
             let mut d: Demand = tx
                 .get(T::Demands, id)?
@@ -460,6 +748,17 @@ impl Sharing {
             d.decided_at = Some(ts(now));
             d.decided_by = caller.id.to_string();
             tx.put(T::Demands, &d.id, &d)?;
+            if let Some(Route::Via(peer)) = &toward {
+                // The provider's broker holds the pending copy: tell it, so it is not decided.
+                self.fed.put_outbox(
+                    tx,
+                    peer,
+                    Body::Demand(DemandEnvelope {
+                        demand: Some(d.clone()),
+                        origin_broker: self.store.broker_id().to_string(),
+                    }),
+                )?;
+            }
             Ok((
                 d.clone(),
                 vec![demand_entry("demand_withdrawn", caller.id.as_str(), &d)],
@@ -549,6 +848,10 @@ impl Sharing {
             g.revoked_by = caller.id.to_string();
             g.revoke_reason = reason.trim().to_string();
             tx.put(T::Grants, &g.id, &g)?;
+            if g.issuer == self.store.broker_id() {
+                // Signed, so that every broker in the cascade can trust it; flooded by the caller.
+                tx.put(T::Revoked, &g.id, &self.key.revocation(&g))?;
+            }
             let mut e = grant_entry("grant_revoked", caller.id.as_str(), &g);
             e.reason = g.revoke_reason.clone();
             Ok((g, vec![e]))

@@ -55,9 +55,16 @@ pub enum T {
     InFlight,
     /// Broker id ‖ 0 ‖ key id → `KeyAnnouncement`: the keys grants are verified with.
     Keys,
+    /// peer ‖ 0 ‖ seq (u64 BE) → `LinkFrame`: what waits to cross a federation link, in order,
+    /// until the peer acknowledges holding it.
+    Outbox,
+    /// Node id → `RouteRecord`: nodes reached through a child broker.
+    Routes,
+    /// Grant id → `GrantRevocation`: revocations learned from any broker in the cascade.
+    Revoked,
 }
 
-const TREE_NAMES: [&str; 20] = [
+const TREE_NAMES: [&str; 23] = [
     "nodes",
     "datasets",
     "cat_gram",
@@ -78,6 +85,9 @@ const TREE_NAMES: [&str; 20] = [
     "quota",
     "in_flight",
     "keys",
+    "outbox",
+    "routes",
+    "revoked",
 ];
 
 /// A view of every tree inside one transaction.

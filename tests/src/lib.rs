@@ -57,14 +57,43 @@ impl TestBroker {
     /// Initialises a broker, lets `tune` change its config (saved to its config.toml, so it
     /// holds across restarts), and starts it.
     pub async fn start_with(id: &str, tune: impl FnOnce(&mut Config)) -> Result<Self> {
+        Self::start_in(tempfile::tempdir()?, id, None, tune).await
+    }
+
+    /// Initialises and starts a child broker `id` linked to `parent`, with a link identity the
+    /// parent issued (its scope: `scope`, or by default the child's region prefix).
+    pub async fn start_child(
+        id: &str,
+        parent: &TestBroker,
+        scope: &[&str],
+        tune: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
+        let link = dir.path().join("link-identity");
+        let scope: Vec<String> = scope.iter().map(|s| s.to_string()).collect();
+        pki::issue_identity(&parent.data_dir, id, NodeRole::Broker, &link, &scope)?;
+        Self::start_in(dir, id, Some((parent.url(), link)), tune).await
+    }
+
+    async fn start_in(
+        dir: TempDir,
+        id: &str,
+        parent: Option<(String, PathBuf)>,
+        tune: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
         let data_dir = dir.path().join("data");
+        let (parent, parent_identity) = match parent {
+            Some((u, p)) => (Some(u), Some(p)),
+            None => (None, None),
+        };
         pki::init_data_dir(&InitOptions {
             data_dir: data_dir.clone(),
             broker_id: id.into(),
             sans: Vec::new(),
             listen: None,
             admin_id: None,
+            parent,
+            parent_identity,
         })?;
         let mut cfg = Config::load(&data_dir)?;
         tune(&mut cfg);
@@ -81,12 +110,14 @@ impl TestBroker {
     }
 
     async fn boot(&mut self) -> Result<()> {
+        log_from_env();
         let mut cfg = Config::load(&self.data_dir)?;
         // Small caches: a test federation runs dozens of brokers on 2 cores.
         cfg.storage.cache_capacity_bytes = 8 * 1024 * 1024;
         // Many brokers share this machine in tests: let each metrics port be picked freely.
         cfg.metrics.listen = "127.0.0.1:0".into();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        // The same port again after a restart, so that child brokers find their parent.
+        let listener = bind_again(self.addr).await?;
         let running = govshare_broker::start(cfg, listener).await?;
         self.addr = running.local_addr;
         self.running = Some(running);
@@ -125,7 +156,7 @@ impl TestBroker {
     /// Issues an identity for `node` in `role` (not registered); returns its directory.
     pub fn issue(&self, node: &str, role: NodeRole) -> Result<PathBuf> {
         let out = self.scratch(&format!("id-{}", node.replace('/', "-")));
-        pki::issue_identity(&self.data_dir, node, role, &out)?;
+        pki::issue_identity(&self.data_dir, node, role, &out, &[])?;
         Ok(out)
     }
 
@@ -170,7 +201,18 @@ impl TestBroker {
             .unwrap_or((0, 0))
     }
 
-    /// Stops the broker gracefully and starts it again from the same data dir (on a new port).
+    /// Stops the broker gracefully (and promptly: no grace for clients), for tests that stop
+    /// a broker under load and start it again with [`TestBroker::start_again`].
+    pub async fn stop_now(&mut self) -> Result<()> {
+        self.stop().await
+    }
+
+    /// Starts a stopped broker again from its data dir, on the same port.
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.boot().await
+    }
+
+    /// Stops the broker gracefully and starts it again from the same data dir (same port).
     pub async fn restart(&mut self) -> Result<()> {
         self.stop().await?;
         self.boot().await
@@ -194,6 +236,35 @@ impl TestBroker {
     /// Stops the broker gracefully.
     pub async fn shutdown(mut self) -> Result<()> {
         self.stop().await
+    }
+}
+
+/// Logs to stderr when `GOVSHARE_TEST_LOG` is set (a tracing filter, e.g. `govshare_broker=debug`).
+pub fn log_from_env() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if let Ok(filter) = std::env::var("GOVSHARE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+    });
+}
+
+/// Binds `addr` (port 0: any free port), retrying for a while when the old listener's port is
+/// not free yet.
+async fn bind_again(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e; // the old socket is still closing
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot bind {addr} again: {e}")),
+        }
     }
 }
 

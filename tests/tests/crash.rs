@@ -75,6 +75,8 @@ async fn every_accepted_exchange_survives_sigkill_exactly_once() -> Result<()> {
         sans: vec![],
         listen: None,
         admin_id: None,
+        parent: None,
+        parent_identity: None,
     })?;
     let mut config = govshare_broker::Config::load(&data)?;
     config.exchange.ack_wait_secs = 2;
@@ -84,7 +86,7 @@ async fn every_accepted_exchange_survives_sigkill_exactly_once() -> Result<()> {
     std::fs::write(data.join("config.toml"), config.render_template())?;
     let ids = |n: &str| -> Result<PathBuf> {
         let out = tmp.path().join(n.replace('/', "-"));
-        pki::issue_identity(&data, n, NodeRole::Department, &out)?;
+        pki::issue_identity(&data, n, NodeRole::Department, &out, &[])?;
         Ok(out)
     };
     let (hrss_dir, civil_dir) = (ids("330000/hrss")?, ids("330100/civil")?);

@@ -94,6 +94,11 @@ pub enum Cmd {
         /// The grant.
         grant_id: String,
     },
+    /// An exchange of a local consumer came back from another broker with its outcome.
+    Remote {
+        /// The outcome, as the provider's home broker shaped it.
+        result: ExchangeResult,
+    },
     /// Stop.
     Shutdown,
 }
@@ -228,6 +233,8 @@ struct End {
     masked: Vec<String>,
     dropped: Vec<String>,
     truncated: bool,
+    /// The hop trail so far, when it came back from other brokers (else the envelope's).
+    trail: Option<Vec<govshare_proto::v1::HopReceipt>>,
 }
 
 impl End {
@@ -248,6 +255,7 @@ impl End {
             masked: Vec::new(),
             dropped: Vec::new(),
             truncated: false,
+            trail: None,
         }
     }
 
@@ -276,6 +284,8 @@ struct Actor {
     deadlines: BTreeSet<(i64, String)>,
     /// Ended exchanges whose consumers are told after the next shared flush.
     done: Vec<(String, ExchangeResult, bool)>,
+    /// Links whose outboxes got results, woken after the next shared flush.
+    wake: BTreeSet<String>,
     last_heartbeat: i64,
     last_sweep: i64,
 }
@@ -292,6 +302,7 @@ impl Actor {
             pending: HashMap::new(),
             deadlines: BTreeSet::new(),
             done: Vec::new(),
+            wake: BTreeSet::new(),
             last_heartbeat: now_ms(),
             last_sweep: now_ms(),
         }
@@ -330,10 +341,11 @@ impl Actor {
 
     /// Tells consumers (and waiting Requests) about ended exchanges once they are durable.
     fn flush_done(&mut self) {
-        if self.done.is_empty() {
+        if self.done.is_empty() && self.wake.is_empty() {
             return;
         }
         let done = std::mem::take(&mut self.done);
+        let wake = std::mem::take(&mut self.wake);
         let engine = self.engine.clone();
         tokio::spawn(async move {
             if let Err(e) = engine.store().durable().await {
@@ -342,7 +354,60 @@ impl Actor {
             for (consumer, result, sync) in done {
                 engine.finished(&consumer, result, sync);
             }
+            for peer in wake {
+                engine.fed().wake(&peer);
+            }
         });
+    }
+
+    /// Ends an exchange of a local consumer with the outcome that came back over a link. The
+    /// grant is checked once more here (fail closed): a revocation that arrived first wins.
+    fn remote(&mut self, result: ExchangeResult) {
+        let id = result.exchange_id.clone();
+        let Some(rec) = self.load(&id) else { return };
+        let ours = rec.envelope.as_ref().map(|e| e.origin_broker.as_str())
+            == Some(self.engine.store().broker_id());
+        if rec.finished() || !ours {
+            return;
+        }
+        let state = result.state();
+        let mut end = match state {
+            ExchangeState::Answered => match self.recheck(&rec) {
+                Err(d) => End::denied(&d),
+                Ok(_) => End {
+                    state,
+                    rule: None,
+                    code: 0,
+                    message: String::new(),
+                    decision: "exchange_answered",
+                    dead_letter: None,
+                    rows: result.rows,
+                    masked: result.masked_fields,
+                    dropped: result.dropped_fields,
+                    truncated: result.truncated,
+                    trail: None,
+                },
+            },
+            other => {
+                let (decision, fallback) = match other {
+                    ExchangeState::Denied => ("exchange_denied", tonic::Code::PermissionDenied),
+                    ExchangeState::Expired => ("exchange_expired", tonic::Code::DeadlineExceeded),
+                    _ => ("exchange_failed", tonic::Code::Unknown),
+                };
+                let err = result.error.clone().unwrap_or_default();
+                let shown = match other {
+                    ExchangeState::Denied | ExchangeState::Expired => other,
+                    _ => ExchangeState::Failed,
+                };
+                let mut e = End::error(shown, fallback, err.message, decision);
+                if err.code != 0 {
+                    e.code = err.code;
+                }
+                e
+            }
+        };
+        end.trail = Some(result.trail);
+        self.end(&id, end);
     }
 
     /// Handles one command; false means stop.
@@ -401,6 +466,7 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Cmd::GrantRevoked { grant_id } => self.revoked(&grant_id),
+            Cmd::Remote { result } => self.remote(result),
             Cmd::Shutdown => return false,
         }
         true
@@ -788,6 +854,7 @@ impl Actor {
             masked: shaped.masked,
             dropped: shaped.dropped,
             truncated: shaped.truncated || answer.truncated,
+            trail: None,
         }
     }
 
@@ -802,6 +869,14 @@ impl Actor {
             }
         };
         let now = now_ms();
+        // Where a result for a consumer on another broker goes; looked up before the
+        // transaction, since sled reads cannot run inside one.
+        let back = match self.load(id).and_then(|r| r.envelope) {
+            Some(env) if env.origin_broker != store.broker_id() => {
+                self.engine.fed().route(&env.consumer).ok().flatten()
+            }
+            _ => None,
+        };
         let written = store.write(|tx| {
             let Some(mut rec) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
                 return Ok((None, vec![]));
@@ -827,7 +902,7 @@ impl Actor {
                 masked_fields: end.masked.clone(),
                 dropped_fields: end.dropped.clone(),
                 trail: {
-                    let mut t = env.trail.clone();
+                    let mut t = end.trail.clone().unwrap_or_else(|| env.trail.clone());
                     let hop = t.last().map(|r| r.hop).unwrap_or(0);
                     t.push(self.engine.key().receipt(
                         id,
@@ -844,6 +919,51 @@ impl Actor {
             rec.result_seq = result_seq;
             tx.unmark(T::Queue, &seq_key(&rec.dest, rec.queue_seq))?;
             tx.unmark(T::InFlight, id.as_bytes())?;
+            if env.origin_broker != store.broker_id() {
+                // The consumer is on another broker: the result travels back over the links,
+                // and this broker lets go of the exchange (its id stays marked as handled).
+                if let Some(crate::federation::Route::Via(peer)) = &back {
+                    self.engine.fed().put_outbox(
+                        tx,
+                        peer,
+                        govshare_proto::v1::link_frame::Body::Result(
+                            govshare_proto::v1::ResultEnvelope {
+                                result: Some(result.clone()),
+                                origin_broker: env.origin_broker.clone(),
+                                consumer: env.consumer.clone(),
+                            },
+                        ),
+                    )?;
+                    tx.unmark(T::Exchanges, id.as_bytes())?;
+                    let seen = super::record::DedupRecord {
+                        exchange_id: id.to_string(),
+                        at_ms: now,
+                    };
+                    tx.put_raw(
+                        T::Dedup,
+                        &crate::store::index_key("#hop", id),
+                        &seen.encode_to_vec(),
+                    )?;
+                    let mut e = exchange_entry(end.decision, store.broker_id(), &env);
+                    e.reason = if end.message.is_empty() {
+                        format!("rows: {}; result sent toward {}", end.rows.len(), env.origin_broker)
+                    } else {
+                        end.message.clone()
+                    };
+                    return Ok((
+                        Some((
+                            env.consumer.clone(),
+                            rec.dest.clone(),
+                            rec.bytes,
+                            result,
+                            false,
+                            Some(peer.clone()),
+                        )),
+                        vec![e],
+                    ));
+                }
+                tracing::error!(exchange = id, consumer = %env.consumer, "no route back to the consumer's broker; the result stays here");
+            }
             tx.put_raw(
                 T::Results,
                 &seq_key(&env.consumer, result_seq),
@@ -872,12 +992,13 @@ impl Actor {
                     rec.bytes,
                     result,
                     rec.sync,
+                    None,
                 )),
                 vec![e],
             ))
         });
         match written {
-            Ok(Some((consumer, dest, bytes, result, sync))) => {
+            Ok(Some((consumer, dest, bytes, result, sync, back))) => {
                 if end.state == ExchangeState::Answered {
                     tracing::debug!(exchange = id, trace_id = %result.trace_id, rows = result.rows.len(), "exchange answered");
                 } else {
@@ -898,7 +1019,12 @@ impl Actor {
                     .record_stage("end_to_end", now - ms(&result.accepted_at));
                 self.forget(id);
                 self.engine.release(&dest, bytes);
-                self.done.push((consumer, result, sync));
+                match back {
+                    Some(peer) => {
+                        self.wake.insert(peer);
+                    }
+                    None => self.done.push((consumer, result, sync)),
+                }
             }
             Ok(None) => self.forget(id),
             Err(e) => {

@@ -9,6 +9,7 @@
 
 pub mod dispatcher;
 pub mod enforce;
+pub mod hop;
 pub mod record;
 
 use crate::audit;
@@ -60,6 +61,8 @@ struct Inner {
     depth: Mutex<HashMap<String, (u64, u64)>>,
     /// Signs this broker's hop receipts.
     key: crate::keys::SigningKey,
+    /// Routes and links to other brokers.
+    fed: crate::federation::Fed,
     /// True once the broker is stopping: long waits (Request, Get, Watch) give up.
     stopping: tokio::sync::watch::Receiver<bool>,
     /// Count exchanges per dataset too.
@@ -81,6 +84,8 @@ struct Inner {
 enum Accepted {
     /// Stored; enqueue it.
     New {
+        /// The link it leaves through, when its provider is on another broker.
+        next_hop: Option<String>,
         id: String,
         trace_id: String,
         dest: String,
@@ -93,6 +98,28 @@ enum Accepted {
         trace_id: String,
         state: ExchangeState,
     },
+}
+
+/// The quota counter of a grant for the day of `now`.
+fn quota_key(grant_id: &str, now: i64) -> Vec<u8> {
+    let mut k = index_key(grant_id, "");
+    k.extend_from_slice(&enforce::quota_day(now).to_be_bytes());
+    k
+}
+
+/// Counts one exchange against a grant's daily quota inside a transaction; the denial when
+/// the quota is spent (nothing counted then).
+fn take_quota(tx: &store::Tx<'_>, grant: &Grant, quota_key: &[u8]) -> Result<Option<Denial>> {
+    let used = tx
+        .get_raw(T::Quota, quota_key)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0);
+    if let Some(d) = enforce::quota_denial(grant, used) {
+        return Ok(Some(d));
+    }
+    tx.put_raw(T::Quota, quota_key, &(used + 1).to_be_bytes())?;
+    Ok(None)
 }
 
 fn lock<'a, T>(m: &'a Mutex<T>) -> std::sync::MutexGuard<'a, T> {
@@ -145,6 +172,7 @@ impl Engine {
         stopping: tokio::sync::watch::Receiver<bool>,
         per_dataset: bool,
         key: crate::keys::SigningKey,
+        fed: crate::federation::Fed,
     ) -> Result<Self> {
         let (cmd_tx, cmd_rx) = mpsc::channel(8192);
         let inner = Arc::new(Inner {
@@ -157,6 +185,7 @@ impl Engine {
             depth: Mutex::new(HashMap::new()),
             stopping,
             key,
+            fed,
             per_dataset,
             providers: std::sync::atomic::AtomicU64::new(0),
             outcomes: Mutex::new(std::collections::BTreeMap::new()),
@@ -220,6 +249,22 @@ impl Engine {
 
     pub(crate) fn cfg(&self) -> &ExchangeSection {
         &self.inner.cfg
+    }
+
+    pub(crate) fn fed(&self) -> &crate::federation::Fed {
+        &self.inner.fed
+    }
+
+    /// An exchange of a local consumer came back over a link with its outcome.
+    pub async fn remote_result(&self, result: ExchangeResult) {
+        let _ = self.inner.cmd.send(Cmd::Remote { result }).await;
+    }
+
+    /// Queues an exchange this broker took custody of from a link.
+    pub async fn enqueue_forwarded(&self, id: &str, dest: &str, dataset: &str, deadline_ms: i64) {
+        if let Err(e) = self.enqueue(id, dest, dataset, deadline_ms).await {
+            tracing::warn!(exchange = id, error = %e, "cannot queue a forwarded exchange now; it is queued again at restart");
+        }
     }
 
     /// The wake-up of a consumer.
@@ -560,11 +605,31 @@ impl Engine {
         };
         let bytes = record.encoded_len() as u64;
         self.reserve(&dest, bytes)?;
-        let quota_key = {
-            let mut k = index_key(&grant.id, "");
-            k.extend_from_slice(&enforce::quota_day(now).to_be_bytes());
-            k
+        let quota_key = quota_key(&grant.id, now);
+        // The quota is counted where it is authoritative: at the provider's home broker, the
+        // grant's issuer. An exchange for a provider elsewhere leaves through a link.
+        let own_quota = grant.issuer == store.broker_id();
+        let next_hop = match self.inner.fed.route(&dest)? {
+            Some(crate::federation::Route::Local) => None,
+            Some(crate::federation::Route::Via(peer)) => {
+                if sync && !self.inner.fed.link_up(&peer) {
+                    self.release(&dest, bytes);
+                    return Err(BrokerError::Unavailable(format!(
+                        "provider {dest} is reached through {}, and that link is down; use Submit to have the exchange wait for it",
+                        self.inner.fed.peer_name(&peer)
+                    )));
+                }
+                Some(peer)
+            }
+            None => {
+                self.release(&dest, bytes);
+                return Err(BrokerError::not_found(format!(
+                    "provider node {dest} is not registered on this broker or below it, and this broker has no parent"
+                )));
+            }
         };
+        let mut outgoing = env.clone();
+        outgoing.grant = grant.token.clone();
         let outcome = store.write(|tx| {
             if let Some(k) = &dedup_key {
                 if let Some(raw) = tx.get_raw(T::Dedup, k)? {
@@ -574,17 +639,20 @@ impl Engine {
                     }
                 }
             }
-            let used = tx
-                .get_raw(T::Quota, &quota_key)?
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            if let Some(d) = enforce::quota_denial(&grant, used) {
-                let mut e = exchange_entry("exchange_denied", &consumer, &env);
-                e.reason = format!("{}: {}", d.rule, d.detail);
-                return Ok((Ok(Some(d)), vec![e]));
+            if own_quota {
+                if let Some(d) = take_quota(tx, &grant, &quota_key)? {
+                    let mut e = exchange_entry("exchange_denied", &consumer, &env);
+                    e.reason = format!("{}: {}", d.rule, d.detail);
+                    return Ok((Ok(Some(d)), vec![e]));
+                }
             }
-            tx.put_raw(T::Quota, &quota_key, &(used + 1).to_be_bytes())?;
+            if let Some(peer) = &next_hop {
+                self.inner.fed.put_outbox(
+                    tx,
+                    peer,
+                    govshare_proto::v1::link_frame::Body::Exchange(outgoing.clone()),
+                )?;
+            }
             let mut rec = record.clone();
             rec.bytes = bytes;
             tx.put(T::Exchanges, &exchange_id, &rec)?;
@@ -601,10 +669,15 @@ impl Engine {
                 tx.put_raw(T::Dedup, k, &d.encode_to_vec())?;
             }
             let mut e = exchange_entry("exchange_accepted", &consumer, &env);
-            e.reason = if sync {
-                "request".into()
-            } else {
-                "submit".into()
+            e.reason = match (&next_hop, sync) {
+                (None, true) => "request".into(),
+                (None, false) => "submit".into(),
+                (Some(p), s) => format!(
+                    "{}; grant {} checked: ok; next hop {}",
+                    if s { "request" } else { "submit" },
+                    grant.id,
+                    crate::federation::peer_label(p)
+                ),
             };
             Ok((Ok(None), vec![e]))
         });
@@ -612,6 +685,7 @@ impl Engine {
             Ok(Ok(None)) => {
                 self.record_outcome(&req.dataset_id, "accepted");
                 Ok(Accepted::New {
+                    next_hop,
                     id: exchange_id,
                     trace_id: req.trace_id,
                     dest,
@@ -726,6 +800,7 @@ impl Engine {
                     dest,
                     dataset,
                     deadline_ms,
+                    next_hop,
                     ..
                 } = &accepted
                 {
@@ -737,6 +812,9 @@ impl Engine {
                     // a restart's recovery) covers it. The caller learns of a failed flush and
                     // retries with its idempotency key.
                     me.enqueue(id, dest, dataset, *deadline_ms).await?;
+                    if let Some(peer) = next_hop {
+                        me.inner.fed.wake(peer);
+                    }
                     me.record_stage("accept", now_ms() - started);
                     tracing::debug!(exchange = %id, dest = %dest, "accepted and queued");
                     flushed?;

@@ -18,9 +18,16 @@ impl CatalogService for CatalogSvc {
     ) -> Result<Response<PublishDatasetResponse>, Status> {
         let c = caller(&self.0, &req).await?;
         let d = req.into_inner().dataset;
-        Ok(Response::new(
-            write(&self.0, move |a| a.catalog.publish(&c, d)).await?,
-        ))
+        let out = write(&self.0, move |a| a.catalog.publish(&c, d)).await?;
+        if let Some(d) = &out.dataset {
+            self.0.fed.broadcast(
+                &link_frame::Body::Catalog(CatalogUpdate {
+                    dataset: Some(d.clone()),
+                }),
+                "",
+            );
+        }
+        Ok(Response::new(out))
     }
 
     async fn withdraw_dataset(
@@ -29,9 +36,14 @@ impl CatalogService for CatalogSvc {
     ) -> Result<Response<Dataset>, Status> {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
-        Ok(Response::new(
-            write(&self.0, move |a| a.catalog.withdraw(&c, &r.id, &r.reason)).await?,
-        ))
+        let out = write(&self.0, move |a| a.catalog.withdraw(&c, &r.id, &r.reason)).await?;
+        self.0.fed.broadcast(
+            &link_frame::Body::Catalog(CatalogUpdate {
+                dataset: Some(out.clone()),
+            }),
+            "",
+        );
+        Ok(Response::new(out))
     }
 
     async fn get_dataset(

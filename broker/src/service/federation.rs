@@ -1,10 +1,11 @@
-//! `govshare.v1.FederationService`: designed in the API; links arrive with federation.
+//! `govshare.v1.FederationService`: the link a child broker keeps open to its parent.
 
-use super::{caller, not_yet, App};
+use super::App;
 use crate::error::BrokerError;
 use govshare_proto::v1::federation_service_server::FederationService;
 use govshare_proto::v1::*;
 use std::sync::Arc;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 /// The federation link service.
@@ -19,14 +20,19 @@ impl FederationService for FederationSvc {
         &self,
         req: Request<Streaming<LinkFrame>>,
     ) -> Result<Response<Self::LinkStream>, Status> {
-        let c = caller(&self.0, &req).await?;
-        if c.role != NodeRole::Broker {
+        // A child broker is not a registered node here: its certificate, signed by this
+        // broker's CA with the broker role, is what admits it (and its scope).
+        let cert = crate::auth::cert_identity(&req)?;
+        if cert.role != NodeRole::Broker {
             return Err(BrokerError::denied(format!(
-                "only broker certificates may open a federation link; {} is not a broker",
-                c.id
+                "only broker certificates may open a federation link; {} is a {}",
+                cert.node_id,
+                crate::pki::role_name(cert.role)
             ))
             .into());
         }
-        Err(not_yet("Federation.Link"))
+        let out =
+            crate::federation::link::accept_child(self.0.clone(), cert, req.into_inner()).await?;
+        Ok(Response::new(Box::pin(out.map(Ok))))
     }
 }

@@ -32,6 +32,8 @@ pub struct App {
     pub sharing: Sharing,
     /// Exchanges.
     pub engine: crate::exchange::Engine,
+    /// Links and routes to other brokers.
+    pub fed: crate::federation::Fed,
     /// When this broker started, Unix ms.
     pub started_ms: i64,
     /// Flipped to true at shutdown, so long-lived streams (Watch, Serve) end and the
@@ -51,6 +53,7 @@ impl App {
         let key = crate::keys::SigningKey::load_or_create(&cfg.data_dir, &cfg.broker.id)?;
         let own = key.announcement();
         store.add_key(&own)?;
+        let fed = crate::federation::Fed::new(store.clone(), !cfg.federation.parent.is_empty())?;
         let engine = crate::exchange::Engine::start(
             store.clone(),
             catalog.clone(),
@@ -58,11 +61,13 @@ impl App {
             stopping.clone(),
             cfg.metrics.per_dataset,
             key.clone(),
+            fed.clone(),
         )?;
         Ok(Self {
             registry: Registry::new(store.clone()),
             catalog,
-            sharing: Sharing::new(store.clone(), cfg.sharing.clone(), key),
+            sharing: Sharing::new(store.clone(), cfg.sharing.clone(), key, fed.clone()),
+            fed,
             engine,
             store,
             cfg,
@@ -102,6 +107,8 @@ pub async fn write<R: Send + 'static>(
     let app2 = app.clone();
     let r = store::blocking(move || f(&app2)).await?;
     app.store.durable().await?;
+    // Whatever the write put in an outbox (demands, decisions) may go now.
+    app.fed.wake_all();
     Ok(r)
 }
 

@@ -30,6 +30,9 @@ impl NodeService for NodeSvc {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let out = write(&self.0, move |a| a.registry.register(&c, r)).await?;
+        if let Some(n) = &out.node {
+            self.0.fed.advertise_local(n);
+        }
         Ok(Response::new(out))
     }
 
@@ -66,6 +69,7 @@ impl NodeService for NodeSvc {
                 .set_state(&c, &r.id, NodeState::Suspended, &r.reason)
         })
         .await?;
+        self.0.fed.advertise_local(&out);
         Ok(Response::new(out))
     }
 
@@ -76,6 +80,7 @@ impl NodeService for NodeSvc {
             a.registry.set_state(&c, &r.id, NodeState::Active, "")
         })
         .await?;
+        self.0.fed.advertise_local(&out);
         Ok(Response::new(out))
     }
 

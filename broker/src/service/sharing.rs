@@ -103,6 +103,16 @@ impl SharingService for SharingSvc {
         let grant = write(&self.0, move |a| a.sharing.revoke(&c, &r.id, &r.reason)).await?;
         // Exchanges queued under it end now, as denied, instead of waiting for a provider.
         self.0.engine.grant_revoked(grant.id.clone()).await;
+        let gid = grant.id.clone();
+        let signed = read(&self.0, move |a| {
+            a.store
+                .get::<GrantRevocation>(crate::store::T::Revoked, &gid)
+        })
+        .await?;
+        if let Some(r) = signed {
+            // Every broker in the cascade refuses the grant from now on.
+            self.0.fed.broadcast(&link_frame::Body::Revocation(r), "");
+        }
         Ok(Response::new(grant))
     }
 }

@@ -1,0 +1,852 @@
+//! One federation link session, the same on both ends: a hello, the whole state (keys,
+//! revocations, catalog, and from a child its routes), then custody frames pumped from the
+//! durable outbox under a window and acknowledged once the receiver holds them durably.
+//!
+//! The child side dials its parent with the identity the parent issued, and reconnects with
+//! jittered exponential backoff for as long as the broker runs.
+
+use super::{in_scope, Effect, Fed, Route, RouteRecord, PARENT, PROTOCOL};
+use crate::error::{BrokerError, Result};
+use crate::ids::NodeId;
+use crate::service::App;
+use crate::store::{self, seq_key, T};
+use futures::FutureExt;
+use govshare_proto::v1::federation_service_client::FederationServiceClient;
+use govshare_proto::v1::{
+    link_frame::Body, CatalogUpdate, GrantRevocation, GrantState, LinkAck, LinkFrame, LinkHello,
+    LinkPing, LinkPong, Node, NodeRole, NodeState, RouteAdvertisement, RouteWithdrawal,
+};
+use prost::Message;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+/// Custody frames sent and not yet acknowledged, at most.
+const WINDOW: usize = 256;
+/// Frames queued toward the stream, at most.
+const CHANNEL: usize = 1024;
+/// Frames handled together (one flush, one ack).
+const BATCH: usize = 256;
+/// How long a peer has to say hello.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
+/// The first reconnect wait.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// The other end of a link.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The link key: the child's broker id, or [`PARENT`].
+    pub key: String,
+    /// The peer's broker id.
+    pub id: String,
+    /// For a child: the node-id prefixes it may claim. `None` for the parent.
+    pub scope: Option<Vec<String>>,
+}
+
+/// The parent side: a child broker opened a link. Checks its hello and returns the stream of
+/// frames toward it; the session runs in its own task.
+pub async fn accept_child(
+    app: Arc<App>,
+    cert: crate::pki::CertIdentity,
+    mut inbound: Streaming<LinkFrame>,
+) -> Result<ReceiverStream<LinkFrame>> {
+    let me = app.store.broker_id().to_string();
+    let child = cert.node_id.to_string();
+    if child == me {
+        return Err(BrokerError::denied(format!(
+            "{child} is this broker's own id; a broker cannot link to itself"
+        )));
+    }
+    let hello = match tokio::time::timeout(HELLO_WAIT, inbound.message()).await {
+        Ok(Ok(Some(LinkFrame {
+            body: Some(Body::Hello(h)),
+            ..
+        }))) => h,
+        Ok(Ok(_)) => return Err(BrokerError::invalid("a link must open with a hello frame")),
+        Ok(Err(e)) => return Err(BrokerError::invalid(format!("link stream: {e}"))),
+        Err(_) => {
+            return Err(BrokerError::DeadlineExceeded(
+                "no hello within 10 seconds".into(),
+            ))
+        }
+    };
+    if hello.broker_id != child {
+        return Err(BrokerError::denied(format!(
+            "the hello says {}, the certificate says {child}; a broker links only as itself",
+            hello.broker_id
+        )));
+    }
+    if hello.protocol != PROTOCOL {
+        return Err(BrokerError::precondition(format!(
+            "the child speaks {:?}; this broker speaks {PROTOCOL}",
+            hello.protocol
+        )));
+    }
+    let scope: Vec<String> = match app.cfg.federation.scope_override(&child) {
+        Some(s) => s.to_vec(),
+        None if !cert.scope.is_empty() => cert.scope.clone(),
+        None => crate::pki::default_scope(&cert.node_id),
+    };
+    let (tx, rx) = mpsc::channel(CHANNEL);
+    tx.send(LinkFrame {
+        seq: 0,
+        body: Some(Body::Hello(LinkHello {
+            broker_id: me,
+            protocol: PROTOCOL.into(),
+            scope: scope.clone(),
+        })),
+    })
+    .await
+    .map_err(|_| BrokerError::internal("link channel closed"))?;
+    let peer = Peer {
+        key: child.clone(),
+        id: child,
+        scope: Some(scope),
+    };
+    spawn_session(app, peer, inbound, tx);
+    Ok(ReceiverStream::new(rx))
+}
+
+/// Runs a session in a task of its own, which the federation state can abort.
+fn spawn_session(
+    app: Arc<App>,
+    peer: Peer,
+    inbound: Streaming<LinkFrame>,
+    tx: mpsc::Sender<LinkFrame>,
+) -> tokio::task::JoinHandle<()> {
+    let (abort_tx, abort_rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let Ok(abort) = abort_rx.await else { return };
+        session(app, peer, inbound, tx, abort).await;
+    });
+    let _ = abort_tx.send(task.abort_handle());
+    task
+}
+
+/// The child side: dials the parent and keeps the link up until the broker stops.
+pub fn spawn_parent_link(app: Arc<App>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut stopping = app.stopping.clone();
+        let max = Duration::from_secs(app.cfg.federation.max_backoff_secs.max(1));
+        let mut backoff = FIRST_BACKOFF;
+        let url = app.cfg.federation.parent.clone();
+        loop {
+            if *stopping.borrow() {
+                return;
+            }
+            match dial(&app).await {
+                Ok((inbound, tx, parent_id)) => {
+                    tracing::info!(parent = %parent_id, %url, "link to the parent is up");
+                    backoff = FIRST_BACKOFF;
+                    let peer = Peer {
+                        key: PARENT.into(),
+                        id: parent_id.clone(),
+                        scope: None,
+                    };
+                    let task = spawn_session(app.clone(), peer, inbound, tx);
+                    tokio::select! {
+                        _ = task => {}
+                        _ = stopping.wait_for(|s| *s) => return,
+                    }
+                    tracing::warn!(parent = %parent_id, %url, "link to the parent is down; reconnecting");
+                }
+                Err(e) => {
+                    tracing::warn!(%url, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot link to the parent");
+                }
+            }
+            // Full jitter: brokers that lost the same parent do not all come back at once.
+            let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+            backoff = (backoff * 2).min(max);
+        }
+    })
+}
+
+/// Opens the link to the parent and exchanges hellos.
+async fn dial(app: &App) -> Result<(Streaming<LinkFrame>, mpsc::Sender<LinkFrame>, String)> {
+    let cfg = &app.cfg;
+    let dir = cfg.path(&cfg.federation.identity);
+    let read = |name: &str| {
+        let p = dir.join(name);
+        std::fs::read(&p).map_err(|e| {
+            BrokerError::invalid(format!(
+                "cannot read the link identity {}: {e} ([federation] identity)",
+                p.display()
+            ))
+        })
+    };
+    let cert = read(crate::pki::NODE_CERT)?;
+    let key = read(crate::pki::NODE_KEY)?;
+    let ca = read(crate::pki::CA_CERT)?;
+    let uri: tonic::transport::Uri = cfg.federation.parent.parse().map_err(|e| {
+        BrokerError::invalid(format!(
+            "[federation] parent {:?} is not a URL: {e}",
+            cfg.federation.parent
+        ))
+    })?;
+    let host = uri.host().unwrap_or("localhost").to_string();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .identity(tonic::transport::Identity::from_pem(cert, key))
+        .domain_name(host);
+    let channel = tonic::transport::Endpoint::from(uri)
+        .tls_config(tls)
+        .map_err(|e| BrokerError::invalid(format!("link TLS setup: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("connect: {}", error_chain(&e))))?;
+    let mut client = FederationServiceClient::new(channel)
+        .max_decoding_message_size(16 * 1024 * 1024)
+        .max_encoding_message_size(16 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel(CHANNEL);
+    tx.send(LinkFrame {
+        seq: 0,
+        body: Some(Body::Hello(LinkHello {
+            broker_id: app.store.broker_id().to_string(),
+            protocol: PROTOCOL.into(),
+            scope: Vec::new(),
+        })),
+    })
+    .await
+    .map_err(|_| BrokerError::internal("link channel closed"))?;
+    let mut inbound = client
+        .link(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| BrokerError::Unavailable(format!("the parent refused the link: {s}")))?
+        .into_inner();
+    let hello = match tokio::time::timeout(HELLO_WAIT, inbound.message()).await {
+        Ok(Ok(Some(LinkFrame {
+            body: Some(Body::Hello(h)),
+            ..
+        }))) => h,
+        Ok(Err(s)) => {
+            return Err(BrokerError::Unavailable(format!(
+                "the parent refused the link: {s}"
+            )))
+        }
+        _ => return Err(BrokerError::Unavailable("the parent sent no hello".into())),
+    };
+    tracing::info!(parent = %hello.broker_id, scope = %hello.scope.join(","), "parent accepted the link");
+    Ok((inbound, tx, hello.broker_id))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Forgets the link and stops its pump however the session ends (error, abort, shutdown).
+struct Guard {
+    fed: Fed,
+    key: String,
+    session: u64,
+    pump: tokio::task::AbortHandle,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.pump.abort();
+        self.fed.closed(&self.key, self.session);
+    }
+}
+
+async fn session(
+    app: Arc<App>,
+    peer: Peer,
+    mut inbound: Streaming<LinkFrame>,
+    tx: mpsc::Sender<LinkFrame>,
+    abort: tokio::task::AbortHandle,
+) {
+    let fed = app.fed.clone();
+    let (session, wake) = fed.opened(&peer.key, &peer.id, tx.clone(), abort);
+    let acked = Arc::new(AtomicU64::new(0));
+    let ack_notify = Arc::new(Notify::new());
+    let pump = tokio::spawn(pump(
+        app.clone(),
+        peer.key.clone(),
+        tx.clone(),
+        wake,
+        acked.clone(),
+        ack_notify.clone(),
+    ));
+    let _guard = Guard {
+        fed: fed.clone(),
+        key: peer.key.clone(),
+        session,
+        pump: pump.abort_handle(),
+    };
+    match send_state(&app, &peer, &tx).await {
+        Ok(n) => tracing::debug!(peer = %peer.id, frames = n, "link state sent"),
+        Err(e) => {
+            tracing::warn!(peer = %peer.id, error = %e, "cannot send the link state; closing");
+            return;
+        }
+    }
+    let label = super::peer_label(&peer.key);
+    let ping_every = Duration::from_secs(app.cfg.federation.ping_secs.max(1));
+    let mut ping = tokio::time::interval(ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = tokio::time::Instant::now();
+    let mut stopping = app.stopping.clone();
+    loop {
+        let first = tokio::select! {
+            m = inbound.message() => m,
+            _ = ping.tick() => {
+                if last_heard.elapsed() > ping_every * 3 {
+                    tracing::warn!(peer = %peer.id, "nothing heard on the link for three pings; closing it");
+                    return;
+                }
+                let nonce = rand::random();
+                let _ = tx.try_send(LinkFrame { seq: 0, body: Some(Body::Ping(LinkPing { nonce, sent_at: Some(crate::time::now_ts()) })) });
+                continue;
+            }
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        let mut frames = match first {
+            Ok(Some(f)) => vec![f],
+            Ok(None) => return,
+            Err(s) => {
+                tracing::info!(peer = %peer.id, status = %s, "link stream ended");
+                return;
+            }
+        };
+        last_heard = tokio::time::Instant::now();
+        let mut ended = false;
+        while frames.len() < BATCH {
+            match inbound.message().now_or_never() {
+                Some(Ok(Some(f))) => frames.push(f),
+                Some(_) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        metrics::counter!(crate::metrics::LINK_FRAMES, "peer" => label.clone(), "direction" => "received")
+            .increment(frames.len() as u64);
+        let mut custody = Vec::new();
+        for f in frames {
+            match f.body {
+                Some(Body::Ack(a)) => {
+                    on_ack(&app, &peer.key, a.up_to_seq, &acked, &ack_notify).await
+                }
+                Some(Body::Ping(p)) => {
+                    let _ = tx.try_send(LinkFrame {
+                        seq: 0,
+                        body: Some(Body::Pong(LinkPong { nonce: p.nonce })),
+                    });
+                }
+                Some(Body::Pong(_)) | Some(Body::Hello(_)) | None => {}
+                Some(body) => custody.push((f.seq, body)),
+            }
+        }
+        if !custody.is_empty() {
+            let a = app.clone();
+            let p = peer.clone();
+            let handled = store::blocking(move || handle_frames(&a, &p, custody)).await;
+            let (up_to, effects) = match handled {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(peer = %peer.id, error = %e, "cannot take custody of link frames; closing the link so the peer resends them");
+                    return;
+                }
+            };
+            if let Err(e) = app.store.durable().await {
+                tracing::error!(peer = %peer.id, error = %e, "flush failed; closing the link so the peer resends");
+                return;
+            }
+            apply(&app, effects).await;
+            if up_to > 0
+                && tx
+                    .send(LinkFrame {
+                        seq: 0,
+                        body: Some(Body::Ack(LinkAck { up_to_seq: up_to })),
+                    })
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        if ended {
+            return;
+        }
+    }
+}
+
+/// The peer holds every frame up to `up_to`: this broker lets go of its copies.
+async fn on_ack(app: &Arc<App>, key: &str, up_to: u64, acked: &AtomicU64, notify: &Notify) {
+    let before = acked.fetch_max(up_to, Ordering::AcqRel);
+    if up_to <= before {
+        return;
+    }
+    let store = app.store.clone();
+    let key = key.to_string();
+    let removed = store::blocking(move || {
+        let tree = store.tree(T::Outbox);
+        let mut batch = sled::Batch::default();
+        for kv in tree.range(seq_key(&key, 0)..=seq_key(&key, up_to)) {
+            batch.remove(kv?.0);
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
+    })
+    .await;
+    if let Err(e) = removed {
+        // Harmless: the frames are sent again on the next session, and the peer drops them.
+        tracing::warn!(error = %e, "cannot remove acknowledged frames from the outbox");
+    }
+    notify.notify_one();
+}
+
+/// Sends what waits in the outbox toward `key`, in order, at most [`WINDOW`] unacknowledged.
+async fn pump(
+    app: Arc<App>,
+    key: String,
+    tx: mpsc::Sender<LinkFrame>,
+    wake: Arc<Notify>,
+    acked: Arc<AtomicU64>,
+    ack_notify: Arc<Notify>,
+) {
+    let label = super::peer_label(&key);
+    let mut sent_upto = 0u64;
+    let mut unacked: VecDeque<u64> = VecDeque::new();
+    loop {
+        let a = acked.load(Ordering::Acquire);
+        while unacked.front().is_some_and(|s| *s <= a) {
+            unacked.pop_front();
+        }
+        if unacked.len() >= WINDOW {
+            tokio::select! {
+                _ = ack_notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        let room = WINDOW - unacked.len();
+        let (store, k) = (app.store.clone(), key.clone());
+        let entries = store::blocking(move || {
+            let tree = store.tree(T::Outbox);
+            let mut out = Vec::new();
+            for kv in tree
+                .range(seq_key(&k, sent_upto.saturating_add(1))..=seq_key(&k, u64::MAX))
+                .take(room)
+            {
+                let (k, v) = kv?;
+                out.push((k.to_vec(), LinkFrame::decode(v.as_ref())?));
+            }
+            Ok(out)
+        })
+        .await;
+        let entries = match entries {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if entries.is_empty() {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        for (okey, frame) in entries {
+            sent_upto = frame.seq;
+            if let Some(Body::Exchange(env)) = &frame.body {
+                let (a, k, env) = (app.clone(), key.clone(), env.clone());
+                let send = store::blocking(move || a.engine.before_send(&k, &env)).await;
+                if !matches!(send, Ok(true)) {
+                    let store = app.store.clone();
+                    let _ = store::blocking(move || {
+                        store.tree(T::Outbox).remove(okey)?;
+                        Ok(())
+                    })
+                    .await;
+                    continue;
+                }
+            }
+            let seq = frame.seq;
+            tracing::debug!(peer = %label, seq, "sending from the outbox");
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+            metrics::counter!(crate::metrics::LINK_FRAMES, "peer" => label.clone(), "direction" => "sent")
+                .increment(1);
+            unacked.push_back(seq);
+        }
+    }
+}
+
+/// The whole state a peer gets when a link opens: keys, revocations, the catalog it does not
+/// have from its own side, and (toward the parent) every node this broker reaches.
+async fn send_state(app: &Arc<App>, peer: &Peer, tx: &mpsc::Sender<LinkFrame>) -> Result<usize> {
+    let a = app.clone();
+    let p = peer.clone();
+    let frames = store::blocking(move || state_frames(&a, &p)).await?;
+    let n = frames.len();
+    for body in frames {
+        tx.send(LinkFrame {
+            seq: 0,
+            body: Some(body),
+        })
+        .await
+        .map_err(|_| BrokerError::Unavailable("link closed".into()))?;
+    }
+    Ok(n)
+}
+
+fn state_frames(app: &App, peer: &Peer) -> Result<Vec<Body>> {
+    let store = &app.store;
+    let mut out = Vec::new();
+    for k in store.keys()?.iter() {
+        out.push(Body::Key(k.clone()));
+    }
+    for kv in store.tree(T::Revoked).iter() {
+        out.push(Body::Revocation(GrantRevocation::decode(kv?.1.as_ref())?));
+    }
+    for d in app.catalog.all()? {
+        if app.fed.route(&d.provider)? != Some(Route::Via(peer.key.clone())) {
+            out.push(Body::Catalog(CatalogUpdate { dataset: Some(d) }));
+        }
+    }
+    if peer.key == PARENT {
+        out.push(Body::Advertise(reachable(app)?));
+    }
+    Ok(out)
+}
+
+/// Every node this broker reaches: its own department nodes and those its children advertised.
+fn reachable(app: &App) -> Result<RouteAdvertisement> {
+    let store = &app.store;
+    let me = store.broker_id().to_string();
+    let mut adv = RouteAdvertisement {
+        full: true,
+        ..Default::default()
+    };
+    for kv in store.tree(T::Nodes).iter() {
+        let n = Node::decode(kv?.1.as_ref())?;
+        if n.role() == NodeRole::Department && n.state() == NodeState::Active {
+            adv.node_ids.push(n.id);
+            adv.home_brokers.push(me.clone());
+            adv.distances.push(0);
+        }
+    }
+    for kv in store.tree(T::Routes).iter() {
+        let (k, v) = kv?;
+        let r = RouteRecord::decode(v.as_ref())?;
+        adv.node_ids.push(String::from_utf8_lossy(&k).into_owned());
+        adv.home_brokers.push(r.home);
+        adv.distances.push(r.distance + 1);
+    }
+    Ok(adv)
+}
+
+/// Handles a batch of frames (blocking); returns the highest sequence number now held and what
+/// to do once the writes are durable. A frame refused by policy is audited and acknowledged;
+/// only storage trouble fails the batch (and the peer sends it again).
+fn handle_frames(app: &App, peer: &Peer, frames: Vec<(u64, Body)>) -> Result<(u64, Vec<Effect>)> {
+    let mut up_to = 0;
+    let mut effects = Vec::new();
+    for (seq, body) in frames {
+        tracing::debug!(peer = %peer.id, seq, frame = frame_kind(&body), "link frame");
+        match handle(app, peer, body) {
+            Ok(mut e) => effects.append(&mut e),
+            Err(e @ (BrokerError::Internal(_) | BrokerError::Unavailable(_))) => return Err(e),
+            Err(e) => {
+                tracing::warn!(peer = %peer.id, error = %e, "link frame refused");
+            }
+        }
+        up_to = up_to.max(seq);
+    }
+    Ok((up_to, effects))
+}
+
+/// A frame's kind, for logs.
+fn frame_kind(b: &Body) -> &'static str {
+    match b {
+        Body::Hello(_) => "hello",
+        Body::Ack(_) => "ack",
+        Body::Advertise(_) => "advertise",
+        Body::Withdraw(_) => "withdraw",
+        Body::Catalog(_) => "catalog",
+        Body::Demand(_) => "demand",
+        Body::Decision(_) => "decision",
+        Body::Revocation(_) => "revocation",
+        Body::Exchange(_) => "exchange",
+        Body::Result(_) => "result",
+        Body::Key(_) => "key",
+        Body::Ping(_) => "ping",
+        Body::Pong(_) => "pong",
+    }
+}
+
+fn refuse(app: &App, peer: &Peer, decision: &str, reason: String) -> Result<Vec<Effect>> {
+    tracing::warn!(peer = %peer.id, %decision, %reason, "refused from a link");
+    let mut e = crate::audit::entry(decision, &peer.id);
+    e.reason = reason;
+    app.store.write(|_| Ok(((), vec![e.clone()])))?;
+    Ok(vec![])
+}
+
+fn handle(app: &App, peer: &Peer, body: Body) -> Result<Vec<Effect>> {
+    let scope = peer.scope.as_deref();
+    let outside = |node: &str| scope.is_some_and(|s| !in_scope(s, node));
+    match body {
+        Body::Advertise(adv) => advertise(app, peer, adv),
+        Body::Withdraw(w) => withdraw(app, peer, w.node_ids),
+        Body::Catalog(c) => {
+            let Some(d) = c.dataset else {
+                return Ok(vec![]);
+            };
+            if outside(&d.provider) {
+                return refuse(
+                    app,
+                    peer,
+                    "catalog_refused",
+                    format!(
+                        "hop_scope: dataset {} of {} is outside the scope of {} ({})",
+                        d.id,
+                        d.provider,
+                        peer.id,
+                        scope.unwrap_or_default().join(", ")
+                    ),
+                );
+            }
+            Ok(if app.catalog.apply_remote(&d, &peer.id)? {
+                vec![Effect::Flood(
+                    Body::Catalog(CatalogUpdate { dataset: Some(d) }),
+                    peer.key.clone(),
+                )]
+            } else {
+                vec![]
+            })
+        }
+        Body::Key(k) => {
+            if outside(&k.broker_id) {
+                return refuse(
+                    app,
+                    peer,
+                    "key_refused",
+                    format!(
+                        "hop_scope: a key of broker {} came from {}, whose scope is {}",
+                        k.broker_id,
+                        peer.id,
+                        scope.unwrap_or_default().join(", ")
+                    ),
+                );
+            }
+            let known = app.store.keys()?.iter().any(|x| x == &k);
+            if known || k.public_key.len() != 32 {
+                return Ok(vec![]);
+            }
+            app.store.add_key(&k)?;
+            let mut e = crate::audit::entry("key_learned", &peer.id);
+            e.reason = format!("key {} of broker {}", k.key_id, k.broker_id);
+            app.store.write(|_| Ok(((), vec![e.clone()])))?;
+            Ok(vec![Effect::Flood(Body::Key(k), peer.key.clone())])
+        }
+        Body::Revocation(r) => revocation(app, peer, r),
+        Body::Demand(d) => app.sharing.receive_demand(&app.fed, peer, d),
+        Body::Decision(d) => app.sharing.receive_decision(&app.fed, peer, d),
+        Body::Exchange(env) => app.engine.receive_exchange(&peer.key, scope, env),
+        Body::Result(r) => app.engine.receive_result(&peer.key, scope, r),
+        Body::Hello(_) | Body::Ack(_) | Body::Ping(_) | Body::Pong(_) => Ok(vec![]),
+    }
+}
+
+fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effect>> {
+    let Some(scope) = peer.scope.as_deref() else {
+        return Ok(vec![]); // a parent does not advertise: what is not below goes up anyway
+    };
+    let mut accepted = RouteAdvertisement::default();
+    let mut refused = Vec::new();
+    for (i, node) in adv.node_ids.iter().enumerate() {
+        if NodeId::parse(node, "advertised node").is_err() {
+            refused.push(node.clone());
+            continue;
+        }
+        if !in_scope(scope, node) {
+            refused.push(node.clone());
+            continue;
+        }
+        accepted.node_ids.push(node.clone());
+        accepted
+            .home_brokers
+            .push(adv.home_brokers.get(i).cloned().unwrap_or_default());
+        accepted
+            .distances
+            .push(adv.distances.get(i).copied().unwrap_or(0));
+    }
+    let names: BTreeSet<&String> = accepted.node_ids.iter().collect();
+    let mut gone = Vec::new();
+    if adv.full {
+        for kv in app.store.tree(T::Routes).iter() {
+            let (k, v) = kv?;
+            let r = RouteRecord::decode(v.as_ref())?;
+            let node = String::from_utf8_lossy(&k).into_owned();
+            if r.via == peer.key && !names.contains(&node) {
+                gone.push(node);
+            }
+        }
+    }
+    let mut entries = Vec::new();
+    if !refused.is_empty() {
+        let mut e = crate::audit::entry("route_refused", &peer.id);
+        e.reason = format!(
+            "hop_scope: {} advertised {} node(s) outside its scope ({}): {}",
+            peer.id,
+            refused.len(),
+            scope.join(", "),
+            refused
+                .iter()
+                .take(20)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        entries.push(e);
+        tracing::warn!(peer = %peer.id, refused = refused.len(), "advertisement outside the child's scope refused");
+    }
+    app.store.write(|tx| {
+        for (i, node) in accepted.node_ids.iter().enumerate() {
+            let r = RouteRecord {
+                via: peer.key.clone(),
+                home: accepted.home_brokers[i].clone(),
+                distance: accepted.distances[i],
+            };
+            tx.put(T::Routes, node, &r)?;
+        }
+        for node in &gone {
+            tx.unmark(T::Routes, node.as_bytes())?;
+        }
+        Ok(((), entries.clone()))
+    })?;
+    let mut effects = Vec::new();
+    if app.fed.has_parent() {
+        if !accepted.node_ids.is_empty() {
+            for d in &mut accepted.distances {
+                *d += 1;
+            }
+            effects.push(Effect::ToParent(Body::Advertise(accepted)));
+        }
+        if !gone.is_empty() {
+            effects.push(Effect::ToParent(Body::Withdraw(RouteWithdrawal {
+                node_ids: gone,
+            })));
+        }
+    }
+    Ok(effects)
+}
+
+fn withdraw(app: &App, peer: &Peer, nodes: Vec<String>) -> Result<Vec<Effect>> {
+    if peer.scope.is_none() {
+        return Ok(vec![]);
+    }
+    let mut gone = Vec::new();
+    app.store.write(|tx| {
+        for n in &nodes {
+            if let Some(r) = tx.get::<RouteRecord>(T::Routes, n)? {
+                if r.via == peer.key {
+                    tx.unmark(T::Routes, n.as_bytes())?;
+                }
+            }
+        }
+        Ok(((), vec![]))
+    })?;
+    for n in nodes {
+        if app.store.get::<RouteRecord>(T::Routes, &n)?.is_none() {
+            gone.push(n);
+        }
+    }
+    Ok(if app.fed.has_parent() && !gone.is_empty() {
+        vec![Effect::ToParent(Body::Withdraw(RouteWithdrawal {
+            node_ids: gone,
+        }))]
+    } else {
+        vec![]
+    })
+}
+
+fn revocation(app: &App, peer: &Peer, r: GrantRevocation) -> Result<Vec<Effect>> {
+    if app
+        .store
+        .tree(T::Revoked)
+        .contains_key(r.grant_id.as_bytes())?
+    {
+        return Ok(vec![]);
+    }
+    if !crate::keys::verify_revocation(&r, &app.store.keys()?) {
+        return refuse(
+            app,
+            peer,
+            "revocation_refused",
+            format!(
+                "the revocation of grant {} does not carry a valid signature of its issuer {}",
+                r.grant_id, r.issuer
+            ),
+        );
+    }
+    app.store.write(|tx| {
+        tx.put(T::Revoked, &r.grant_id, &r)?;
+        if let Some(mut g) = tx.get::<govshare_proto::v1::Grant>(T::Grants, &r.grant_id)? {
+            if g.state() != GrantState::Revoked && g.issuer == r.issuer {
+                g.state = GrantState::Revoked as i32;
+                g.revoked_at = r.revoked_at;
+                g.revoked_by = r.issuer.clone();
+                g.revoke_reason = r.reason.clone();
+                tx.put(T::Grants, &g.id, &g)?;
+            }
+        }
+        let mut e = crate::audit::entry("grant_revoked", &r.issuer);
+        e.grant_id = r.grant_id.clone();
+        e.reason = format!("revocation learned from {}: {}", peer.id, r.reason);
+        Ok(((), vec![e]))
+    })?;
+    Ok(vec![
+        Effect::Revoked(r.grant_id.clone()),
+        Effect::Flood(Body::Revocation(r), peer.key.clone()),
+    ])
+}
+
+/// Carries out what handled frames led to, once their writes are durable.
+pub async fn apply(app: &App, effects: Vec<Effect>) {
+    for e in effects {
+        match e {
+            Effect::Enqueue {
+                id,
+                dest,
+                dataset,
+                deadline_ms,
+            } => {
+                app.engine
+                    .enqueue_forwarded(&id, &dest, &dataset, deadline_ms)
+                    .await
+            }
+            Effect::Result(r) => app.engine.remote_result(r).await,
+            Effect::Revoked(g) => app.engine.grant_revoked(g).await,
+            Effect::Wake(p) => app.fed.wake(&p),
+            Effect::Flood(b, except) => app.fed.broadcast(&b, &except),
+            Effect::ToParent(b) => app.fed.to_parent(b),
+        }
+    }
+}

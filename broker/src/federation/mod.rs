@@ -1,0 +1,380 @@
+//! Federation: the 1+32+N cascade of brokers.
+//!
+//! A child broker dials its parent and keeps one mutually authenticated link (a bidirectional
+//! gRPC stream, [`link`]). Over it, brokers advertise the nodes they reach, cascade catalog
+//! entries, signing keys and revocations (state, resent in full whenever a link opens), and
+//! carry exchanges, results, demands and decisions (custody: written to this broker's durable
+//! outbox in the same transaction as the decision to send them, and deleted only when the
+//! peer acknowledges holding them).
+//!
+//! Routing is by node id: a node registered here is local; a node a child advertised goes to
+//! that child; anything else goes up to the parent; at a root, it is unknown.
+
+pub mod link;
+
+use crate::error::Result;
+use crate::store::{seq_key, Store, Tx, T};
+use govshare_proto::v1::{link_frame, ExchangeResult, LinkFrame};
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, Notify};
+
+/// The outbox and link key of the parent (its broker id is learned only when the link opens).
+pub const PARENT: &str = "^parent";
+/// The protocol a link speaks, sent in its hello.
+pub const PROTOCOL: &str = "govshare.v1";
+
+/// Where a node is reached, as stored in the `routes` tree.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RouteRecord {
+    /// The child broker (link key) the node is reached through.
+    #[prost(string, tag = "1")]
+    pub via: String,
+    /// The broker the node is attached to.
+    #[prost(string, tag = "2")]
+    pub home: String,
+    /// Hops from `via` to the home broker.
+    #[prost(uint32, tag = "3")]
+    pub distance: u32,
+}
+
+/// Where something for a node goes next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// The node is registered on this broker.
+    Local,
+    /// Over the link with this key (a child's broker id, or [`PARENT`]).
+    Via(String),
+}
+
+/// What handling a frame leads to, done once its writes are durable.
+#[derive(Debug)]
+pub enum Effect {
+    /// Queue an exchange for a local provider.
+    Enqueue {
+        /// Exchange id.
+        id: String,
+        /// The provider node.
+        dest: String,
+        /// Dataset.
+        dataset: String,
+        /// Deadline, Unix ms.
+        deadline_ms: i64,
+    },
+    /// An exchange of a local consumer came back with its outcome.
+    Result(ExchangeResult),
+    /// A grant was revoked: end its queued exchanges here.
+    Revoked(String),
+    /// Wake the pump of this link.
+    Wake(String),
+    /// Send a state update to every link except this one.
+    Flood(link_frame::Body, String),
+    /// Send a state update to the parent.
+    ToParent(link_frame::Body),
+}
+
+/// One open link, as the rest of the broker sees it.
+#[derive(Debug)]
+struct LinkHandle {
+    /// Which session holds the link (a reconnecting child replaces its old session).
+    session: u64,
+    /// The peer's broker id.
+    peer_id: String,
+    /// Unsequenced frames (state updates) go straight onto the stream.
+    tx: mpsc::Sender<LinkFrame>,
+    /// Wakes the outbox pump when something new is written for this peer.
+    wake: Arc<Notify>,
+    /// Ends the session (a peer too slow to take state updates resyncs on reconnect).
+    abort: tokio::task::AbortHandle,
+    /// When it opened, Unix ms.
+    since_ms: i64,
+}
+
+/// A link as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkStatus {
+    /// The link key: a child's broker id, or `^parent`.
+    pub peer: String,
+    /// The peer's broker id, once known.
+    pub peer_id: String,
+    /// Whether the link is open.
+    pub up: bool,
+    /// When it opened, Unix ms (0 while down).
+    pub since_ms: i64,
+    /// Frames waiting in the outbox toward the peer.
+    pub outbox: u64,
+}
+
+/// The federation state shared by the services, the exchange engine and the links.
+#[derive(Debug, Clone)]
+pub struct Fed {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    me: String,
+    has_parent: bool,
+    /// Open links by key. A std Mutex: held only to look up or swap a handle, never across
+    /// an await.
+    links: Mutex<HashMap<String, LinkHandle>>,
+    next_session: std::sync::atomic::AtomicU64,
+    /// The next outbox sequence number. In memory, because sled's id generator must not be
+    /// called inside a transaction (it can wait for the lock the transaction holds); seeded
+    /// past every number in use, so each link's outbox stays in order across restarts.
+    next_seq: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// True when `node` falls inside one of the scope prefixes.
+pub fn in_scope(scope: &[String], node: &str) -> bool {
+    scope.iter().any(|p| node.starts_with(p.as_str()))
+}
+
+impl Fed {
+    /// Federation for this broker; `has_parent` when `[federation] parent` is set.
+    pub fn new(store: Store, has_parent: bool) -> Result<Self> {
+        let me = store.broker_id().to_string();
+        let mut seed = store.next_id()?;
+        for kv in store.tree(T::Outbox).iter() {
+            let (k, _) = kv?;
+            if let Some(tail) = k.len().checked_sub(8).and_then(|i| k.get(i..)) {
+                if let Ok(b) = <[u8; 8]>::try_from(tail) {
+                    seed = seed.max(u64::from_be_bytes(b) + 1);
+                }
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                me,
+                has_parent,
+                links: Mutex::new(HashMap::new()),
+                next_session: std::sync::atomic::AtomicU64::new(1),
+                next_seq: std::sync::atomic::AtomicU64::new(seed.max(1)),
+            }),
+        })
+    }
+
+    /// This broker's id.
+    pub fn me(&self) -> &str {
+        &self.inner.me
+    }
+
+    /// True when this broker links to a parent.
+    pub fn has_parent(&self) -> bool {
+        self.inner.has_parent
+    }
+
+    /// Where something for `node` goes next; `None` when no broker this one knows reaches it.
+    pub fn route(&self, node: &str) -> Result<Option<Route>> {
+        let store = &self.inner.store;
+        if store.tree(T::Nodes).contains_key(node.as_bytes())? {
+            return Ok(Some(Route::Local));
+        }
+        if let Some(r) = store.get::<RouteRecord>(T::Routes, node)? {
+            return Ok(Some(Route::Via(r.via)));
+        }
+        Ok(self
+            .inner
+            .has_parent
+            .then(|| Route::Via(PARENT.to_string())))
+    }
+
+    /// True while the link with this key is open.
+    pub fn link_up(&self, peer: &str) -> bool {
+        lock(&self.inner.links).contains_key(peer)
+    }
+
+    /// The peer's broker id, for messages (the parent's is known once its link opened).
+    pub fn peer_name(&self, peer: &str) -> String {
+        match lock(&self.inner.links).get(peer) {
+            Some(h) => h.peer_id.clone(),
+            None if peer == PARENT => "the parent broker".to_string(),
+            None => peer.to_string(),
+        }
+    }
+
+    /// Writes a custody frame into the outbox toward `peer`, inside the caller's transaction;
+    /// call [`Fed::wake`] once the transaction is durable.
+    pub fn put_outbox(&self, tx: &Tx<'_>, peer: &str, body: link_frame::Body) -> Result<()> {
+        let seq = self
+            .inner
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let frame = LinkFrame {
+            seq,
+            body: Some(body),
+        };
+        tx.put_raw(T::Outbox, &seq_key(peer, seq), &frame.encode_to_vec())
+    }
+
+    /// Tells the pump of `peer`'s link (if it is open) that its outbox has something new.
+    pub fn wake(&self, peer: &str) {
+        if let Some(h) = lock(&self.inner.links).get(peer) {
+            h.wake.notify_one();
+        }
+    }
+
+    /// Wakes every open link's pump.
+    pub fn wake_all(&self) {
+        for h in lock(&self.inner.links).values() {
+            h.wake.notify_one();
+        }
+    }
+
+    /// Sends a state update to every open link except `except` (the one it came from). A link
+    /// too slow to take it is closed: it gets the whole state again when it reopens.
+    pub fn broadcast(&self, body: &link_frame::Body, except: &str) {
+        let mut slow = Vec::new();
+        for (k, h) in lock(&self.inner.links).iter() {
+            if k == except {
+                continue;
+            }
+            let frame = LinkFrame {
+                seq: 0,
+                body: Some(body.clone()),
+            };
+            if h.tx.try_send(frame).is_err() {
+                slow.push((k.clone(), h.abort.clone()));
+            }
+        }
+        for (k, abort) in slow {
+            tracing::warn!(peer = %k, "link too slow for state updates; closing it to resync");
+            abort.abort();
+        }
+    }
+
+    /// Sends a state update to the parent only (route advertisements go up, never down).
+    pub fn to_parent(&self, body: link_frame::Body) {
+        if let Some(h) = lock(&self.inner.links).get(PARENT) {
+            let frame = LinkFrame {
+                seq: 0,
+                body: Some(body),
+            };
+            if h.tx.try_send(frame).is_err() {
+                h.abort.abort();
+            }
+        }
+    }
+
+    /// Tells the parent that a department node registered here became reachable (active) or
+    /// not (suspended).
+    pub fn advertise_local(&self, n: &govshare_proto::v1::Node) {
+        use govshare_proto::v1::{NodeRole, NodeState, RouteAdvertisement, RouteWithdrawal};
+        if n.role() != NodeRole::Department || !self.inner.has_parent {
+            return;
+        }
+        let body = if n.state() == NodeState::Active {
+            link_frame::Body::Advertise(RouteAdvertisement {
+                node_ids: vec![n.id.clone()],
+                home_brokers: vec![self.inner.me.clone()],
+                distances: vec![0],
+                full: false,
+            })
+        } else {
+            link_frame::Body::Withdraw(RouteWithdrawal {
+                node_ids: vec![n.id.clone()],
+            })
+        };
+        self.to_parent(body);
+    }
+
+    /// Registers an open link; returns its session number and its pump's wake-up.
+    fn opened(
+        &self,
+        peer: &str,
+        peer_id: &str,
+        tx: mpsc::Sender<LinkFrame>,
+        abort: tokio::task::AbortHandle,
+    ) -> (u64, Arc<Notify>) {
+        let session = self
+            .inner
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let wake = Arc::new(Notify::new());
+        let old = lock(&self.inner.links).insert(
+            peer.to_string(),
+            LinkHandle {
+                session,
+                peer_id: peer_id.to_string(),
+                tx,
+                wake: wake.clone(),
+                abort,
+                since_ms: crate::time::now_ms(),
+            },
+        );
+        if let Some(old) = old {
+            // The peer reconnected before its old stream was seen to end.
+            old.abort.abort();
+        }
+        metrics::gauge!(crate::metrics::LINK_UP, "peer" => peer_label(peer)).set(1.0);
+        (session, wake)
+    }
+
+    /// Forgets a link's session, unless a newer session already replaced it.
+    fn closed(&self, peer: &str, session: u64) {
+        let mut links = lock(&self.inner.links);
+        if links.get(peer).is_some_and(|h| h.session == session) {
+            links.remove(peer);
+            metrics::gauge!(crate::metrics::LINK_UP, "peer" => peer_label(peer)).set(0.0);
+        }
+    }
+
+    /// Closes every link (at shutdown).
+    pub fn close_all(&self) {
+        for (_, h) in lock(&self.inner.links).drain() {
+            h.abort.abort();
+        }
+    }
+
+    /// Frames waiting toward a peer.
+    pub fn outbox_depth(&self, peer: &str) -> u64 {
+        let mut prefix = peer.as_bytes().to_vec();
+        prefix.push(0);
+        self.inner.store.tree(T::Outbox).scan_prefix(prefix).count() as u64
+    }
+
+    /// Every link this broker has or expects (the parent's, and each child's seen since start
+    /// or with frames waiting).
+    pub fn status(&self) -> Vec<LinkStatus> {
+        let mut out: Vec<LinkStatus> = lock(&self.inner.links)
+            .iter()
+            .map(|(k, h)| LinkStatus {
+                peer: k.clone(),
+                peer_id: h.peer_id.clone(),
+                up: true,
+                since_ms: h.since_ms,
+                outbox: 0,
+            })
+            .collect();
+        if self.inner.has_parent && !out.iter().any(|l| l.peer == PARENT) {
+            out.push(LinkStatus {
+                peer: PARENT.into(),
+                peer_id: String::new(),
+                up: false,
+                since_ms: 0,
+                outbox: 0,
+            });
+        }
+        for l in &mut out {
+            l.outbox = self.outbox_depth(&l.peer);
+        }
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
+    }
+}
+
+/// The `peer` label: the parent link is labelled `parent`.
+pub fn peer_label(peer: &str) -> String {
+    if peer == PARENT {
+        "parent".to_string()
+    } else {
+        peer.to_string()
+    }
+}

@@ -1,0 +1,195 @@
+//! Federation: brokers linked into a cascade, each checking grants on every hop.
+
+use anyhow::{ensure, Context, Result};
+use govshare_client::proto::*;
+use govshare_client::Client;
+use govshare_tests::provider::{row, text, Reply, TestProvider};
+use govshare_tests::{wait_until, TestBroker};
+use std::sync::Arc;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn item(name: &str) -> InfoItem {
+    InfoItem {
+        name: name.into(),
+        r#type: "string".into(),
+        ..Default::default()
+    }
+}
+
+/// Publishes `code` at `provider` with items id_number, status, name.
+async fn publish(provider: &Client, code: &str, share: ShareType) -> Result<String> {
+    let d = provider
+        .publish_dataset(Dataset {
+            code: code.into(),
+            name: format!("死亡登记 {code}"),
+            share_type: share as i32,
+            items: vec![item("id_number"), item("status"), item("name")],
+            ..Default::default()
+        })
+        .await?
+        .dataset
+        .context("no dataset")?;
+    Ok(d.id)
+}
+
+fn alive_rows() -> Arc<dyn Fn(&ProviderRequest) -> Reply + Send + Sync> {
+    Arc::new(|req: &ProviderRequest| {
+        let id = req
+            .query
+            .as_ref()
+            .and_then(|q| q.filters.first())
+            .and_then(|f| f.value.as_ref())
+            .and_then(|v| match &v.kind {
+                Some(value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        Reply::Rows(vec![row(&[
+            ("id_number", id.as_str()),
+            ("status", "ALIVE"),
+            ("name", "张三"),
+        ])])
+    })
+}
+
+fn ask(dataset: &str, id_number: &str) -> ExchangeRequest {
+    ExchangeRequest {
+        dataset_id: dataset.into(),
+        query: Some(Query {
+            filters: vec![Filter {
+                item: "id_number".into(),
+                value: Some(Value {
+                    kind: Some(value::Kind::StringValue(id_number.into())),
+                }),
+            }],
+            fields: vec!["id_number".into(), "status".into()],
+            limit: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Waits until `client`'s broker has the dataset in its catalog.
+async fn sees(client: &Client, dataset: &str) -> Result<()> {
+    wait_until(WAIT, &format!("{dataset} cascaded"), || async {
+        match client.get_dataset(dataset).await {
+            Ok(_) => Ok(Some(())),
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(None)
+            }
+        }
+    })
+    .await
+}
+
+/// Files a demand and waits until its decision has come back with a grant.
+async fn granted(consumer: &Client, dataset: &str) -> Result<Grant> {
+    let d = consumer
+        .file_demand(FileDemandRequest {
+            dataset_id: dataset.into(),
+            fields: vec!["id_number".into(), "status".into()],
+            purpose: "check pension recipients are alive".into(),
+            ..Default::default()
+        })
+        .await?
+        .demand
+        .context("no demand")?;
+    let id = d.id.clone();
+    let approved = wait_until(WAIT, "the decision to come back", || async {
+        let d = consumer.get_demand(&id).await?;
+        Ok((d.state() == DemandState::Approved).then_some(d))
+    })
+    .await?;
+    Ok(consumer.get_grant(&approved.grant_id).await?)
+}
+
+/// Waits for an exchange's end.
+async fn outcome(consumer: &Client, id: &str) -> Result<ExchangeResult> {
+    wait_until(WAIT, "the exchange to end", || async {
+        let r = consumer.get_exchange(id, false).await?;
+        let done = !matches!(
+            r.state(),
+            ExchangeState::Queued | ExchangeState::InFlight | ExchangeState::Unspecified
+        );
+        Ok(done.then_some(r))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_department_in_one_province_gets_data_from_another_through_the_hub() -> Result<()> {
+    let hub = TestBroker::start_with_id("000000/hub").await?;
+    let zj = TestBroker::start_child("330000/hub", &hub, &[], |_| {}).await?;
+    let gd = TestBroker::start_child("440000/hub", &hub, &[], |_| {}).await?;
+    let civil = gd.client_for("440000/civil").await?;
+    let pension = zj.client_for("330000/pension").await?;
+    let ds = publish(&civil, "death-registration", ShareType::Unconditional).await?;
+    let _p = TestProvider::start(&civil, &[&ds], 4, "p1", alive_rows()).await?;
+    sees(&pension, &ds).await?;
+    let found = pension
+        .search_datasets(SearchDatasetsRequest {
+            text: "死亡登记".into(),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(
+        found.datasets.iter().any(|d| d.id == ds),
+        "search at the province finds the other province's dataset"
+    );
+    let grant = granted(&pension, &ds).await?;
+    ensure!(
+        grant.issuer == "440000/hub",
+        "issued at the provider's home broker"
+    );
+    // Async and sync, both across three brokers.
+    let sub = pension.submit(ask(&ds, "440101199001011234")).await?;
+    let r = outcome(&pension, &sub.exchange_id).await?;
+    ensure!(r.state() == ExchangeState::Answered, "answered: {r:?}");
+    ensure!(
+        text(&r.rows[0], "status").as_deref() == Some("ALIVE"),
+        "rows came back"
+    );
+    ensure!(
+        text(&r.rows[0], "name").is_none(),
+        "rows are cut to the grant"
+    );
+    let brokers: Vec<&str> = r.trail.iter().map(|h| h.broker.as_str()).collect();
+    ensure!(
+        brokers
+            == [
+                "330000/hub",
+                "000000/hub",
+                "440000/hub",
+                "440000/hub",
+                "330000/hub"
+            ],
+        "the trail names every hop in order: {brokers:?}"
+    );
+    pension
+        .verify_trail(&r)
+        .await
+        .context("the SDK verifies every hop's signature")?;
+    let r = pension.request(ask(&ds, "440101199001011235")).await?;
+    ensure!(r.state() == ExchangeState::Answered, "sync answered: {r:?}");
+    // Each hop audited its own grant check.
+    let audit = hub
+        .admin()
+        .await?
+        .list_audit(ListAuditRequest {
+            exchange_id: sub.exchange_id.clone(),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(
+        audit
+            .entries
+            .iter()
+            .any(|e| e.decision == "exchange_forwarded" && e.reason.contains("checked")),
+        "the hub audited its grant check: {:?}",
+        audit.entries
+    );
+    Ok(())
+}
