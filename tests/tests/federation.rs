@@ -193,3 +193,173 @@ async fn a_department_in_one_province_gets_data_from_another_through_the_hub() -
     );
     Ok(())
 }
+
+/// A hub with two provinces, a provider at Guangdong serving an UNCONDITIONAL dataset, and a
+/// consumer at Zhejiang holding a grant on it.
+struct Cascade {
+    hub: TestBroker,
+    zj: TestBroker,
+    gd: TestBroker,
+    civil: Client,
+    pension: Client,
+    ds: String,
+    grant: Grant,
+    provider: TestProvider,
+}
+
+/// Children retry their parent quickly in tests.
+fn quick(c: &mut govshare_broker::Config) {
+    c.federation.max_backoff_secs = 1;
+    c.federation.ping_secs = 1;
+}
+
+async fn cascade() -> Result<Cascade> {
+    let hub = TestBroker::start_with_id("000000/hub").await?;
+    let zj = TestBroker::start_child("330000/hub", &hub, &[], quick).await?;
+    let gd = TestBroker::start_child("440000/hub", &hub, &[], quick).await?;
+    let civil = gd.client_for("440000/civil").await?;
+    let pension = zj.client_for("330000/pension").await?;
+    let ds = publish(&civil, "death-registration", ShareType::Unconditional).await?;
+    let provider = TestProvider::start(&civil, &[&ds], 8, "p1", alive_rows()).await?;
+    sees(&pension, &ds).await?;
+    let grant = granted(&pension, &ds).await?;
+    Ok(Cascade {
+        hub,
+        zj,
+        gd,
+        civil,
+        pension,
+        ds,
+        grant,
+        provider,
+    })
+}
+
+/// The audit entries of a broker with this decision.
+async fn audited(b: &TestBroker, decision: &str) -> Result<Vec<AuditEntry>> {
+    let all = b
+        .admin()
+        .await?
+        .list_audit(ListAuditRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?;
+    Ok(all
+        .entries
+        .into_iter()
+        .filter(|e| e.decision == decision)
+        .collect())
+}
+
+#[tokio::test]
+async fn a_link_down_queues_exchanges_and_a_restart_mid_path_loses_none() -> Result<()> {
+    let mut c = cascade().await?;
+    // The hub, in the middle of every path, goes away: exchanges wait at Zhejiang.
+    c.hub.stop_now().await?;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let s = c
+            .pension
+            .submit(ask(&c.ds, &format!("44010119900101{i:04}")))
+            .await?;
+        ids.push(s.exchange_id);
+    }
+    let sync = c.pension.request(ask(&c.ds, "440101199001019999")).await;
+    ensure!(
+        matches!(&sync, Err(e) if e.status().map(|s| s.code()) == Some(tonic::Code::Unavailable)),
+        "a sync request while the link is down answers UNAVAILABLE: {sync:?}"
+    );
+    let short = c
+        .pension
+        .submit(ExchangeRequest {
+            deadline: Some(prost_types::Timestamp {
+                seconds: (std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_secs()
+                    + 1) as i64,
+                nanos: 0,
+            }),
+            ..ask(&c.ds, "440101199001010000")
+        })
+        .await?;
+    let expired = outcome(&c.pension, &short.exchange_id).await?;
+    ensure!(
+        expired.state() == ExchangeState::Expired,
+        "past its deadline while the link is down, it expires and is reported: {expired:?}"
+    );
+    ensure!(
+        c.provider.received() == 0,
+        "nothing reached the provider yet"
+    );
+    c.hub.start_again().await?;
+    let mut seen = std::collections::BTreeSet::new();
+    for id in &ids {
+        let r = outcome(&c.pension, id).await?;
+        ensure!(
+            r.state() == ExchangeState::Answered,
+            "answered after the restart: {r:?}"
+        );
+        ensure!(seen.insert(r.exchange_id.clone()), "each exchange once");
+    }
+    // Watch shows each result once, and nothing more after the acks.
+    c.pension.ack(ids.clone()).await?;
+    let _ = (&c.zj, &c.gd, &c.civil, &c.grant);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_revocation_reaches_every_broker_and_stops_exchanges_queued_on_the_way() -> Result<()> {
+    let mut c = cascade().await?;
+    let first = c.pension.request(ask(&c.ds, "440101199001011111")).await?;
+    ensure!(
+        first.state() == ExchangeState::Answered,
+        "works before: {first:?}"
+    );
+    let before = c.provider.received();
+    // Exchanges wait at Zhejiang while the hub is down; the provider revokes meanwhile.
+    c.hub.stop_now().await?;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            c.pension
+                .submit(ask(&c.ds, &format!("44010119900102{i:04}")))
+                .await?
+                .exchange_id,
+        );
+    }
+    c.civil
+        .revoke_grant(&c.grant.id, "no longer needed")
+        .await?;
+    c.hub.start_again().await?;
+    for id in &ids {
+        let r = outcome(&c.pension, id).await?;
+        ensure!(
+            r.state() == ExchangeState::Denied,
+            "queued under a revoked grant: refused, never delivered: {r:?}"
+        );
+    }
+    ensure!(
+        c.provider.received() == before,
+        "the provider saw none of them"
+    );
+    // The revocation reached every broker.
+    for b in [&c.hub, &c.zj] {
+        wait_until(WAIT, "the revocation audited", || async {
+            Ok((!audited(b, "grant_revoked").await?.is_empty()).then_some(()))
+        })
+        .await?;
+    }
+    let g = c.pension.get_grant(&c.grant.id).await?;
+    ensure!(
+        g.state() == GrantState::Revoked,
+        "the consumer's copy is revoked"
+    );
+    let after = c.pension.request(ask(&c.ds, "440101199001012222")).await;
+    ensure!(
+        after.is_err(),
+        "a new exchange is refused at once: {after:?}"
+    );
+    let _ = &c.gd;
+    Ok(())
+}
