@@ -363,3 +363,238 @@ async fn a_revocation_reaches_every_broker_and_stops_exchanges_queued_on_the_way
     let _ = &c.gd;
     Ok(())
 }
+
+/// A hand-driven link to a broker, as a child broker (or an impostor) would open it.
+struct RawLink {
+    tx: tokio::sync::mpsc::Sender<LinkFrame>,
+    inbound: tonic::Streaming<LinkFrame>,
+}
+
+impl RawLink {
+    /// Opens a link with the identity in `dir` and says hello as `id`.
+    async fn open(
+        broker: &TestBroker,
+        dir: &std::path::Path,
+        id: &str,
+    ) -> Result<RawLink, tonic::Status> {
+        govshare_client::install_crypto_provider();
+        let ident = govshare_client::Identity::load(dir)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(ident.tls_ca())
+            .identity(ident.tls_identity())
+            .domain_name("localhost");
+        let channel = tonic::transport::Endpoint::from_shared(broker.url())
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .tls_config(tls)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut client = federation_service_client::FederationServiceClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let hello = LinkFrame {
+            seq: 0,
+            body: Some(link_frame::Body::Hello(LinkHello {
+                broker_id: id.into(),
+                protocol: "govshare.v1".into(),
+                scope: vec![],
+            })),
+        };
+        tx.send(hello)
+            .await
+            .map_err(|_| tonic::Status::internal("closed"))?;
+        let inbound = client
+            .link(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(RawLink { tx, inbound })
+    }
+
+    async fn send(&self, seq: u64, body: link_frame::Body) -> Result<()> {
+        self.tx
+            .send(LinkFrame {
+                seq,
+                body: Some(body),
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("link closed"))
+    }
+
+    /// The next frame the broker sends that `pick` accepts (others are skipped).
+    async fn next<T>(&mut self, mut pick: impl FnMut(link_frame::Body) -> Option<T>) -> Result<T> {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(f) = self.inbound.message().await? {
+                if let Some(t) = f.body.and_then(&mut pick) {
+                    return Ok::<_, anyhow::Error>(Some(t));
+                }
+            }
+            Ok(None)
+        })
+        .await??;
+        found.context("the link ended")
+    }
+}
+
+#[tokio::test]
+async fn a_department_certificate_cannot_open_a_link_nor_a_broker_certificate_act_as_a_department(
+) -> Result<()> {
+    let hub = TestBroker::start_with_id("000000/hub").await?;
+    // A registered department trying to act as a broker.
+    let _dept = hub.client_for("000000/mca-death").await?;
+    let dept_dir = hub.scratch("id-000000-mca-death");
+    let refused = RawLink::open(&hub, &dept_dir, "000000/mca-death").await;
+    ensure!(
+        matches!(&refused, Err(s) if s.code() == tonic::Code::PermissionDenied),
+        "a department certificate cannot open a link: {:?}",
+        refused.as_ref().err()
+    );
+    // A broker certificate (a child's link identity) calling a department's services.
+    let link_dir = hub.scratch("link-330000");
+    govshare_broker::pki::issue_identity(
+        &hub.data_dir,
+        "330000/hub",
+        NodeRole::Broker,
+        &link_dir,
+        &[],
+    )?;
+    let as_broker = hub.connect(&link_dir).await?;
+    let r = as_broker.submit(ask("000000/mca-death/x", "1")).await;
+    let code = r.as_ref().err().and_then(|e| e.status()).map(|s| s.code());
+    ensure!(
+        matches!(
+            code,
+            Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated)
+        ),
+        "a broker certificate cannot act as a department: {r:?}"
+    );
+    // The hello must name the certificate's own id.
+    let lying = RawLink::open(&hub, &link_dir, "440000/hub").await;
+    let lying = match lying {
+        Err(s) => Err(s),
+        Ok(mut l) => l.inbound.message().await.map(|_| ()),
+    };
+    ensure!(
+        matches!(&lying, Err(s) if s.code() == tonic::Code::PermissionDenied),
+        "a broker links only as itself: {lying:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_advertisement_outside_the_scope_and_a_forged_grant_are_refused_and_audited(
+) -> Result<()> {
+    let c = cascade().await?;
+    // A city broker under the hub whose identity allows only 3301….
+    let dir = c.hub.scratch("link-330100");
+    govshare_broker::pki::issue_identity(
+        &c.hub.data_dir,
+        "330100/hub",
+        NodeRole::Broker,
+        &dir,
+        &["3301".to_string()],
+    )?;
+    let mut link = RawLink::open(&c.hub, &dir, "330100/hub").await?;
+    let hello = link
+        .next(|b| match b {
+            link_frame::Body::Hello(h) => Some(h),
+            _ => None,
+        })
+        .await?;
+    ensure!(
+        hello.scope == ["3301"],
+        "the parent states the scope: {hello:?}"
+    );
+    link.send(
+        0,
+        link_frame::Body::Advertise(RouteAdvertisement {
+            node_ids: vec!["330100/tax".into(), "440000/civil".into()],
+            home_brokers: vec!["330100/hub".into(), "330100/hub".into()],
+            distances: vec![0, 0],
+            full: true,
+        }),
+    )
+    .await?;
+    let refused = wait_until(WAIT, "the advertisement refused", || async {
+        let r = audited(&c.hub, "route_refused").await?;
+        Ok((!r.is_empty()).then_some(r))
+    })
+    .await?;
+    ensure!(
+        refused[0].reason.contains("440000/civil") && !refused[0].reason.contains("330100/tax"),
+        "only the node outside the scope is refused: {:?}",
+        refused[0]
+    );
+    // Exchanges for Guangdong still go to Guangdong, not to the impostor.
+    let r = c.pension.request(ask(&c.ds, "440101199001013333")).await?;
+    ensure!(
+        r.state() == ExchangeState::Answered,
+        "routing unharmed: {r:?}"
+    );
+
+    // A grant token altered on the way (wider fields, same signature).
+    let token = c.grant.token.clone().context("the grant is signed")?;
+    let mut claims = <GrantClaims as prost::Message>::decode(token.claims.as_slice())?;
+    claims.fields.push("name".into());
+    claims.consumer = "330100/tax".into();
+    let forged = GrantToken {
+        claims: prost::Message::encode_to_vec(&claims),
+        ..token
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let later = prost_types::Timestamp {
+        seconds: now.as_secs() as i64 + 60,
+        nanos: 0,
+    };
+    let received = c.provider.received();
+    link.send(
+        7,
+        link_frame::Body::Exchange(ExchangeEnvelope {
+            exchange_id: "01a21e00-0000-7000-8000-000000000001".into(),
+            consumer: "330100/tax".into(),
+            provider: "440000/civil".into(),
+            request: Some(ExchangeRequest {
+                grant_id: c.grant.id.clone(),
+                query: Some(Query {
+                    fields: vec!["name".into()],
+                    ..Default::default()
+                }),
+                ..ask(&c.ds, "1")
+            }),
+            grant: Some(forged),
+            trail: vec![],
+            hops_left: 8,
+            accepted_at: Some(prost_types::Timestamp {
+                seconds: now.as_secs() as i64,
+                nanos: 0,
+            }),
+            deadline: Some(later),
+            origin_broker: "330100/hub".into(),
+        }),
+    )
+    .await?;
+    let result = link
+        .next(|b| match b {
+            link_frame::Body::Result(r) => r.result,
+            _ => None,
+        })
+        .await?;
+    ensure!(
+        result.state() == ExchangeState::Denied
+            && result
+                .error
+                .as_ref()
+                .is_some_and(|e| e.message.contains("grant_forged")),
+        "the first hop refuses a forged grant: {result:?}"
+    );
+    let denied = audited(&c.hub, "exchange_denied").await?;
+    ensure!(
+        denied.iter().any(|e| e.reason.contains("grant_forged")),
+        "and audits it: {denied:?}"
+    );
+    ensure!(
+        c.provider.received() == received,
+        "nothing reached the provider"
+    );
+    Ok(())
+}
