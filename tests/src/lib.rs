@@ -12,6 +12,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod cascade;
 pub mod load;
 pub mod process;
 pub mod provider;

@@ -3,121 +3,9 @@
 use anyhow::{ensure, Context, Result};
 use govshare_client::proto::*;
 use govshare_client::Client;
-use govshare_tests::provider::{row, text, Reply, TestProvider};
+use govshare_tests::cascade::*;
+use govshare_tests::provider::{text, TestProvider};
 use govshare_tests::{wait_until, TestBroker};
-use std::sync::Arc;
-use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-fn item(name: &str) -> InfoItem {
-    InfoItem {
-        name: name.into(),
-        r#type: "string".into(),
-        ..Default::default()
-    }
-}
-
-/// Publishes `code` at `provider` with items id_number, status, name.
-async fn publish(provider: &Client, code: &str, share: ShareType) -> Result<String> {
-    let d = provider
-        .publish_dataset(Dataset {
-            code: code.into(),
-            name: format!("死亡登记 {code}"),
-            share_type: share as i32,
-            items: vec![item("id_number"), item("status"), item("name")],
-            ..Default::default()
-        })
-        .await?
-        .dataset
-        .context("no dataset")?;
-    Ok(d.id)
-}
-
-fn alive_rows() -> Arc<dyn Fn(&ProviderRequest) -> Reply + Send + Sync> {
-    Arc::new(|req: &ProviderRequest| {
-        let id = req
-            .query
-            .as_ref()
-            .and_then(|q| q.filters.first())
-            .and_then(|f| f.value.as_ref())
-            .and_then(|v| match &v.kind {
-                Some(value::Kind::StringValue(s)) => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
-        Reply::Rows(vec![row(&[
-            ("id_number", id.as_str()),
-            ("status", "ALIVE"),
-            ("name", "张三"),
-        ])])
-    })
-}
-
-fn ask(dataset: &str, id_number: &str) -> ExchangeRequest {
-    ExchangeRequest {
-        dataset_id: dataset.into(),
-        query: Some(Query {
-            filters: vec![Filter {
-                item: "id_number".into(),
-                value: Some(Value {
-                    kind: Some(value::Kind::StringValue(id_number.into())),
-                }),
-            }],
-            fields: vec!["id_number".into(), "status".into()],
-            limit: 0,
-        }),
-        ..Default::default()
-    }
-}
-
-/// Waits until `client`'s broker has the dataset in its catalog.
-async fn sees(client: &Client, dataset: &str) -> Result<()> {
-    wait_until(WAIT, &format!("{dataset} cascaded"), || async {
-        match client.get_dataset(dataset).await {
-            Ok(_) => Ok(Some(())),
-            Err(e) => {
-                eprintln!("{e}");
-                Ok(None)
-            }
-        }
-    })
-    .await
-}
-
-/// Files a demand and waits until its decision has come back with a grant.
-async fn granted(consumer: &Client, dataset: &str) -> Result<Grant> {
-    let d = consumer
-        .file_demand(FileDemandRequest {
-            dataset_id: dataset.into(),
-            fields: vec!["id_number".into(), "status".into()],
-            purpose: "check pension recipients are alive".into(),
-            ..Default::default()
-        })
-        .await?
-        .demand
-        .context("no demand")?;
-    let id = d.id.clone();
-    let approved = wait_until(WAIT, "the decision to come back", || async {
-        let d = consumer.get_demand(&id).await?;
-        Ok((d.state() == DemandState::Approved).then_some(d))
-    })
-    .await?;
-    Ok(consumer.get_grant(&approved.grant_id).await?)
-}
-
-/// Waits for an exchange's end.
-async fn outcome(consumer: &Client, id: &str) -> Result<ExchangeResult> {
-    wait_until(WAIT, "the exchange to end", || async {
-        let r = consumer.get_exchange(id, false).await?;
-        let done = !matches!(
-            r.state(),
-            ExchangeState::Queued | ExchangeState::InFlight | ExchangeState::Unspecified
-        );
-        Ok(done.then_some(r))
-    })
-    .await
-}
 
 #[tokio::test]
 async fn a_department_in_one_province_gets_data_from_another_through_the_hub() -> Result<()> {
@@ -207,12 +95,6 @@ struct Cascade {
     provider: TestProvider,
 }
 
-/// Children retry their parent quickly in tests.
-fn quick(c: &mut govshare_broker::Config) {
-    c.federation.max_backoff_secs = 1;
-    c.federation.ping_secs = 1;
-}
-
 async fn cascade() -> Result<Cascade> {
     let hub = TestBroker::start_with_id("000000/hub").await?;
     let zj = TestBroker::start_child("330000/hub", &hub, &[], quick).await?;
@@ -233,23 +115,6 @@ async fn cascade() -> Result<Cascade> {
         grant,
         provider,
     })
-}
-
-/// The audit entries of a broker with this decision.
-async fn audited(b: &TestBroker, decision: &str) -> Result<Vec<AuditEntry>> {
-    let all = b
-        .admin()
-        .await?
-        .list_audit(ListAuditRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?;
-    Ok(all
-        .entries
-        .into_iter()
-        .filter(|e| e.decision == decision)
-        .collect())
 }
 
 #[tokio::test]

@@ -518,11 +518,19 @@ async fn send_state(app: &Arc<App>, peer: &Peer, tx: &mpsc::Sender<LinkFrame>) -
 fn state_frames(app: &App, peer: &Peer) -> Result<Vec<Body>> {
     let store = &app.store;
     let mut out = Vec::new();
+    // Nothing goes back toward where it came from: a child does not send the parent what the
+    // parent told it, and the parent does not send a child what came from its own subtree.
+    let back = Some(Route::Via(peer.key.clone()));
     for k in store.keys()?.iter() {
-        out.push(Body::Key(k.clone()));
+        if app.fed.route(&k.broker_id)? != back {
+            out.push(Body::Key(k.clone()));
+        }
     }
     for kv in store.tree(T::Revoked).iter() {
-        out.push(Body::Revocation(GrantRevocation::decode(kv?.1.as_ref())?));
+        let r = GrantRevocation::decode(kv?.1.as_ref())?;
+        if app.fed.route(&r.issuer)? != back {
+            out.push(Body::Revocation(r));
+        }
     }
     for d in app.catalog.all()? {
         if app.fed.route(&d.provider)? != Some(Route::Via(peer.key.clone())) {
@@ -539,9 +547,13 @@ fn state_frames(app: &App, peer: &Peer) -> Result<Vec<Body>> {
 fn reachable(app: &App) -> Result<RouteAdvertisement> {
     let store = &app.store;
     let me = store.broker_id().to_string();
+    // The broker itself too, so that brokers above can tell which keys and revocations came
+    // from below.
     let mut adv = RouteAdvertisement {
         full: true,
-        ..Default::default()
+        node_ids: vec![me.clone()],
+        home_brokers: vec![me.clone()],
+        distances: vec![0],
     };
     for kv in store.tree(T::Nodes).iter() {
         let n = Node::decode(kv?.1.as_ref())?;
