@@ -25,8 +25,9 @@ pub struct Status {
     pub started_ms: i64,
     /// Seconds since start.
     pub uptime_secs: i64,
-    /// Federation links (none until federation).
-    pub links: Vec<serde_json::Value>,
+    /// Federation links: the parent's (if any) and each child's, up or down, with the frames
+    /// waiting toward each.
+    pub links: Vec<crate::federation::LinkStatus>,
     /// Connected provider streams.
     pub providers: u64,
     /// Queues per destination.
@@ -112,6 +113,12 @@ pub fn status(app: &App) -> crate::error::Result<Status> {
     metrics::gauge!(crate::metrics::CPU).set(cpu);
     metrics::gauge!(crate::metrics::RSS).set(rss as f64);
     metrics::gauge!(crate::metrics::OPEN_FDS).set(fds as f64);
+    let links = app.fed.status();
+    for l in &links {
+        let peer = crate::federation::peer_label(&l.peer);
+        metrics::gauge!(crate::metrics::LINK_OUTBOX, "peer" => peer.clone()).set(l.outbox as f64);
+        metrics::gauge!(crate::metrics::LINK_UP, "peer" => peer).set(if l.up { 1.0 } else { 0.0 });
+    }
     let (p50, p90, p99, count) = app.engine.latency_ms();
     let stats = app.store.flush_stats();
     Ok(Status {
@@ -119,7 +126,7 @@ pub fn status(app: &App) -> crate::error::Result<Status> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_ms: app.started_ms,
         uptime_secs: uptime,
-        links: Vec::new(),
+        links,
         providers: app.engine.providers(),
         queues,
         dead_letters: dead,

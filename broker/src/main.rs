@@ -172,7 +172,7 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     a.out.display()
                 );
             }
-            if role != govshare_proto::v1::NodeRole::Admin {
+            if role == govshare_proto::v1::NodeRole::Department {
                 println!(
                     "register it before use: govshare --identity {}/admin node register --id {} --name NAME",
                     a.data_dir.display(),

@@ -463,3 +463,224 @@ async fn an_advertisement_outside_the_scope_and_a_forged_grant_are_refused_and_a
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn demands_decisions_and_catalog_changes_cross_brokers() -> Result<()> {
+    let hub = TestBroker::start_with_id("000000/hub").await?;
+    // Demands filed at Zhejiang are due within a second, to see them overdue on both sides.
+    let zj = TestBroker::start_child("330000/hub", &hub, &[], |c| {
+        quick(c);
+        c.sharing.demand_response_seconds = 1;
+    })
+    .await?;
+    let gd = TestBroker::start_child("440000/hub", &hub, &[], quick).await?;
+    let civil = gd.client_for("440000/civil").await?;
+    let pension = zj.client_for("330000/pension").await?;
+    let ds = publish(&civil, "household", ShareType::Conditional).await?;
+    sees(&pension, &ds).await?;
+    let file = |purpose: &str| FileDemandRequest {
+        dataset_id: ds.clone(),
+        fields: vec!["id_number".into(), "status".into(), "name".into()],
+        purpose: purpose.into(),
+        ..Default::default()
+    };
+    let a = pension
+        .file_demand(file("pension audit"))
+        .await?
+        .demand
+        .context("a")?;
+    let b = pension
+        .file_demand(file("second look"))
+        .await?
+        .demand
+        .context("b")?;
+    let w = pension
+        .file_demand(file("filed by mistake"))
+        .await?
+        .demand
+        .context("w")?;
+    // The provider sees them at its own broker, pending and (after a second) overdue.
+    let incoming = |only_overdue: bool| {
+        let civil = civil.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                civil
+                    .list_demands(ListDemandsRequest {
+                        view: DemandView::Incoming as i32,
+                        overdue_only: only_overdue,
+                        ..Default::default()
+                    })
+                    .await?
+                    .demands,
+            )
+        }
+    };
+    wait_until(WAIT, "the demands at the provider's broker", || async {
+        Ok((incoming(false).await?.len() == 3).then_some(()))
+    })
+    .await?;
+    wait_until(WAIT, "overdue at both brokers", || async {
+        let mine = pension
+            .list_demands(ListDemandsRequest {
+                view: DemandView::Outgoing as i32,
+                overdue_only: true,
+                ..Default::default()
+            })
+            .await?
+            .demands;
+        Ok((incoming(true).await?.len() == 3 && mine.len() == 3).then_some(()))
+    })
+    .await?;
+    // Withdrawn by the consumer: the provider's copy follows, and it can no longer decide it.
+    pension.withdraw_demand(&w.id).await?;
+    wait_until(WAIT, "the withdrawal at the provider", || async {
+        let d = civil.get_demand(&w.id).await?;
+        Ok((d.state() == DemandState::Withdrawn).then_some(()))
+    })
+    .await?;
+    ensure!(
+        civil.reject_demand(&w.id, "late").await.is_err(),
+        "a withdrawn demand cannot be decided"
+    );
+    // Approved with fewer fields, and rejected with a reason: both decisions come back.
+    civil
+        .approve_demand(ApproveDemandRequest {
+            id: a.id.clone(),
+            fields: vec!["id_number".into(), "status".into()],
+            ..Default::default()
+        })
+        .await?;
+    civil.reject_demand(&b.id, "no legal basis given").await?;
+    let a = wait_until(WAIT, "the approval at the consumer", || async {
+        let d = pension.get_demand(&a.id).await?;
+        Ok((d.state() == DemandState::Approved).then_some(d))
+    })
+    .await?;
+    let g = pension.get_grant(&a.grant_id).await?;
+    ensure!(
+        g.fields == ["id_number", "status"] && g.issuer == "440000/hub",
+        "the grant as the provider narrowed it: {g:?}"
+    );
+    let b = wait_until(WAIT, "the rejection at the consumer", || async {
+        let d = pension.get_demand(&b.id).await?;
+        Ok((d.state() == DemandState::Rejected).then_some(d))
+    })
+    .await?;
+    ensure!(b.reason == "no legal basis given", "with its reason: {b:?}");
+    // A new version and a withdrawal of the dataset follow to every broker.
+    civil
+        .publish_dataset(Dataset {
+            code: "household".into(),
+            name: "户籍 household v2".into(),
+            share_type: ShareType::Conditional as i32,
+            items: vec![
+                item("id_number"),
+                item("status"),
+                item("name"),
+                item("address"),
+            ],
+            ..Default::default()
+        })
+        .await?;
+    wait_until(WAIT, "version 2 at Zhejiang", || async {
+        let d = pension.get_dataset(&ds).await?;
+        Ok((d.version == 2 && d.items.len() == 4).then_some(()))
+    })
+    .await?;
+    civil.withdraw_dataset(&ds, "replaced").await?;
+    for c in [&pension, &hub.client_for("000000/ndrc").await?] {
+        wait_until(WAIT, "the withdrawal cascaded", || async {
+            let d = c.get_dataset(&ds).await?;
+            Ok((d.state() == DatasetState::Withdrawn).then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_exchange_with_no_hops_left_or_for_an_unknown_node_is_refused() -> Result<()> {
+    let c = cascade().await?;
+    let dir = c.hub.scratch("link-330100");
+    govshare_broker::pki::issue_identity(
+        &c.hub.data_dir,
+        "330100/hub",
+        NodeRole::Broker,
+        &dir,
+        &[],
+    )?;
+    let mut link = RawLink::open(&c.hub, &dir, "330100/hub").await?;
+    link.send(
+        0,
+        link_frame::Body::Advertise(RouteAdvertisement {
+            node_ids: vec!["330100/tax".into()],
+            home_brokers: vec!["330100/hub".into()],
+            distances: vec![0],
+            full: true,
+        }),
+    )
+    .await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let envelope = |id: &str, provider: &str, hops: u32| ExchangeEnvelope {
+        exchange_id: id.into(),
+        consumer: "330100/tax".into(),
+        provider: provider.into(),
+        request: Some(ExchangeRequest {
+            grant_id: c.grant.id.clone(),
+            ..ask(&c.ds, "1")
+        }),
+        grant: c.grant.token.clone(),
+        hops_left: hops,
+        accepted_at: Some(prost_types::Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: 0,
+        }),
+        deadline: Some(prost_types::Timestamp {
+            seconds: now.as_secs() as i64 + 60,
+            nanos: 0,
+        }),
+        origin_broker: "330100/hub".into(),
+        trail: vec![],
+    };
+    link.send(
+        1,
+        link_frame::Body::Exchange(envelope(
+            "01a21e00-0000-7000-8000-000000000011",
+            "440000/civil",
+            0,
+        )),
+    )
+    .await?;
+    let r = link
+        .next(|b| match b {
+            link_frame::Body::Result(r) => r.result,
+            _ => None,
+        })
+        .await?;
+    ensure!(
+        r.state() == ExchangeState::Denied
+            && r.error
+                .as_ref()
+                .is_some_and(|e| e.message.contains("hop_limit")),
+        "no hops left: {r:?}"
+    );
+    // A provider that leaves (suspended at its broker) is withdrawn from the routes: the
+    // root can no longer place exchanges for it and answers NOT_FOUND.
+    c.gd.admin()
+        .await?
+        .suspend_node("440000/civil", "test")
+        .await?;
+    let r = wait_until(WAIT, "the withdrawal to reach the root", || async {
+        let s = c.pension.submit(ask(&c.ds, "1")).await?;
+        let r = outcome(&c.pension, &s.exchange_id).await?;
+        Ok((r.state() == ExchangeState::Denied).then_some(r))
+    })
+    .await?;
+    ensure!(
+        r.error.as_ref().is_some_and(
+            |e| e.message.contains("no_route") && e.code == tonic::Code::NotFound as i32
+        ),
+        "unknown at the root: NOT_FOUND: {r:?}"
+    );
+    Ok(())
+}

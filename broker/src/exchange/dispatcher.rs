@@ -903,7 +903,13 @@ impl Actor {
                 dropped_fields: end.dropped.clone(),
                 trail: {
                     let mut t = end.trail.clone().unwrap_or_else(|| env.trail.clone());
-                    let hop = t.last().map(|r| r.hop).unwrap_or(0);
+                    // This broker's own hop number (0 at the consumer's home broker).
+                    let hop = t
+                        .iter()
+                        .find(|r| r.broker == store.broker_id())
+                        .or(t.last())
+                        .map(|r| r.hop)
+                        .unwrap_or(0);
                     t.push(self.engine.key().receipt(
                         id,
                         hop,

@@ -29,14 +29,33 @@ impl AdminService for AdminSvc {
             let (pending, overdue, active) = a.sharing.counts()?;
             Ok(BrokerStatus {
                 broker_id: a.cfg.broker.id.clone(),
-                parent: String::new(),
+                parent: a.cfg.federation.parent.clone(),
                 started_at: Some(ts(a.started_ms)),
                 nodes: a.registry.count() as u64,
                 datasets: a.catalog.count() as u64,
                 pending_demands: pending,
                 overdue_demands: overdue,
                 active_grants: active,
-                links: Vec::new(),
+                links: a
+                    .fed
+                    .status()
+                    .into_iter()
+                    .map(|l| LinkStatus {
+                        peer: if l.peer_id.is_empty() {
+                            crate::federation::peer_label(&l.peer)
+                        } else {
+                            l.peer_id
+                        },
+                        direction: if l.peer == crate::federation::PARENT {
+                            "parent".into()
+                        } else {
+                            "child".into()
+                        },
+                        state: if l.up { "up".into() } else { "down".into() },
+                        since: (l.since_ms > 0).then(|| ts(l.since_ms)),
+                        rtt_ms: 0.0,
+                    })
+                    .collect(),
                 queued: a.engine.depths().iter().map(|(_, n, _)| n).sum(),
                 dead_letters: a.engine.dead_letter_count() as u64,
                 version: env!("CARGO_PKG_VERSION").to_string(),
