@@ -120,6 +120,14 @@ impl Engine {
         if self.seen(&id)? {
             return Ok(vec![]);
         }
+        // The consumer's trace id follows the exchange: every hop's logs carry it.
+        let trace_id = env
+            .request
+            .as_ref()
+            .map(|r| r.trace_id.clone())
+            .unwrap_or_default();
+        let _span = tracing::info_span!("hop", exchange = %id, trace_id = %trace_id, from = %from)
+            .entered();
         let me = self.store().broker_id().to_string();
         let now = now_ms();
         let hop = env.trail.len() as u32;
@@ -168,6 +176,7 @@ impl Engine {
                         .put_outbox(tx, &peer, link_frame::Body::Exchange(env.clone()))?;
                     Ok(((), vec![e.clone()]))
                 })?;
+                tracing::debug!(next = %peer, "exchange forwarded");
                 return Ok(vec![Effect::Wake(peer)]);
             }
             (Ok(_), Ok(Route::Local)) => match self.accept_forwarded(from, &mut env, now)? {
@@ -176,7 +185,10 @@ impl Engine {
             },
         };
         match refusal {
-            Some(d) => self.refuse_at_hop(from, env, d, now),
+            Some(d) => {
+                tracing::info!(rule = d.denial.rule, detail = %d.denial.detail, "exchange refused at this hop");
+                self.refuse_at_hop(from, env, d, now)
+            }
             None => Ok(vec![]),
         }
     }
