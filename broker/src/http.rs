@@ -103,8 +103,11 @@ pub fn status(app: &App) -> crate::error::Result<Status> {
     metrics::gauge!(crate::metrics::IN_FLIGHT).set(held as f64);
     let dead = app.engine.dead_letter_count() as u64;
     metrics::gauge!(crate::metrics::DEAD_LETTERS).set(dead as f64);
-    let (pending, overdue, active) = app.sharing.counts()?;
-    metrics::gauge!(crate::metrics::DEMANDS, "state" => "pending").set(pending as f64);
+    let census = app.sharing.census()?;
+    let (pending, overdue, active) = (census.pending, census.overdue, census.active);
+    for (state, n) in &census.demands {
+        metrics::gauge!(crate::metrics::DEMANDS, "state" => *state).set(*n as f64);
+    }
     metrics::gauge!(crate::metrics::DEMANDS_OVERDUE).set(overdue as f64);
     metrics::gauge!(crate::metrics::GRANTS_ACTIVE).set(active as f64);
     let uptime = (now_ms() - app.started_ms) / 1000;

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 pub const EXCHANGES: &str = "govshare_exchanges_total";
 /// Exchanges by dataset and outcome, when `[metrics] per_dataset` is on.
 pub const EXCHANGES_BY_DATASET: &str = "govshare_exchanges_by_dataset_total";
-/// Time per stage (`accept`, `queue_wait`, `provider`, `end_to_end`).
+/// Time per stage (`accept`, `queue_wait`, `provider`, `end_to_end`, `hop`).
 pub const STAGE_SECONDS: &str = "govshare_exchange_stage_seconds";
 /// Exchanges waiting per destination.
 pub const QUEUE_DEPTH: &str = "govshare_queue_depth";
@@ -59,6 +59,11 @@ pub const LINK_FRAMES: &str = "govshare_link_frames_total";
 /// Frames waiting in the durable outbox toward a peer (not yet acknowledged by it).
 pub const LINK_OUTBOX: &str = "govshare_link_outbox";
 
+/// Link sessions opened again after the first, per peer.
+pub const LINK_RECONNECTS: &str = "govshare_link_reconnects_total";
+/// The last measured round-trip time of a link's ping, per peer.
+pub const LINK_RTT: &str = "govshare_link_rtt_seconds";
+
 /// Every metric name the broker exports (for tests that check dashboards and alerts).
 pub const ALL: &[&str] = &[
     EXCHANGES,
@@ -86,6 +91,8 @@ pub const ALL: &[&str] = &[
     LINK_UP,
     LINK_FRAMES,
     LINK_OUTBOX,
+    LINK_RECONNECTS,
+    LINK_RTT,
 ];
 
 /// The process-wide Prometheus recorder (one per process: brokers in one test process share it).
@@ -166,6 +173,15 @@ fn describe() {
         LINK_FRAMES,
         "Frames over federation links, by peer and direction (sent, received)."
     );
+    describe_counter!(
+        LINK_RECONNECTS,
+        "Federation link sessions opened again after the first, per peer."
+    );
+    describe_gauge!(
+        LINK_RTT,
+        Unit::Seconds,
+        "The last measured round-trip time of a federation link's ping, per peer."
+    );
     describe_gauge!(
         LINK_OUTBOX,
         "Frames waiting in the durable outbox toward a peer broker."
@@ -181,7 +197,7 @@ fn describe() {
     describe_histogram!(
         STAGE_SECONDS,
         Unit::Seconds,
-        "Time spent per stage: accept, queue_wait, provider, end_to_end."
+        "Time spent per stage: accept, queue_wait, provider, end_to_end, and hop (from one broker's receipt to the next one's)."
     );
     describe_gauge!(
         QUEUE_DEPTH,

@@ -99,6 +99,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     };
     let engine = app.engine.clone();
     let fed = app.fed.clone();
+    let fed_for_health = fed.clone();
     crate::metrics::handle();
     let (metrics_addr, http_task) = if app.cfg.metrics.listen.is_empty() {
         (None, None)
@@ -191,6 +192,25 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     }));
     tracing::info!(%local_addr, broker = %broker_id, "broker serving");
     if !parent.is_empty() {
+        // Health reports the parent link on the federation service's name: NOT_SERVING while
+        // it is down, so probes and operators see a broker cut off from the cascade.
+        let mut up = fed_for_health.parent_watch();
+        let reporter = health.clone();
+        tokio::spawn(async move {
+            loop {
+                let status = if *up.borrow_and_update() {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter
+                    .set_service_status("govshare.v1.FederationService", status)
+                    .await;
+                if up.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         tracing::info!(parent = %parent, "linking to the parent broker");
         crate::federation::link::spawn_parent_link(link_app);
     }

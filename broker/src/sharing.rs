@@ -860,15 +860,32 @@ impl Sharing {
 
     /// Counts (pending, overdue) demands and active grants, for status and metrics.
     pub fn counts(&self) -> Result<(u64, u64, u64)> {
+        let c = self.census()?;
+        Ok((c.pending, c.overdue, c.active))
+    }
+
+    /// Demands by state (lower-case names), overdue demands and active grants, in one scan.
+    pub fn census(&self) -> Result<Census> {
         let now = now_ms();
-        let (mut pending, mut overdue, mut active) = (0, 0, 0);
+        let mut c = Census::default();
+        for s in ["pending", "approved", "rejected", "withdrawn"] {
+            c.demands.insert(s, 0);
+        }
         for kv in self.store.tree(T::Demands).iter() {
             let (_, v) = kv?;
             let d = with_overdue(prost::Message::decode(v.as_ref())?, now);
+            let state = match d.state() {
+                DemandState::Pending => "pending",
+                DemandState::Approved => "approved",
+                DemandState::Rejected => "rejected",
+                DemandState::Withdrawn => "withdrawn",
+                DemandState::Unspecified => continue,
+            };
+            *c.demands.entry(state).or_default() += 1;
             if d.state() == DemandState::Pending {
-                pending += 1;
+                c.pending += 1;
                 if d.overdue {
-                    overdue += 1;
+                    c.overdue += 1;
                 }
             }
         }
@@ -876,11 +893,24 @@ impl Sharing {
             let (_, v) = kv?;
             let g = with_expiry(prost::Message::decode(v.as_ref())?, now);
             if g.state() == GrantState::Active {
-                active += 1;
+                c.active += 1;
             }
         }
-        Ok((pending, overdue, active))
+        Ok(c)
     }
+}
+
+/// Demand and grant figures for status and metrics.
+#[derive(Debug, Default, Clone)]
+pub struct Census {
+    /// Demands by state.
+    pub demands: std::collections::BTreeMap<&'static str, u64>,
+    /// Pending demands.
+    pub pending: u64,
+    /// Pending demands past their response deadline.
+    pub overdue: u64,
+    /// Grants in force.
+    pub active: u64,
 }
 
 /// "DEMAND_STATE_PENDING" → "PENDING".

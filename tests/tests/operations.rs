@@ -56,6 +56,8 @@ async fn metrics_status_and_console_follow_the_load() -> Result<()> {
         govshare_broker::metrics::LINK_UP,
         govshare_broker::metrics::LINK_FRAMES,
         govshare_broker::metrics::LINK_OUTBOX,
+        govshare_broker::metrics::LINK_RECONNECTS,
+        govshare_broker::metrics::LINK_RTT,
     ];
     for name in govshare_broker::metrics::ALL {
         if per_link.contains(name) {

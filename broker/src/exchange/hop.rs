@@ -131,6 +131,10 @@ impl Engine {
         let me = self.store().broker_id().to_string();
         let now = now_ms();
         let hop = env.trail.len() as u32;
+        if let Some(prev) = env.trail.last() {
+            // From the previous broker's receipt to this one: the link and its outbox.
+            self.record_stage("hop", now - ms(&prev.at));
+        }
         if now > ms(&env.deadline) {
             // The consumer's home broker reports the expiry; this hop only records it.
             let mut e = exchange_entry("exchange_expired", &me, &env);

@@ -304,6 +304,7 @@ async fn session(
     let mut ping = tokio::time::interval(ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = tokio::time::Instant::now();
+    let mut ping_sent: Option<(u64, tokio::time::Instant)> = None;
     let mut stopping = app.stopping.clone();
     loop {
         let first = tokio::select! {
@@ -314,6 +315,7 @@ async fn session(
                     return;
                 }
                 let nonce = rand::random();
+                ping_sent = Some((nonce, tokio::time::Instant::now()));
                 let _ = tx.try_send(LinkFrame { seq: 0, body: Some(Body::Ping(LinkPing { nonce, sent_at: Some(crate::time::now_ts()) })) });
                 continue;
             }
@@ -353,7 +355,15 @@ async fn session(
                         body: Some(Body::Pong(LinkPong { nonce: p.nonce })),
                     });
                 }
-                Some(Body::Pong(_)) | Some(Body::Hello(_)) | None => {}
+                Some(Body::Pong(p)) => {
+                    if let Some((nonce, at)) = ping_sent {
+                        if nonce == p.nonce {
+                            fed.set_rtt(&peer.key, at.elapsed());
+                            ping_sent = None;
+                        }
+                    }
+                }
+                Some(Body::Hello(_)) | None => {}
                 Some(body) => custody.push((f.seq, body)),
             }
         }

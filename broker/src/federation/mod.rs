@@ -89,6 +89,8 @@ struct LinkHandle {
     abort: tokio::task::AbortHandle,
     /// When it opened, Unix ms.
     since_ms: i64,
+    /// The last ping's round-trip time, ms (0 until measured).
+    rtt_ms: f64,
 }
 
 /// A link as `/status` shows it.
@@ -104,6 +106,8 @@ pub struct LinkStatus {
     pub since_ms: i64,
     /// Frames waiting in the outbox toward the peer.
     pub outbox: u64,
+    /// The last ping's round-trip time, ms (0 until measured).
+    pub rtt_ms: f64,
 }
 
 /// The federation state shared by the services, the exchange engine and the links.
@@ -125,6 +129,10 @@ struct Inner {
     /// called inside a transaction (it can wait for the lock the transaction holds); seeded
     /// past every number in use, so each link's outbox stays in order across restarts.
     next_seq: std::sync::atomic::AtomicU64,
+    /// Peers that had a link since start (a new session of one is a reconnect).
+    seen: Mutex<std::collections::HashSet<String>>,
+    /// Whether the parent link is up, for the health service.
+    parent_up: tokio::sync::watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -157,6 +165,8 @@ impl Fed {
                 links: Mutex::new(HashMap::new()),
                 next_session: std::sync::atomic::AtomicU64::new(1),
                 next_seq: std::sync::atomic::AtomicU64::new(seed.max(1)),
+                seen: Mutex::new(std::collections::HashSet::new()),
+                parent_up: tokio::sync::watch::channel(false).0,
             }),
         })
     }
@@ -184,6 +194,19 @@ impl Fed {
             .inner
             .has_parent
             .then(|| Route::Via(PARENT.to_string())))
+    }
+
+    /// Follows whether the parent link is up.
+    pub fn parent_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.parent_up.subscribe()
+    }
+
+    /// Records a link's measured round-trip time.
+    pub fn set_rtt(&self, peer: &str, rtt: std::time::Duration) {
+        if let Some(h) = lock(&self.inner.links).get_mut(peer) {
+            h.rtt_ms = rtt.as_secs_f64() * 1000.0;
+        }
+        metrics::gauge!(crate::metrics::LINK_RTT, "peer" => peer_label(peer)).set(rtt.as_secs_f64());
     }
 
     /// True while the link with this key is open.
@@ -307,8 +330,16 @@ impl Fed {
                 wake: wake.clone(),
                 abort,
                 since_ms: crate::time::now_ms(),
+                rtt_ms: 0.0,
             },
         );
+        if !lock(&self.inner.seen).insert(peer.to_string()) {
+            metrics::counter!(crate::metrics::LINK_RECONNECTS, "peer" => peer_label(peer))
+                .increment(1);
+        }
+        if peer == PARENT {
+            self.inner.parent_up.send_replace(true);
+        }
         if let Some(old) = old {
             // The peer reconnected before its old stream was seen to end.
             old.abort.abort();
@@ -323,6 +354,9 @@ impl Fed {
         if links.get(peer).is_some_and(|h| h.session == session) {
             links.remove(peer);
             metrics::gauge!(crate::metrics::LINK_UP, "peer" => peer_label(peer)).set(0.0);
+            if peer == PARENT {
+                self.inner.parent_up.send_replace(false);
+            }
         }
     }
 
@@ -351,6 +385,7 @@ impl Fed {
                 up: true,
                 since_ms: h.since_ms,
                 outbox: 0,
+                rtt_ms: h.rtt_ms,
             })
             .collect();
         if self.inner.has_parent && !out.iter().any(|l| l.peer == PARENT) {
@@ -360,6 +395,7 @@ impl Fed {
                 up: false,
                 since_ms: 0,
                 outbox: 0,
+                rtt_ms: 0.0,
             });
         }
         for l in &mut out {

@@ -53,7 +53,7 @@ impl AdminService for AdminSvc {
                         },
                         state: if l.up { "up".into() } else { "down".into() },
                         since: (l.since_ms > 0).then(|| ts(l.since_ms)),
-                        rtt_ms: 0.0,
+                        rtt_ms: l.rtt_ms,
                     })
                     .collect(),
                 queued: a.engine.depths().iter().map(|(_, n, _)| n).sum(),
