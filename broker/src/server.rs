@@ -173,9 +173,13 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
             ExchangeServiceServer::new(service::exchange::ExchangeSvc(app.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(FederationServiceServer::new(
-            service::federation::FederationSvc(app.clone()),
-        ))
+        .add_service(
+            // Link frames carry whole results (up to the provider stream's limit) plus their
+            // envelope: room for the largest, as the link's client side allows.
+            FederationServiceServer::new(service::federation::FederationSvc(app.clone()))
+                .max_decoding_message_size(crate::federation::link::MAX_FRAME_BYTES)
+                .max_encoding_message_size(crate::federation::link::MAX_FRAME_BYTES),
+        )
         .add_service(AdminServiceServer::new(service::admin::AdminSvc(
             app.clone(),
         )))

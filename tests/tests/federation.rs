@@ -684,3 +684,44 @@ async fn an_exchange_with_no_hops_left_or_for_an_unknown_node_is_refused() -> Re
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn health_reports_the_parent_link() -> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let mut hub = TestBroker::start_with_id("000000/hub").await?;
+    let zj = TestBroker::start_child("330000/hub", &hub, &[], quick).await?;
+    let health = HealthClient::new(zj.admin().await?.channel());
+    let status = |h: &HealthClient<tonic::transport::Channel>, service: &str| {
+        let mut h = h.clone();
+        let service = service.to_string();
+        async move {
+            Ok::<_, anyhow::Error>(
+                h.check(HealthCheckRequest { service })
+                    .await?
+                    .into_inner()
+                    .status(),
+            )
+        }
+    };
+    let link = "govshare.v1.FederationService";
+    wait_until(WAIT, "the link reported up", || async {
+        Ok((status(&health, link).await? == ServingStatus::Serving).then_some(()))
+    })
+    .await?;
+    hub.stop_now().await?;
+    wait_until(WAIT, "the link reported down", || async {
+        Ok((status(&health, link).await? == ServingStatus::NotServing).then_some(()))
+    })
+    .await?;
+    ensure!(
+        status(&health, "").await? == ServingStatus::Serving,
+        "the broker itself still serves its own departments"
+    );
+    hub.start_again().await?;
+    wait_until(WAIT, "the link reported up again", || async {
+        Ok((status(&health, link).await? == ServingStatus::Serving).then_some(()))
+    })
+    .await?;
+    Ok(())
+}

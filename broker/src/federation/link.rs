@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
+/// Largest link frame, either way.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// Custody frames sent and not yet acknowledged, at most.
 const WINDOW: usize = 256;
 /// Frames queued toward the stream, at most.
@@ -207,8 +209,8 @@ async fn dial(app: &App) -> Result<(Streaming<LinkFrame>, mpsc::Sender<LinkFrame
         .await
         .map_err(|e| BrokerError::Unavailable(format!("connect: {}", error_chain(&e))))?;
     let mut client = FederationServiceClient::new(channel)
-        .max_decoding_message_size(16 * 1024 * 1024)
-        .max_encoding_message_size(16 * 1024 * 1024);
+        .max_decoding_message_size(MAX_FRAME_BYTES)
+        .max_encoding_message_size(MAX_FRAME_BYTES);
     let (tx, rx) = mpsc::channel(CHANNEL);
     tx.send(LinkFrame {
         seq: 0,

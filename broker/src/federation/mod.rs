@@ -206,7 +206,8 @@ impl Fed {
         if let Some(h) = lock(&self.inner.links).get_mut(peer) {
             h.rtt_ms = rtt.as_secs_f64() * 1000.0;
         }
-        metrics::gauge!(crate::metrics::LINK_RTT, "peer" => peer_label(peer)).set(rtt.as_secs_f64());
+        metrics::gauge!(crate::metrics::LINK_RTT, "peer" => peer_label(peer))
+            .set(rtt.as_secs_f64());
     }
 
     /// True while the link with this key is open.
