@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cascade;
+pub mod faults;
 pub mod load;
 pub mod process;
 pub mod provider;
@@ -69,11 +70,23 @@ impl TestBroker {
         scope: &[&str],
         tune: impl FnOnce(&mut Config),
     ) -> Result<Self> {
+        Self::start_child_via(id, parent, &parent.url(), scope, tune).await
+    }
+
+    /// Like [`TestBroker::start_child`], but the child dials `url` (a fault proxy in front of
+    /// the parent, say).
+    pub async fn start_child_via(
+        id: &str,
+        parent: &TestBroker,
+        url: &str,
+        scope: &[&str],
+        tune: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let link = dir.path().join("link-identity");
         let scope: Vec<String> = scope.iter().map(|s| s.to_string()).collect();
         pki::issue_identity(&parent.data_dir, id, NodeRole::Broker, &link, &scope)?;
-        Self::start_in(dir, id, Some((parent.url(), link)), tune).await
+        Self::start_in(dir, id, Some((url.to_string(), link)), tune).await
     }
 
     async fn start_in(
