@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 /// `deploy/prometheus/alerts-federation.yml` and in a dashboard row whose description says
 /// "not exported yet". Remove a name from here once the broker exports it (it is then in `ALL`,
 /// and this list must not overlap `ALL`). The federation link metrics left this list when
-/// federation landed (`govshare_link_up`, `govshare_link_frames_total`, `govshare_link_outbox`);
-/// the link round-trip time and reconnect counter once planned here were never exported, and
-/// their panels and alert were replaced by ones on the exported link metrics.
+/// federation landed (`govshare_link_up`, `govshare_link_frames_total`, `govshare_link_outbox`),
+/// and the link round-trip time and reconnect counter are exported now too
+/// (`govshare_link_rtt_seconds`, `govshare_link_reconnects_total`).
 const FUTURE: &[&str] = &["govshare_certificate_expiry_seconds"];
 
 /// The only alert file that may use `FUTURE` metrics. It keeps its name (the README points at
@@ -608,6 +608,8 @@ fn the_dashboard_shows_every_exported_metric() -> Result<()> {
         ("govshare_link_up", &["peer"][..]),
         ("govshare_link_frames_total", &["peer", "direction"][..]),
         ("govshare_link_outbox", &["peer"][..]),
+        ("govshare_link_rtt_seconds", &["peer"][..]),
+        ("govshare_link_reconnects_total", &["peer"][..]),
     ] {
         let e = link_exprs
             .iter()
@@ -807,28 +809,56 @@ fn every_alert_rule_is_complete() -> Result<()> {
 
 #[tokio::test]
 async fn every_queried_metric_is_served_by_a_live_broker() -> Result<()> {
-    let broker = TestBroker::start_with("330000/hub", |c| {
+    let mut broker = TestBroker::start_with("330000/hub", |c| {
         c.metrics.listen = "127.0.0.1:0".into();
         c.metrics.per_dataset = true;
     })
     .await?;
-    let base = broker.metrics_url().context("metrics port")?;
     // A child broker linked to it, so that the link metrics exist. Brokers in one process share
     // one recorder: the broker's /metrics shows both ends of the link (peer `330100/hub` on the
-    // parent, peer `parent` on the child).
-    let child = TestBroker::start_child("330100/hub", &broker, &[], |_| {}).await?;
+    // parent, peer `parent` on the child). It pings every second (so that the round-trip time
+    // appears soon) and retries within a second (so that it reconnects soon).
+    let child = TestBroker::start_child("330100/hub", &broker, &[], |c| {
+        c.federation.ping_secs = 1;
+        c.federation.max_backoff_secs = 1;
+    })
+    .await?;
+    let link_up = |base: String| async move {
+        govshare_tests::wait_until(
+            std::time::Duration::from_secs(30),
+            "the link to be up at both ends",
+            || {
+                let base = base.clone();
+                async move {
+                    let (_, text) = govshare_tests::http_get(&base, "/metrics").await?;
+                    let up = |peer: &str| {
+                        text.lines()
+                            .any(|l| l == format!("govshare_link_up{{peer=\"{peer}\"}} 1"))
+                    };
+                    Ok((up("330100/hub") && up("parent")).then_some(()))
+                }
+            },
+        )
+        .await
+    };
+    link_up(broker.metrics_url().context("metrics port")?).await?;
+    // The parent stops and starts again: the child opens its link again, a reconnect. The
+    // metrics port is picked again on a restart.
+    broker.stop_now().await?;
+    broker.start_again().await?;
+    let base = broker.metrics_url().context("metrics port")?;
+    link_up(base.clone()).await?;
     govshare_tests::wait_until(
         std::time::Duration::from_secs(30),
-        "the link to be up at both ends",
+        "the child's reconnect and a link round-trip time",
         || {
             let base = base.clone();
             async move {
                 let (_, text) = govshare_tests::http_get(&base, "/metrics").await?;
-                let up = |peer: &str| {
-                    text.lines()
-                        .any(|l| l == format!("govshare_link_up{{peer=\"{peer}\"}} 1"))
-                };
-                Ok((up("330100/hub") && up("parent")).then_some(()))
+                let has = |prefix: &str| text.lines().any(|l| l.starts_with(prefix));
+                Ok((has("govshare_link_reconnects_total{peer=\"parent\"}")
+                    && has("govshare_link_rtt_seconds{"))
+                .then_some(()))
             }
         },
     )

@@ -8,7 +8,9 @@
 //! a missing tool is a failure.
 
 use anyhow::{bail, ensure, Context, Result};
-use govshare_tests::{wait_until, TestBroker};
+use govshare_client::proto::{ExchangeState, ShareType};
+use govshare_tests::provider::TestProvider;
+use govshare_tests::{cascade, wait_until, TestBroker};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -234,14 +236,27 @@ async fn prometheus_scrapes_a_broker_under_load() -> Result<()> {
     else {
         return Ok(());
     };
-    let broker = TestBroker::start_with("330000/hub", |c| {
+    let mut broker = TestBroker::start_with("330000/hub", |c| {
         c.metrics.listen = "127.0.0.1:0".into();
         c.metrics.per_dataset = true;
     })
     .await?;
     // A child broker linked to it, so that the federation row's link metrics have data (brokers
-    // in one process share one recorder: the broker's /metrics shows both ends of the link).
-    let child = TestBroker::start_child("330100/hub", &broker, &[], |_| {}).await?;
+    // in one process share one recorder: the broker's /metrics shows both ends of the link). It
+    // pings every second, so that the link round-trip time appears soon, and retries within a
+    // second.
+    let child = TestBroker::start_child("330100/hub", &broker, &[], |c| {
+        c.federation.ping_secs = 1;
+        c.federation.max_backoff_secs = 1;
+    })
+    .await?;
+    // The reconnect counter appears only after a reconnect: the parent stops and starts again
+    // (before Prometheus starts, since its metrics port is picked again), and the child opens
+    // its link again.
+    wait_for_metric(&broker, "govshare_link_up{peer=\"parent\"} 1").await?;
+    broker.stop_now().await?;
+    broker.start_again().await?;
+    wait_for_metric(&broker, "govshare_link_reconnects_total{peer=\"parent\"}").await?;
     let metrics = broker.metrics_url().context("metrics port")?;
     let target = metrics.trim_start_matches("http://");
     let config = format!(
@@ -263,7 +278,7 @@ scrape_configs:
         federation = govshare_tests::deploy("prometheus/alerts-federation.yml").display(),
     );
     let prom = Prometheus::start(&bin, &config).await?;
-    let result = scrape_under_load(&broker, &prom).await;
+    let result = scrape_under_load(&broker, &child, &prom).await;
     let log = prom.log_text();
     prom.stop().await?;
     child.shutdown().await?;
@@ -274,7 +289,24 @@ scrape_configs:
     Ok(())
 }
 
-async fn scrape_under_load(broker: &TestBroker, prom: &Prometheus) -> Result<()> {
+/// Waits until a line of the broker's `/metrics` starts with `prefix`.
+async fn wait_for_metric(broker: &TestBroker, prefix: &str) -> Result<()> {
+    let base = broker.metrics_url().context("metrics port")?;
+    wait_until(PATIENCE, &format!("{prefix} in /metrics"), || {
+        let base = base.clone();
+        async move {
+            let (_, text) = govshare_tests::http_get(&base, "/metrics").await?;
+            Ok(text.lines().any(|l| l.starts_with(prefix)).then_some(()))
+        }
+    })
+    .await
+}
+
+async fn scrape_under_load(
+    broker: &TestBroker,
+    child: &TestBroker,
+    prom: &Prometheus,
+) -> Result<()> {
     prom.wait_for(
         r#"up{job="govshare", broker="330000/hub"}"#,
         "the broker to be scraped",
@@ -285,6 +317,18 @@ async fn scrape_under_load(broker: &TestBroker, prom: &Prometheus) -> Result<()>
         r#"min(govshare_link_up{broker="330000/hub", peer=~"parent|330100/hub"}) * count(govshare_link_up{broker="330000/hub", peer=~"parent|330100/hub"})"#,
         "the link to the child up at both ends",
         |v| v == 2.0,
+    )
+    .await?;
+    prom.wait_for(
+        r#"sum(govshare_link_reconnects_total{broker="330000/hub", peer="parent"})"#,
+        "the child's reconnect after the parent's restart",
+        |v| v >= 1.0,
+    )
+    .await?;
+    prom.wait_for(
+        r#"count(govshare_link_rtt_seconds{broker="330000/hub"} >= 0)"#,
+        "a link round-trip time (the child pings every second)",
+        |v| v >= 1.0,
     )
     .await?;
 
@@ -411,12 +455,34 @@ async fn scrape_under_load(broker: &TestBroker, prom: &Prometheus) -> Result<()>
     )
     .await?;
 
+    // Phase 3: one exchange over the link, from a consumer at the parent to a provider at the
+    // child, so that the child records the `hop` stage (shown on the dashboard).
+    let mca = child.client_for("330100/mca").await?;
+    let pension = broker.client_for("330000/pension").await?;
+    let ds = cascade::publish(&mca, "death-registration", ShareType::Unconditional).await?;
+    let _remote = TestProvider::start(&mca, &[&ds], 4, "p1", cascade::alive_rows()).await?;
+    cascade::sees(&pension, &ds).await?;
+    cascade::granted(&pension, &ds).await?;
+    let r = pension
+        .request(cascade::ask(&ds, "330101199001011234"))
+        .await?;
+    ensure!(
+        r.state() == ExchangeState::Answered,
+        "the exchange over the link: {r:?}"
+    );
+    prom.wait_for(
+        r#"sum(govshare_exchange_stage_seconds_count{stage="hop"})"#,
+        "the hop stage of the exchange over the link",
+        |v| v >= 1.0,
+    )
+    .await?;
+
     dashboard_queries_return_data(prom).await?;
     alert_rules_evaluate(prom).await
 }
 
-/// Every dashboard query, with Grafana's variables filled in, is valid PromQL and (except the
-/// federation row's) returns data from the live broker.
+/// Every dashboard query, with Grafana's variables filled in, is valid PromQL and (except those
+/// of `FUTURE` metrics) returns data from the live broker.
 async fn dashboard_queries_return_data(prom: &Prometheus) -> Result<()> {
     let path = govshare_tests::deploy("grafana/govshare.json");
     let dash: Json = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
