@@ -212,6 +212,18 @@ struct Delivery {
     since_ms: i64,
 }
 
+/// A delivery decided but not yet written; its request goes out once it is.
+struct Staged {
+    id: String,
+    rec: StoredExchange,
+    in_flight: super::record::InFlight,
+    audit: govshare_proto::v1::AuditEntry,
+    permit: mpsc::OwnedPermit<std::result::Result<BrokerMessage, tonic::Status>>,
+    msg: BrokerMessage,
+    instance: u64,
+    delivery_id: String,
+}
+
 #[derive(Debug)]
 struct Pending {
     dest: String,
@@ -286,6 +298,9 @@ struct Actor {
     done: Vec<(String, ExchangeResult, bool)>,
     /// Links whose outboxes got results, woken after the next shared flush.
     wake: BTreeSet<String>,
+    /// Deliveries decided in this batch, written together by [`Actor::commit`] before their
+    /// requests go out: one transaction for many deliveries instead of one each.
+    staged: Vec<Staged>,
     last_heartbeat: i64,
     last_sweep: i64,
 }
@@ -303,6 +318,7 @@ impl Actor {
             deadlines: BTreeSet::new(),
             done: Vec::new(),
             wake: BTreeSet::new(),
+            staged: Vec::new(),
             last_heartbeat: now_ms(),
             last_sweep: now_ms(),
         }
@@ -325,15 +341,18 @@ impl Actor {
                             Err(_) => break,
                         }
                     }
+                    self.commit();
                     self.flush_done();
                     if stop { break }
                 }
                 _ = tick.tick() => {
                     self.tick();
+                    self.commit();
                     self.flush_done();
                 }
             }
         }
+        self.commit();
         self.flush_done();
         // Let the last notifications go out before the runtime is dropped.
         tokio::task::yield_now().await;
@@ -647,9 +666,9 @@ impl Actor {
         };
         // Room on the stream first, so nothing is recorded as delivered that cannot be sent.
         let tx = inst.tx.clone();
-        let permit = match tx.try_reserve() {
+        let permit = match tx.try_reserve_owned() {
             Ok(p) => p,
-            Err(mpsc::error::TrySendError::Full(())) => {
+            Err(mpsc::error::TrySendError::Full(_)) => {
                 // The provider is not reading: stop sending until it answers something.
                 if let Some(inst) = self.instances.get_mut(&instance) {
                     inst.credit = 0;
@@ -657,7 +676,7 @@ impl Actor {
                 self.requeue_front(id);
                 return true;
             }
-            Err(mpsc::error::TrySendError::Closed(())) => {
+            Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.requeue_front(id);
                 self.disconnect(instance);
                 return true;
@@ -690,24 +709,23 @@ impl Actor {
             attempt: rec.deliveries,
             since_ms: now,
         };
-        let written = store.write(|tx| {
-            tx.put(T::Exchanges, id, &rec)?;
-            tx.put(T::InFlight, id, &in_flight)?;
-            let mut e = exchange_entry("exchange_delivered", store.broker_id(), &env);
-            e.reason = format!("attempt {} to instance {label}", rec.deliveries);
-            Ok(((), vec![e]))
-        });
-        if let Err(e) = written {
-            tracing::error!(exchange = id, error = %e, "cannot record delivery; will retry");
-            self.requeue_front(id);
-            return false;
-        }
-        permit.send(Ok(msg));
-        tracing::debug!(exchange = id, trace_id = %req.trace_id, instance = %label, attempt = rec.deliveries, "delivered");
+        let mut audit = exchange_entry("exchange_delivered", store.broker_id(), &env);
+        audit.reason = format!("attempt {} to instance {label}", rec.deliveries);
+        tracing::debug!(exchange = id, trace_id = %req.trace_id, instance = %label, attempt = rec.deliveries, "delivering");
         if rec.deliveries == 1 {
             self.engine
                 .record_stage("queue_wait", now - ms(&env.accepted_at));
         }
+        self.staged.push(Staged {
+            id: id.to_string(),
+            rec,
+            in_flight,
+            audit,
+            permit,
+            msg,
+            instance,
+            delivery_id: delivery_id.clone(),
+        });
         if let Some(inst) = self.instances.get_mut(&instance) {
             inst.credit = inst.credit.saturating_sub(1);
         }
@@ -728,7 +746,44 @@ impl Actor {
         true
     }
 
+    /// Writes the deliveries staged in this batch in one transaction, then sends their
+    /// requests. If the write fails, they go back to the front of their queues.
+    fn commit(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let store = self.engine.store().clone();
+        let written = store.write(|tx| {
+            for s in &staged {
+                tx.put(T::Exchanges, &s.id, &s.rec)?;
+                tx.put(T::InFlight, &s.id, &s.in_flight)?;
+            }
+            Ok(((), staged.iter().map(|s| s.audit.clone()).collect()))
+        });
+        match written {
+            Ok(()) => {
+                for s in staged {
+                    s.permit.send(Ok(s.msg));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, deliveries = staged.len(), "cannot record deliveries; will retry");
+                for s in staged {
+                    drop(s.permit);
+                    self.deliveries.remove(&s.delivery_id);
+                    if let Some(inst) = self.instances.get_mut(&s.instance) {
+                        inst.credit = inst.credit.saturating_add(1);
+                    }
+                    self.requeue_front(&s.id);
+                }
+            }
+        }
+    }
+
     fn requeue_front(&mut self, id: &str) {
+        // Staged deliveries first, so their writes never land after this one's.
+        self.commit();
         if let Err(e) = self.engine.store().tree(T::InFlight).remove(id.as_bytes()) {
             tracing::warn!(exchange = id, error = %e, "cannot clear in-flight record");
         }
@@ -860,6 +915,9 @@ impl Actor {
 
     /// Ends an exchange durably (written now, flushed with the batch) and releases it.
     fn end(&mut self, id: &str, end: End) {
+        // Staged deliveries first: one of them may be this exchange, and its write must not
+        // land after the end's.
+        self.commit();
         let store = self.engine.store().clone();
         let result_seq = match store.next_id() {
             Ok(s) => s,
@@ -1193,6 +1251,7 @@ impl Actor {
     }
 
     fn replay(&mut self, id: &str, actor: &str) -> Result<()> {
+        self.commit();
         let store = self.engine.store().clone();
         let dl: DeadLetter = store.get(T::DeadLetters, id)?.ok_or_else(|| {
             BrokerError::not_found(format!("exchange {id} is not in the dead-letter queue"))
