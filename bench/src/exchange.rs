@@ -7,6 +7,10 @@
 //!   call). Latency runs from the submit to the result arriving on the watch stream.
 //! - `fanin`: `sync` from many consumer nodes (each its own connection and grant) to one
 //!   provider.
+//! - `cascade`: `sync` across three in-process brokers: the consumer at its province's broker
+//!   (330000/hub) -> the national hub (000000/hub) -> the provider's province (440000/hub) ->
+//!   the provider, and back. The catalog entry, the demand and its decision cross the brokers
+//!   first, as in production; every hop checks the grant.
 
 use crate::cli::LoadArgs;
 use crate::driver::{drive, Finish, OpFn, Phase, PhaseStats};
@@ -41,6 +45,8 @@ pub(crate) enum Mode {
     Async,
     /// `Request` from many consumers (16 by default).
     Fanin,
+    /// `Request` across three brokers: province -> national hub -> province.
+    Cascade,
 }
 
 impl Mode {
@@ -49,6 +55,7 @@ impl Mode {
             Mode::Sync => "sync",
             Mode::Async => "async",
             Mode::Fanin => "fanin",
+            Mode::Cascade => "cascade",
         }
     }
 }
@@ -74,6 +81,19 @@ pub(crate) fn base_request(dataset: &str, grant: &str) -> ExchangeRequest {
 
 /// Builds the fixture the load arguments ask for.
 pub(crate) async fn fixture(load: &LoadArgs, consumers: usize) -> Result<Fixture> {
+    fixture_for(Mode::Sync, load, consumers).await
+}
+
+async fn fixture_for(mode: Mode, load: &LoadArgs, consumers: usize) -> Result<Fixture> {
+    if mode == Mode::Cascade {
+        if load.broker.is_some() {
+            bail!(
+                "cascade starts its own three brokers (hub and two provinces); \
+                 it cannot drive an external broker: drop --broker/--identity"
+            );
+        }
+        return Fixture::cascade(consumers, !load.plain_listener).await;
+    }
     match (&load.broker, &load.identity) {
         (Some(url), Some(dir)) => Fixture::external(url, dir, consumers).await,
         _ => Fixture::in_process(consumers, !load.plain_listener, |_| {}).await,
@@ -326,7 +346,7 @@ pub(crate) async fn run(mode: Mode, load: &LoadArgs) -> Result<ScenarioResult> {
     let consumers = load
         .consumers
         .unwrap_or(if mode == Mode::Fanin { 16 } else { 1 });
-    let fx = Arc::new(fixture(load, consumers).await?);
+    let fx = Arc::new(fixture_for(mode, load, consumers).await?);
     let providers =
         Provider::start_many(&fx, load.providers, load.max_in_flight, load.row_bytes).await?;
     let consumers_side = if mode == Mode::Async {
@@ -368,6 +388,16 @@ pub(crate) async fn run(mode: Mode, load: &LoadArgs) -> Result<ScenarioResult> {
             r.notes.push(format!("ack failed: {e}"));
         }
         r.notes.push("latency from Submit to the result on the Watch stream; results acknowledged in batches".into());
+    }
+    if mode == Mode::Cascade {
+        r.notes.push(
+            "Request at the consumer's broker 330000/hub -> 000000/hub -> 440000/hub \
+             -> provider and back; fsyncs and cpu: all three brokers"
+                .into(),
+        );
+    }
+    for (k, v) in &fx.setup_ms {
+        r.extra.insert((*k).into(), (*v).into());
     }
     if fx.broker.is_some() {
         r.notes

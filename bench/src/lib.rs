@@ -6,9 +6,10 @@
 //! mutual TLS as the broker). By default every scenario starts its own in-process broker in a
 //! temp dir; `--broker URL --identity DIR` drives an external one.
 //!
-//! Scenarios: `echo`, `sync`, `async`, `fanin`, `backlog`, `grant-check`, and the durable
-//! peers `redis` and `nats` (run when `redis-server` / `nats-server` are on the PATH).
-//! `cascade` needs federation (issue 4) and is reported as skipped.
+//! Scenarios: `echo`, `sync`, `async`, `fanin`, `backlog`, `grant-check`, `cascade` (`sync`
+//! across three in-process brokers: consumer at province 330000 -> national hub -> province
+//! 440000 -> provider), and the durable peers `redis` and `nats` (run when `redis-server` /
+//! `nats-server` are on the PATH).
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -27,9 +28,6 @@ mod target;
 use anyhow::{bail, Context, Result};
 use cli::{Cli, Command, LoadArgs, OutputArgs, Scenario};
 use report::{Outcome, ScenarioResult};
-
-/// Why `cascade` cannot run yet; printed in the output and in `--help`.
-pub const CASCADE_SKIP: &str = "cascade: needs federation (issue 4)";
 
 /// Logs to stderr, `warn` and above unless `RUST_LOG` says otherwise.
 pub fn init_logging() {
@@ -128,12 +126,7 @@ async fn run_one(scenario: Scenario, load: &LoadArgs) -> Result<Outcome> {
         Scenario::Fanin => exchange::run(exchange::Mode::Fanin, load).await?,
         Scenario::Backlog => backlog::run(load).await?,
         Scenario::GrantCheck => grant_check::run(load)?,
-        Scenario::Cascade => {
-            return Ok(Outcome::Skipped(report::Skip {
-                scenario: "cascade".into(),
-                reason: CASCADE_SKIP.into(),
-            }))
-        }
+        Scenario::Cascade => exchange::run(exchange::Mode::Cascade, load).await?,
         Scenario::Redis => return peers::redis(load).await,
         Scenario::Nats => return peers::nats(load).await,
     };

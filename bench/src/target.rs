@@ -7,8 +7,9 @@ use anyhow::{bail, Context, Result};
 use govshare_broker::pki::{self, InitOptions};
 use govshare_broker::{Config, RunningBroker};
 use govshare_client::proto::{
-    broker_message, provider_message, value, Dataset, FileDemandRequest, InfoItem, NodeRole,
-    ProviderAnswer, ProviderMessage, RegisterNodeRequest, Row, ServeHello, ShareType, Value,
+    broker_message, provider_message, value, Dataset, DemandState, FileDemandRequest, InfoItem,
+    NodeRole, ProviderAnswer, ProviderMessage, RegisterNodeRequest, Row, ServeHello, ShareType,
+    Value,
 };
 use govshare_client::{Client, ClientConfig};
 use std::collections::HashMap;
@@ -22,6 +23,15 @@ use tokio::task::JoinHandle;
 
 /// The provider node of in-process runs.
 const PROVIDER: &str = "330000/bench-provider";
+/// `cascade`: the brokers (national hub, the consumers' province, the provider's province).
+const CASCADE_HUB: &str = "000000/hub";
+const CASCADE_CONSUMER_BROKER: &str = "330000/hub";
+const CASCADE_PROVIDER_BROKER: &str = "440000/hub";
+/// `cascade`: the provider node, at the provider's province.
+const CASCADE_PROVIDER: &str = "440000/bench-provider";
+/// How long `cascade` waits for the catalog entry and the demand's decision to cross the
+/// brokers (milliseconds, normally).
+const CASCADE_WAIT: Duration = Duration::from_secs(30);
 /// The dataset code the harness publishes.
 const DATASET_CODE: &str = "bench";
 /// The id number every query filters on (masked by the broker with the `id_number` rule).
@@ -32,6 +42,20 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The consumer node id of index `i` for in-process runs.
 fn consumer_id(i: usize) -> String {
     format!("330100/bench-c{i}")
+}
+
+/// `cascade`: the consumer node id of index `i` out of `n`, at the consumers' province.
+fn cascade_consumer_id(i: usize, n: usize) -> String {
+    if n == 1 {
+        "330000/bench-consumer".into()
+    } else {
+        format!("330000/bench-consumer-{i}")
+    }
+}
+
+/// A fast reconnect for in-process children: they start right after their parent.
+fn quick_links(c: &mut Config) {
+    c.federation.max_backoff_secs = 1;
 }
 
 /// A listener on a free loopback port. With `nodelay`, TCP_NODELAY is set on the listening
@@ -63,16 +87,45 @@ pub(crate) struct InProcess {
 impl InProcess {
     async fn start(nodelay: bool, tune: impl FnOnce(&mut Config)) -> Result<Self> {
         let dir = tempfile::tempdir().context("temp dir for the broker")?;
+        Self::start_in(dir, "330000/hub", None, nodelay, tune).await
+    }
+
+    /// Starts broker `id` as a child of `parent`, which issues its link identity.
+    async fn start_child(
+        id: &str,
+        parent: &InProcess,
+        nodelay: bool,
+        tune: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir().with_context(|| format!("temp dir for broker {id}"))?;
+        let link = dir.path().join("link-identity");
+        pki::issue_identity(&parent.data_dir, id, NodeRole::Broker, &link, &[])
+            .with_context(|| format!("issuing {id}'s link identity at its parent"))?;
+        let parent = Some((parent.url.clone(), link));
+        Self::start_in(dir, id, parent, nodelay, tune).await
+    }
+
+    /// Initialises broker `id` in `dir` (a child of `parent`: its URL and the link identity
+    /// dir) and starts it.
+    async fn start_in(
+        dir: TempDir,
+        id: &str,
+        parent: Option<(String, PathBuf)>,
+        nodelay: bool,
+        tune: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
         let data_dir = dir.path().join("data");
+        let (parent, parent_identity) = parent.unzip();
         pki::init_data_dir(&InitOptions {
             data_dir: data_dir.clone(),
-            broker_id: "330000/hub".into(),
+            broker_id: id.into(),
             sans: Vec::new(),
             listen: None,
             admin_id: None,
-            parent: None,
-            parent_identity: None,
-        })?;
+            parent,
+            parent_identity,
+        })
+        .with_context(|| format!("initialising broker {id}"))?;
         let mut cfg = Config::load(&data_dir)?;
         // Metrics stay on, as in production, on a port of their own: several brokers may
         // share this machine.
@@ -98,6 +151,28 @@ impl InProcess {
         self.url = format!("https://{}", running.local_addr);
         self.running = Some(running);
         Ok(())
+    }
+
+    /// A client acting as this broker's admin (`DATA_DIR/admin`).
+    async fn admin(&self) -> Result<Client> {
+        connect(&self.url, &self.data_dir.join("admin")).await
+    }
+
+    /// For each (node id, dir name) in `nodes`: issues the department identity into that
+    /// dir next to the data dir, registers the node and connects it.
+    async fn departments(&self, admin: &Client, nodes: &[(String, String)]) -> Result<Vec<Node>> {
+        let mut out = Vec::new();
+        for (id, name) in nodes {
+            let dir = self.data_dir.join("..").join(name);
+            pki::issue_identity(&self.data_dir, id, NodeRole::Department, &dir, &[])?;
+            register(admin, id).await?;
+            out.push(Node {
+                client: connect(&self.url, &dir).await?,
+                id: id.clone(),
+                identity: dir,
+            });
+        }
+        Ok(out)
     }
 
     fn counts(&self) -> (u64, u64) {
@@ -134,8 +209,12 @@ pub(crate) struct Node {
 /// A broker with the bench's nodes, dataset and grants in place.
 #[derive(Debug)]
 pub(crate) struct Fixture {
-    /// The in-process broker, or None for an external one.
+    /// The in-process broker the consumers attach to, or None for an external one.
     pub broker: Option<InProcess>,
+    /// `cascade`: the other in-process brokers (the national hub, the provider's province).
+    pub others: Vec<InProcess>,
+    /// Set-up steps timed (e.g. how long the catalog entry took to cascade), in ms.
+    pub setup_ms: Vec<(&'static str, f64)>,
     /// Where the broker is.
     pub url: String,
     /// The provider node.
@@ -185,33 +264,65 @@ impl Fixture {
     ) -> Result<Self> {
         let broker = InProcess::start(nodelay, tune).await?;
         let url = broker.url.clone();
-        let admin_dir = broker.data_dir.join("admin");
-        let admin = connect(&url, &admin_dir).await?;
-        let mut ids = vec![(PROVIDER.to_string(), broker.data_dir.join("../provider"))];
-        for i in 0..consumers {
-            ids.push((
-                consumer_id(i),
-                broker.data_dir.join(format!("../consumer-{i}")),
-            ));
-        }
-        let mut nodes = Vec::new();
-        for (id, dir) in ids {
-            pki::issue_identity(&broker.data_dir, &id, NodeRole::Department, &dir, &[])?;
-            register(&admin, &id).await?;
-            nodes.push(Node {
-                client: connect(&url, &dir).await?,
-                id,
-                identity: dir,
-            });
-        }
+        let admin = broker.admin().await?;
+        let mut ids = vec![(PROVIDER.to_string(), "provider".to_string())];
+        ids.extend((0..consumers).map(|i| (consumer_id(i), format!("consumer-{i}"))));
+        let mut nodes = broker.departments(&admin, &ids).await?;
         let provider = nodes.remove(0);
         Self::finish(
             Some(broker),
+            Vec::new(),
             url,
             provider,
             nodes,
             Some(admin),
             "in-process".into(),
+        )
+        .await
+    }
+
+    /// `cascade`: three in-process brokers, a national hub with two provinces linked to it;
+    /// the provider attached to one province (440000), `consumers` consumer nodes to the other
+    /// (330000). Everything the consumers do goes to their own broker, and from there through
+    /// the hub to the provider's.
+    pub(crate) async fn cascade(consumers: usize, nodelay: bool) -> Result<Self> {
+        let hub = InProcess::start_in(
+            tempfile::tempdir().context("temp dir for the hub")?,
+            CASCADE_HUB,
+            None,
+            nodelay,
+            |_| {},
+        )
+        .await?;
+        let home =
+            InProcess::start_child(CASCADE_CONSUMER_BROKER, &hub, nodelay, quick_links).await?;
+        let far =
+            InProcess::start_child(CASCADE_PROVIDER_BROKER, &hub, nodelay, quick_links).await?;
+        let far_admin = far.admin().await?;
+        let provider = far
+            .departments(
+                &far_admin,
+                &[(CASCADE_PROVIDER.to_string(), "provider".to_string())],
+            )
+            .await?
+            .remove(0);
+        let url = home.url.clone();
+        let admin = home.admin().await?;
+        let ids: Vec<(String, String)> = (0..consumers)
+            .map(|i| (cascade_consumer_id(i, consumers), format!("consumer-{i}")))
+            .collect();
+        let nodes = home.departments(&admin, &ids).await?;
+        let target = format!(
+            "in-process {CASCADE_CONSUMER_BROKER} -> {CASCADE_HUB} -> {CASCADE_PROVIDER_BROKER}"
+        );
+        Self::finish(
+            Some(home),
+            vec![hub, far],
+            url,
+            provider,
+            nodes,
+            Some(admin),
+            target,
         )
         .await
     }
@@ -264,6 +375,7 @@ impl Fixture {
         }
         Self::finish(
             None,
+            Vec::new(),
             url.to_string(),
             provider,
             nodes,
@@ -273,9 +385,13 @@ impl Fixture {
         .await
     }
 
-    /// Publishes the dataset and files each consumer's demand (granted at once).
+    /// Publishes the dataset and files each consumer's demand. At one broker an
+    /// UNCONDITIONAL demand is granted at once; across brokers the catalog entry must first
+    /// reach the consumer's broker, and the decision comes back a moment after the demand.
+    #[allow(clippy::too_many_arguments)]
     async fn finish(
         broker: Option<InProcess>,
+        others: Vec<InProcess>,
         url: String,
         provider: Node,
         consumers: Vec<Node>,
@@ -308,6 +424,15 @@ impl Fixture {
             .dataset
             .map(|d| d.id)
             .unwrap_or_else(|| format!("{}/{DATASET_CODE}", provider.id));
+        let published_at = Instant::now();
+        let mut setup_ms = Vec::new();
+        if let Some(c) = consumers.first().filter(|_| !others.is_empty()) {
+            wait_for(&format!("{dataset} to reach {}'s broker", c.id), || async {
+                Ok(c.client.get_dataset(dataset.clone()).await.ok())
+            })
+            .await?;
+            setup_ms.push(("catalog_cascade_ms", ms(published_at.elapsed())));
+        }
         let mut grants = Vec::new();
         let mut by_node: HashMap<String, String> = HashMap::new();
         for c in &consumers {
@@ -315,6 +440,7 @@ impl Fixture {
                 grants.push(g.clone());
                 continue;
             }
+            let filed_at = Instant::now();
             let r = c
                 .client
                 .file_demand(FileDemandRequest {
@@ -326,15 +452,27 @@ impl Fixture {
                 })
                 .await
                 .with_context(|| format!("filing {}'s demand", c.id))?;
-            let g = r
-                .grant
-                .map(|g| g.id)
-                .context("the UNCONDITIONAL demand was not granted at once")?;
+            let g = match (r.grant, r.demand) {
+                (Some(g), _) => g.id,
+                (None, Some(d)) if d.state() == DemandState::Pending && !others.is_empty() => {
+                    let g = approved(&c.client, &d.id).await?;
+                    if by_node.is_empty() {
+                        setup_ms.push(("demand_decision_ms", ms(filed_at.elapsed())));
+                    }
+                    g
+                }
+                (None, d) => bail!(
+                    "the UNCONDITIONAL demand was not granted at once: {:?}",
+                    d.map(|d| (d.state(), d.reason))
+                ),
+            };
             by_node.insert(c.id.clone(), g.clone());
             grants.push(g);
         }
         Ok(Self {
             broker,
+            others,
+            setup_ms,
             url,
             provider,
             consumers,
@@ -347,9 +485,15 @@ impl Fixture {
 
     /// The group-commit counters (flushes, durable writes) since the broker first started:
     /// in-process from the broker itself, external from its status (with an admin identity).
+    /// With several in-process brokers (`cascade`), the sums over all of them.
     pub(crate) async fn flushes(&self) -> Option<(u64, u64)> {
         if let Some(b) = &self.broker {
-            return Some(b.counts());
+            return Some(
+                self.others
+                    .iter()
+                    .map(InProcess::counts)
+                    .fold(b.counts(), |(f, w), (f2, w2)| (f + f2, w + w2)),
+            );
         }
         let st = self.admin.as_ref()?.broker_status().await.ok()?;
         Some((st.flushes, st.durable_writes))
@@ -375,13 +519,58 @@ impl Fixture {
         Ok((down, up))
     }
 
-    /// Stops the in-process broker.
+    /// Stops the in-process brokers, the consumers' first and the hub last.
     pub(crate) async fn shutdown(mut self) -> Result<()> {
         if let Some(b) = self.broker.as_mut() {
             b.stop().await?;
         }
+        for b in self.others.iter_mut().rev() {
+            b.stop().await?;
+        }
         Ok(())
     }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Polls `check` every 10 ms until it gives a value; fails after [`CASCADE_WAIT`].
+async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + CASCADE_WAIT;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("gave up after {CASCADE_WAIT:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until demand `id` is decided at the provider's broker and the decision is back;
+/// returns its grant.
+async fn approved(client: &Client, id: &str) -> Result<String> {
+    wait_for(
+        &format!("the decision on demand {id} to come back"),
+        || async {
+            let d = client
+                .get_demand(id)
+                .await
+                .with_context(|| format!("reading demand {id}"))?;
+            match d.state() {
+                DemandState::Pending => Ok(None),
+                DemandState::Approved if !d.grant_id.is_empty() => Ok(Some(d.grant_id)),
+                s => bail!("demand {id} ended {s:?}: {}", d.reason),
+            }
+        },
+    )
+    .await
 }
 
 async fn register(admin: &Client, id: &str) -> Result<()> {

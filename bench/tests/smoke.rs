@@ -136,12 +136,25 @@ fn backlog_small() {
 }
 
 #[test]
+fn cascade_across_three_brokers() {
+    let s = run_scenario("cascade", &["--concurrency", "8"]);
+    assert_eq!(s["extra"]["provider_answered"], s["answered"]);
+    assert!(
+        s["target"].as_str().unwrap().contains("000000/hub"),
+        "{s:#}"
+    );
+    for k in ["catalog_cascade_ms", "demand_decision_ms"] {
+        assert!(s["extra"][k].as_f64().is_some(), "{k}: {s:#}");
+    }
+}
+
+#[test]
 fn grant_check() {
     run_scenario("grant-check", &["--duration", "300ms"]);
 }
 
 #[test]
-fn compare_two_scenarios_with_plot_and_cascade_skipped() {
+fn compare_three_scenarios_with_plot() {
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("plot.svg");
     let mut args = vec!["compare", "echo", "sync", "cascade", "--rounds", "2"];
@@ -150,18 +163,14 @@ fn compare_two_scenarios_with_plot_and_cascade_skipped() {
     let r = bench(&args, dir.path());
     assert_eq!(r.json["command"], "compare");
     assert_eq!(r.json["rounds"], 2);
-    let list = check_scenarios(&r.json, &["echo", "sync"]);
+    let list = check_scenarios(&r.json, &["echo", "sync", "cascade"]);
     assert!((list[0]["ratio_to_echo"].as_f64().unwrap() - 1.0).abs() < 1e-9);
     assert!(list[1]["ratio_to_echo"].as_f64().unwrap() > 0.0);
+    assert!(list[2]["ratio_to_echo"].as_f64().unwrap() > 0.0);
     for s in &list {
         assert_eq!(s["rounds"].as_array().unwrap().len(), 2, "{s:#}");
     }
-    assert_eq!(r.json["skipped"][0]["scenario"], "cascade");
-    assert!(
-        r.stdout.contains("cascade: needs federation (issue 4)"),
-        "{}",
-        r.stdout
-    );
+    assert_eq!(r.json["skipped"].as_array().map(Vec::len), Some(0));
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.contains("<svg") && svg.contains("sync"), "an SVG plot");
 }
@@ -189,7 +198,7 @@ fn peers_run_or_are_skipped_with_a_note() {
 }
 
 #[test]
-fn help_names_every_scenario_and_the_cascade_skip() {
+fn help_names_every_scenario() {
     let out = Command::new(env!("CARGO_BIN_EXE_govshare-bench"))
         .arg("--help")
         .output()
@@ -208,5 +217,9 @@ fn help_names_every_scenario_and_the_cascade_skip() {
     ] {
         assert!(help.contains(s), "{s} in --help:\n{help}");
     }
-    assert!(help.contains("needs federation (issue 4)"), "{help}");
+    assert!(
+        help.contains("000000/hub"),
+        "cascade's path in --help: {help}"
+    );
+    assert!(!help.contains("skipped: needs federation"), "{help}");
 }
