@@ -212,6 +212,20 @@ struct Delivery {
     since_ms: i64,
 }
 
+/// What writing an end leaves to do: (consumer, destination, bytes, result, sync, the link a
+/// remote consumer's result leaves through); `None` when the exchange had ended already.
+type Released = Option<(String, String, u64, ExchangeResult, bool, Option<String>)>;
+
+/// An end decided but not yet written.
+struct Ending {
+    id: String,
+    end: End,
+    result_seq: u64,
+    back: Option<crate::federation::Route>,
+    /// Its dispatcher entry, put back if the write fails.
+    pending: Option<Pending>,
+}
+
 /// A delivery decided but not yet written; its request goes out once it is.
 struct Staged {
     id: String,
@@ -301,6 +315,8 @@ struct Actor {
     /// Deliveries decided in this batch, written together by [`Actor::commit`] before their
     /// requests go out: one transaction for many deliveries instead of one each.
     staged: Vec<Staged>,
+    /// Ends decided in this batch, written together by [`Actor::commit`].
+    ending: Vec<Ending>,
     last_heartbeat: i64,
     last_sweep: i64,
 }
@@ -319,6 +335,7 @@ impl Actor {
             done: Vec::new(),
             wake: BTreeSet::new(),
             staged: Vec::new(),
+            ending: Vec::new(),
             last_heartbeat: now_ms(),
             last_sweep: now_ms(),
         }
@@ -749,6 +766,12 @@ impl Actor {
     /// Writes the deliveries staged in this batch in one transaction, then sends their
     /// requests. If the write fails, they go back to the front of their queues.
     fn commit(&mut self) {
+        self.commit_deliveries();
+        self.commit_ends();
+    }
+
+    /// Writes the staged deliveries (see [`Actor::commit`]).
+    fn commit_deliveries(&mut self) {
         if self.staged.is_empty() {
             return;
         }
@@ -917,7 +940,10 @@ impl Actor {
     fn end(&mut self, id: &str, end: End) {
         // Staged deliveries first: one of them may be this exchange, and its write must not
         // land after the end's.
-        self.commit();
+        self.commit_deliveries();
+        if self.ending.iter().any(|e| e.id == id) {
+            return; // already ending in this batch
+        }
         let store = self.engine.store().clone();
         let result_seq = match store.next_id() {
             Ok(s) => s,
@@ -926,7 +952,6 @@ impl Actor {
                 return;
             }
         };
-        let now = now_ms();
         // Where a result for a consumer on another broker goes; looked up before the
         // transaction, since sled reads cannot run inside one.
         let back = match self.load(id).and_then(|r| r.envelope) {
@@ -935,7 +960,35 @@ impl Actor {
             }
             _ => None,
         };
-        let written = store.write(|tx| {
+        // Out of the dispatcher's hands now; written with the batch by `commit`.
+        let pending = self.pending.remove(id);
+        if let Some(p) = &pending {
+            self.deadlines.remove(&(p.deadline_ms, id.to_string()));
+            if let Some(d) = &p.delivery {
+                self.deliveries.remove(d);
+            }
+        }
+        self.ending.push(Ending {
+            id: id.to_string(),
+            end,
+            result_seq,
+            back,
+            pending,
+        });
+    }
+
+    /// Writes every end staged in this batch in one transaction, then releases them.
+    fn commit_ends(&mut self) {
+        if self.ending.is_empty() {
+            return;
+        }
+        let ending = std::mem::take(&mut self.ending);
+        let store = self.engine.store().clone();
+        let now = now_ms();
+        let one = |tx: &crate::store::Tx<'_>,
+                   x: &Ending|
+         -> Result<(Released, Vec<govshare_proto::v1::AuditEntry>)> {
+            let (id, end, result_seq, back) = (x.id.as_str(), &x.end, x.result_seq, &x.back);
             let Some(mut rec) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
                 return Ok((None, vec![]));
             };
@@ -1010,7 +1063,11 @@ impl Actor {
                     )?;
                     let mut e = exchange_entry(end.decision, store.broker_id(), &env);
                     e.reason = if end.message.is_empty() {
-                        format!("rows: {}; result sent toward {}", end.rows.len(), env.origin_broker)
+                        format!(
+                            "rows: {}; result sent toward {}",
+                            end.rows.len(),
+                            env.origin_broker
+                        )
                     } else {
                         end.message.clone()
                     };
@@ -1060,9 +1117,39 @@ impl Actor {
                 )),
                 vec![e],
             ))
+        };
+        let written = store.write(|tx| {
+            let mut outs = Vec::with_capacity(ending.len());
+            let mut entries = Vec::new();
+            for x in &ending {
+                let (o, mut e) = one(tx, x)?;
+                outs.push(o);
+                entries.append(&mut e);
+            }
+            Ok((outs, entries))
         });
+        let outs = match written {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, exchanges = ending.len(), "cannot end exchanges; they stay queued");
+                for x in ending {
+                    if let Some(p) = x.pending {
+                        self.queue(x.id, p.dest, p.dataset, p.deadline_ms, true);
+                    }
+                }
+                return;
+            }
+        };
+        for (x, out) in ending.into_iter().zip(outs) {
+            let (id, end) = (x.id.as_str(), &x.end);
+            self.released(id, end, out, now);
+        }
+    }
+
+    /// After an end is written: logs, metrics, queue bounds, and telling the consumer.
+    fn released(&mut self, id: &str, end: &End, written: Released, now: i64) {
         match written {
-            Ok(Some((consumer, dest, bytes, result, sync, back))) => {
+            Some((consumer, dest, bytes, result, sync, back)) => {
                 if end.state == ExchangeState::Answered {
                     tracing::debug!(exchange = id, trace_id = %result.trace_id, rows = result.rows.len(), "exchange answered");
                 } else {
@@ -1081,7 +1168,6 @@ impl Actor {
                 }
                 self.engine
                     .record_stage("end_to_end", now - ms(&result.accepted_at));
-                self.forget(id);
                 self.engine.release(&dest, bytes);
                 match back {
                     Some(peer) => {
@@ -1090,10 +1176,8 @@ impl Actor {
                     None => self.done.push((consumer, result, sync)),
                 }
             }
-            Ok(None) => self.forget(id),
-            Err(e) => {
-                tracing::error!(exchange = id, error = %e, "cannot end exchange; it stays queued")
-            }
+            // Already ended (or acknowledged and gone) before this end was written.
+            None => self.forget(id),
         }
     }
 
