@@ -153,6 +153,14 @@ pub struct LogSection {
     pub level: String,
     /// "text" or "json".
     pub format: String,
+    /// OTLP/gRPC collector to export tracing spans to, e.g. `http://127.0.0.1:4317`; empty
+    /// means no export. `OTEL_EXPORTER_OTLP_ENDPOINT` overrides it.
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported spans.
+    pub otlp_service_name: String,
+    /// Share of exchanges whose spans are exported, 0.0 to 1.0; decided by trace id, so every
+    /// broker on an exchange's path makes the same choice.
+    pub otlp_sample_ratio: f64,
 }
 
 /// `[federation]`: where this broker sits in the broker tree.
@@ -312,6 +320,9 @@ impl Default for LogSection {
         Self {
             level: "info".into(),
             format: "text".into(),
+            otlp_endpoint: String::new(),
+            otlp_service_name: "govshare-broker".into(),
+            otlp_sample_ratio: 1.0,
         }
     }
 }
@@ -412,8 +423,47 @@ impl Config {
                 "[log] format must be \"text\" or \"json\"",
             ));
         }
+        self.log.validate_otlp()?;
         self.federation.validate()
     }
+}
+
+impl LogSection {
+    /// Checks the OTLP settings: an `http://` endpoint or none, a service name, a ratio in 0..=1.
+    pub fn validate_otlp(&self) -> Result<(), BrokerError> {
+        check_otlp_endpoint(&self.otlp_endpoint, "[log] otlp_endpoint")?;
+        if self.otlp_service_name.trim().is_empty() {
+            return Err(BrokerError::invalid(
+                "[log] otlp_service_name must not be empty",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.otlp_sample_ratio) {
+            return Err(BrokerError::invalid(format!(
+                "[log] otlp_sample_ratio {} must be between 0.0 and 1.0",
+                self.otlp_sample_ratio
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Validates an OTLP/gRPC collector URL: `""` (off) or `http://HOST:PORT`.
+pub fn check_otlp_endpoint(url: &str, what: &str) -> Result<(), BrokerError> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    if url.starts_with("https://") {
+        return Err(BrokerError::invalid(format!(
+            "{what} {url:?}: only plain http:// is supported (export to a collector on loopback or a sidecar), e.g. http://127.0.0.1:4317"
+        )));
+    }
+    let rest = url.strip_prefix("http://").unwrap_or("");
+    if rest.is_empty() || rest.starts_with('/') || rest.chars().any(char::is_whitespace) {
+        return Err(BrokerError::invalid(format!(
+            "{what} {url:?} must be a URL like http://127.0.0.1:4317 (or \"\" for off)"
+        )));
+    }
+    Ok(())
 }
 
 /// A TOML basic string, quoted and escaped.
@@ -540,6 +590,15 @@ per_dataset = {m_per}
 level = "{level}"
 # "text" or "json". Default "text".
 format = "{format}"
+# OpenTelemetry: export the exchange and hop spans over OTLP/gRPC to a collector (plain
+# http://, e.g. a collector on loopback or a sidecar), with the exchange's trace id as their
+# trace id. "" turns it off; OTEL_EXPORTER_OTLP_ENDPOINT overrides it. Default "".
+otlp_endpoint = {otlp_endpoint}
+# service.name of the exported spans. Default "govshare-broker".
+otlp_service_name = {otlp_service}
+# Share of exchanges exported, 0.0 to 1.0, chosen by trace id (the same at every broker).
+# Default 1.0.
+otlp_sample_ratio = {otlp_ratio:?}
 
 [federation]
 # The parent broker's URL (mutual TLS), e.g. "https://10.0.0.1:7443"; "" means this broker is
@@ -581,6 +640,9 @@ ping_secs = {f_ping}
             m_per = self.metrics.per_dataset,
             level = self.log.level,
             format = self.log.format,
+            otlp_endpoint = toml_str(&self.log.otlp_endpoint),
+            otlp_service = toml_str(&self.log.otlp_service_name),
+            otlp_ratio = self.log.otlp_sample_ratio,
             f_parent = toml_str(&self.federation.parent),
             f_identity = toml_str(&self.federation.identity.to_string_lossy()),
             f_backoff = self.federation.max_backoff_secs,

@@ -24,6 +24,7 @@ pub mod server;
 pub mod service;
 pub mod sharing;
 pub mod store;
+pub mod telemetry;
 pub mod time;
 
 pub use config::Config;

@@ -1,4 +1,5 @@
-//! `govshare-broker`: initialise a data dir, issue identities, run the broker, verify the audit log.
+//! `govshare-broker`: initialise a data dir, issue identities, run the broker, verify the audit
+//! log, probe a broker's health.
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +33,36 @@ enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Probe a broker's gRPC health service over mutual TLS: prints SERVING or NOT_SERVING; exit
+    /// 0 only when serving, 1 when not serving, 2 when the broker cannot be asked (for container
+    /// health checks, Kubernetes exec probes and scripts).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+struct HealthArgs {
+    /// The broker's URL, https://HOST:PORT.
+    #[arg(
+        long,
+        env = "GOVSHARE_BROKER",
+        value_name = "URL",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    broker: String,
+    /// An identity directory (node.pem, node.key, ca.pem) whose certificate the broker trusts,
+    /// e.g. DATA_DIR/admin. Health needs no registered node, only a certificate from the CA.
+    #[arg(long, env = "GOVSHARE_IDENTITY", value_name = "DIR")]
+    identity: PathBuf,
+    /// The service to ask about: "" for the whole broker; govshare.v1.FederationService is
+    /// NOT_SERVING while a child broker's link to its parent is down.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    service: String,
+    /// How long to wait for the connection and the answer, e.g. 5s, 500ms.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    timeout: std::time::Duration,
+    /// The name the broker's certificate carries, when it is not the URL's host.
+    #[arg(long, env = "GOVSHARE_TLS_SERVER_NAME", value_name = "NAME")]
+    tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -198,7 +229,154 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             run(&data_dir, listen, metrics, parent, true)
         }
         Some(Command::Audit(AuditCommand::Verify { data_dir })) => audit_verify(&data_dir),
+        Some(Command::Health(a)) => Ok(health(&a)),
     }
+}
+
+/// Parses a duration such as `5s`, `500ms` or `1m` (units ms, s, m).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("bad duration {text:?}: use e.g. 5s, 500ms, 1m"))?;
+    let d = match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("bad duration {text:?}: use e.g. 5s, 500ms, 1m")),
+    };
+    if d.is_zero() {
+        return Err(format!("bad duration {text:?}: must be above zero"));
+    }
+    Ok(d)
+}
+
+/// `govshare-broker health`: exit 0 when serving, 1 when not, 2 when the broker cannot be asked.
+fn health(a: &HealthArgs) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let what = if a.service.is_empty() {
+        "the broker".to_string()
+    } else {
+        format!("service {}", a.service)
+    };
+    match rt.block_on(async { tokio::time::timeout(a.timeout, health_check(a)).await }) {
+        Ok(Ok(status)) => {
+            use tonic_health::pb::health_check_response::ServingStatus;
+            let name = status.as_str_name();
+            println!("{name}");
+            if status == ServingStatus::Serving {
+                std::process::ExitCode::SUCCESS
+            } else {
+                eprintln!("{} reports {what} as {name}", a.broker);
+                std::process::ExitCode::from(1)
+            }
+        }
+        Ok(Err(e)) => {
+            eprintln!(
+                "error: cannot check the health of {what} at {}: {e:#}",
+                a.broker
+            );
+            std::process::ExitCode::from(2)
+        }
+        Err(_) => {
+            eprintln!(
+                "error: cannot check the health of {what} at {}: no answer within {:?}",
+                a.broker, a.timeout
+            );
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// Asks the broker's `grpc.health.v1.Health/Check` over mutual TLS.
+async fn health_check(
+    a: &HealthArgs,
+) -> anyhow::Result<tonic_health::pb::health_check_response::ServingStatus> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Uri};
+    let read = |name: &str| {
+        let p = a.identity.join(name);
+        std::fs::read(&p).with_context(|| {
+            format!(
+                "cannot read {} (--identity must be a directory with {}, {} and {})",
+                p.display(),
+                pki::NODE_CERT,
+                pki::NODE_KEY,
+                pki::CA_CERT
+            )
+        })
+    };
+    let cert = read(pki::NODE_CERT)?;
+    let key = read(pki::NODE_KEY)?;
+    let ca = read(pki::CA_CERT)?;
+    let uri: Uri = a.broker.parse().with_context(|| {
+        format!(
+            "--broker {:?} is not a URL like https://HOST:7443",
+            a.broker
+        )
+    })?;
+    if uri.scheme_str() != Some("https") || uri.host().is_none() {
+        bail!("--broker {:?} must be a URL like https://HOST:7443 (the broker speaks mutual TLS only)", a.broker);
+    }
+    let host = a
+        .tls_server_name
+        .clone()
+        .or_else(|| {
+            uri.host()
+                .map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string())
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name(host);
+    let channel = Endpoint::from(uri)
+        .tls_config(tls)
+        .context("TLS setup")?
+        .connect_timeout(a.timeout)
+        .timeout(a.timeout)
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connect: {}", error_chain(&e)))?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: a.service.clone(),
+        })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::NotFound => anyhow::anyhow!(
+                "the broker has no service {:?} (use \"\" for the whole broker, or a govshare.v1 service such as govshare.v1.FederationService)",
+                a.service
+            ),
+            _ => anyhow::anyhow!("health check failed: {:?}: {}", s.code(), s.message()),
+        })?;
+    Ok(resp.into_inner().status())
+}
+
+/// An error and its sources, joined by ": " (tonic's transport errors hide the cause otherwise).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out
 }
 
 fn audit_verify(data_dir: &Path) -> anyhow::Result<std::process::ExitCode> {
@@ -219,20 +397,6 @@ fn audit_verify(data_dir: &Path) -> anyhow::Result<std::process::ExitCode> {
             println!("audit chain BROKEN at entry {seq}: {reason}");
             Ok(std::process::ExitCode::from(3))
         }
-    }
-}
-
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cfg.log.format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 
@@ -281,11 +445,16 @@ fn run(
             }
         }
     }
-    init_logging(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // Logs, and OTLP span export when [log] otlp_endpoint is set (its gRPC channel lives on
+    // `rt`). Declared after `rt`, so it is dropped first: the buffered spans go out on exit.
+    let _telemetry = {
+        let _in_rt = rt.enter();
+        govshare_broker::telemetry::init(&cfg.log)?
+    };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.broker.listen)
             .await

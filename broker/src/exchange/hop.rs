@@ -126,8 +126,9 @@ impl Engine {
             .as_ref()
             .map(|r| r.trace_id.clone())
             .unwrap_or_default();
-        let _span = tracing::info_span!("hop", exchange = %id, trace_id = %trace_id, from = %from)
-            .entered();
+        let span = tracing::info_span!("hop", exchange = %id, trace_id = %trace_id, from = %from);
+        crate::telemetry::link_trace(&span, &trace_id);
+        let _span = span.entered();
         let me = self.store().broker_id().to_string();
         let now = now_ms();
         let hop = env.trail.len() as u32;

@@ -788,6 +788,7 @@ impl Engine {
             trace_id = %req.trace_id,
             sync,
         );
+        crate::telemetry::link_trace(&span, &req.trace_id);
         let task = tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let m2 = me.clone();
