@@ -25,6 +25,8 @@ pub struct Config {
     pub log: LogSection,
     /// The link to a parent broker and the scopes of child brokers.
     pub federation: FederationSection,
+    /// Limits that keep one node from starving the others.
+    pub limits: LimitsSection,
     /// The directory the file was loaded from; relative paths resolve against it. Not in the file.
     #[serde(skip)]
     pub data_dir: PathBuf,
@@ -161,6 +163,28 @@ pub struct LogSection {
     /// Share of exchanges whose spans are exported, 0.0 to 1.0; decided by trace id, so every
     /// broker on an exchange's path makes the same choice.
     pub otlp_sample_ratio: f64,
+}
+
+/// `[limits]`: what one node, or one connection, may take.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Calls per second one node may make (a token bucket per node); 0 for no limit.
+    pub requests_per_second: u32,
+    /// How many calls a node may make at once above that rate.
+    pub burst: u32,
+    /// Concurrent gRPC streams (calls) per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 5000,
+            burst: 10000,
+            max_concurrent_streams: 1024,
+        }
+    }
 }
 
 /// `[federation]`: where this broker sits in the broker tree.
@@ -338,6 +362,7 @@ impl Default for Config {
             metrics: MetricsSection::default(),
             log: LogSection::default(),
             federation: FederationSection::default(),
+            limits: LimitsSection::default(),
             data_dir: PathBuf::from("."),
         }
     }
@@ -424,6 +449,16 @@ impl Config {
             ));
         }
         self.log.validate_otlp()?;
+        if self.limits.requests_per_second > 0 && self.limits.burst == 0 {
+            return Err(BrokerError::invalid(
+                "[limits] burst must be at least 1 when requests_per_second is set",
+            ));
+        }
+        if self.limits.max_concurrent_streams == 0 {
+            return Err(BrokerError::invalid(
+                "[limits] max_concurrent_streams must be at least 1",
+            ));
+        }
         self.federation.validate()
     }
 }
@@ -600,6 +635,15 @@ otlp_service_name = {otlp_service}
 # Default 1.0.
 otlp_sample_ratio = {otlp_ratio:?}
 
+[limits]
+# Calls per second one node may make (a token bucket per node); a node over it is answered
+# RESOURCE_EXHAUSTED with the time to retry. 0 turns the limit off. Default 5000.
+requests_per_second = {l_rps}
+# Calls a node may make at once above that rate. Default 10000.
+burst = {l_burst}
+# Concurrent gRPC calls (streams) per connection. Default 1024.
+max_concurrent_streams = {l_streams}
+
 [federation]
 # The parent broker's URL (mutual TLS), e.g. "https://10.0.0.1:7443"; "" means this broker is
 # a root (the national hub, or a standalone broker). `init --parent` sets it. Default "".
@@ -618,6 +662,9 @@ ping_secs = {f_ping}
 # id = "330100/hub"
 # scope = ["3301"]
 {f_children}"#,
+            l_rps = self.limits.requests_per_second,
+            l_burst = self.limits.burst,
+            l_streams = self.limits.max_concurrent_streams,
             id = self.broker.id,
             listen = self.broker.listen,
             admin = self.broker.admin_id,

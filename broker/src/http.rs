@@ -116,6 +116,33 @@ pub fn status(app: &App) -> crate::error::Result<Status> {
     metrics::gauge!(crate::metrics::CPU).set(cpu);
     metrics::gauge!(crate::metrics::RSS).set(rss as f64);
     metrics::gauge!(crate::metrics::OPEN_FDS).set(fds as f64);
+    // Read from the files at each scrape: a certificate replaced on disk shows at once.
+    let mut certs = vec![
+        ("server", &app.cfg.tls.cert),
+        ("client_ca", &app.cfg.tls.client_ca),
+    ];
+    let link_dir = app.cfg.federation.identity.clone();
+    let (link_cert, link_ca) = (
+        link_dir.join(crate::pki::NODE_CERT),
+        link_dir.join(crate::pki::CA_CERT),
+    );
+    if !app.cfg.federation.parent.is_empty() {
+        certs.push(("link", &link_cert));
+        certs.push(("link_ca", &link_ca));
+    }
+    for (name, path) in certs {
+        match std::fs::read(app.cfg.path(path))
+            .map_err(|e| crate::error::BrokerError::invalid(e.to_string()))
+            .and_then(|pem| crate::pki::seconds_to_expiry(&pem))
+        {
+            Ok(secs) => {
+                metrics::gauge!(crate::metrics::CERT_EXPIRY, "certificate" => name).set(secs as f64)
+            }
+            Err(e) => {
+                tracing::warn!(certificate = name, error = %e, "cannot read a certificate's expiry")
+            }
+        }
+    }
     let links = app.fed.status();
     for l in &links {
         let peer = crate::federation::peer_label(&l.peer);

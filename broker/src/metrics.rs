@@ -64,6 +64,13 @@ pub const LINK_RECONNECTS: &str = "govshare_link_reconnects_total";
 /// The last measured round-trip time of a link's ping, per peer.
 pub const LINK_RTT: &str = "govshare_link_rtt_seconds";
 
+/// Seconds until each certificate the broker holds expires (label `certificate`: `server`,
+/// `client_ca`, and with a parent `link` and `link_ca`); negative once expired.
+pub const CERT_EXPIRY: &str = "govshare_certificate_expiry_seconds";
+
+/// Calls refused because their node was over its rate (`[limits]`).
+pub const RATE_LIMITED: &str = "govshare_rate_limited_total";
+
 /// Every metric name the broker exports (for tests that check dashboards and alerts).
 pub const ALL: &[&str] = &[
     EXCHANGES,
@@ -93,6 +100,8 @@ pub const ALL: &[&str] = &[
     LINK_OUTBOX,
     LINK_RECONNECTS,
     LINK_RTT,
+    CERT_EXPIRY,
+    RATE_LIMITED,
 ];
 
 /// The process-wide Prometheus recorder (one per process: brokers in one test process share it).
@@ -159,7 +168,13 @@ fn zero() {
     for r in RULES {
         metrics::counter!(DENIALS, "rule" => *r).increment(0);
     }
-    for c in [REDELIVERIES, FLUSHES, DURABLE_WRITES, AUDIT_APPENDS] {
+    for c in [
+        REDELIVERIES,
+        FLUSHES,
+        DURABLE_WRITES,
+        AUDIT_APPENDS,
+        RATE_LIMITED,
+    ] {
         metrics::counter!(c).increment(0);
     }
 }
@@ -172,6 +187,15 @@ fn describe() {
     describe_counter!(
         LINK_FRAMES,
         "Frames over federation links, by peer and direction (sent, received)."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Calls refused because their node was over its rate ([limits] requests_per_second)."
+    );
+    describe_gauge!(
+        CERT_EXPIRY,
+        Unit::Seconds,
+        "Seconds until each certificate the broker holds expires (server, client_ca, link, link_ca); negative once expired."
     );
     describe_counter!(
         LINK_RECONNECTS,

@@ -404,6 +404,17 @@ pub fn issue_identity(
     write_identity(out, &cert, &key, &trust)
 }
 
+/// Seconds from now until the first certificate in a PEM file expires (negative once expired).
+pub fn seconds_to_expiry(pem: &[u8]) -> Result<i64, BrokerError> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem)
+        .map_err(|e| BrokerError::invalid(format!("certificate PEM does not parse: {e}")))?;
+    let cert = p
+        .parse_x509()
+        .map_err(|e| BrokerError::invalid(format!("certificate does not parse: {e}")))?;
+    let not_after = cert.validity().not_after.timestamp();
+    Ok(not_after - OffsetDateTime::now_utc().unix_timestamp())
+}
+
 /// The identity a certificate asserts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertIdentity {

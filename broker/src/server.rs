@@ -155,6 +155,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     let link_app = app.clone();
     let (tx, rx) = oneshot::channel::<()>();
     let router = Server::builder()
+        .max_concurrent_streams(Some(app.cfg.limits.max_concurrent_streams))
         .tls_config(tls)
         .map_err(|e| BrokerError::invalid(format!("TLS configuration: {e}")))?
         .add_service(

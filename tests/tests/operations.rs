@@ -72,6 +72,21 @@ async fn metrics_status_and_console_follow_the_load() -> Result<()> {
             "{name} has no sample"
         );
     }
+    // A standalone broker holds two certificates, fresh from `init` (valid for years); the link
+    // ones (`link`, `link_ca`) exist only on a broker with a parent.
+    let cert = govshare_broker::metrics::CERT_EXPIRY;
+    for which in ["server", "client_ca"] {
+        let secs = sample(&m, &format!("{cert}{{certificate=\"{which}\"}}"))
+            .with_context(|| format!("no {which} certificate expiry in\n{m}"))?;
+        ensure!(
+            secs > 365.0 * 86400.0,
+            "{which} certificate expires in {secs} s"
+        );
+    }
+    ensure!(
+        !m.contains(&format!("{cert}{{certificate=\"link")),
+        "link certificates on a broker without a parent:\n{m}"
+    );
     // The counters move with more load.
     for _ in 0..3 {
         civil.request(ask(vec![])).await?;

@@ -34,6 +34,8 @@ pub struct App {
     pub engine: crate::exchange::Engine,
     /// Links and routes to other brokers.
     pub fed: crate::federation::Fed,
+    /// Calls per node per second (`[limits]`), `None` when off.
+    pub limiter: Option<governor::DefaultKeyedRateLimiter<String>>,
     /// When this broker started, Unix ms.
     pub started_ms: i64,
     /// Flipped to true at shutdown, so long-lived streams (Watch, Serve) end and the
@@ -68,6 +70,7 @@ impl App {
             catalog,
             sharing: Sharing::new(store.clone(), cfg.sharing.clone(), key, fed.clone()),
             fed,
+            limiter: rate_limiter(&cfg.limits),
             engine,
             store,
             cfg,
@@ -77,9 +80,40 @@ impl App {
     }
 }
 
-/// Authenticates the caller of a request: certificate identity, then registration.
+/// The per-node token bucket of `[limits]`.
+fn rate_limiter(
+    l: &crate::config::LimitsSection,
+) -> Option<governor::DefaultKeyedRateLimiter<String>> {
+    let rate = std::num::NonZeroU32::new(l.requests_per_second)?;
+    let burst = std::num::NonZeroU32::new(l.burst).unwrap_or(rate);
+    Some(governor::RateLimiter::keyed(
+        governor::Quota::per_second(rate).allow_burst(burst),
+    ))
+}
+
+/// Authenticates the caller of a request: certificate identity, then registration, then the
+/// node's share of calls (a node over its rate is told when to retry).
 pub async fn caller<B>(app: &Arc<App>, req: &Request<B>) -> Result<Caller, Status> {
     let id = auth::cert_identity(req)?;
+    if let Some(limiter) = &app.limiter {
+        if let Err(not_until) = limiter.check_key(&id.node_id.to_string()) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            metrics::counter!(crate::metrics::RATE_LIMITED).increment(1);
+            let mut s = Status::resource_exhausted(format!(
+                "rate limit: {} allows {} calls per second per node (burst {}); retry in {} ms",
+                app.cfg.broker.id,
+                app.cfg.limits.requests_per_second,
+                app.cfg.limits.burst,
+                wait.as_millis().max(1)
+            ));
+            if let Ok(v) = wait.as_millis().max(1).to_string().parse() {
+                s.metadata_mut().insert("retry-after-ms", v);
+            }
+            return Err(s);
+        }
+    }
     let registry = app.registry.clone();
     let node_id = id.node_id.clone();
     store::blocking(move || registry.authenticate(&node_id, id.role)).await?;
