@@ -321,12 +321,19 @@ impl Sharing {
                 Ok(vec![Effect::Wake(p)])
             }
             Some(Route::Local) => {
-                if let Some(mut old) = self.store.get::<Demand>(T::Demands, &d.id)? {
-                    if d.state() == DemandState::Withdrawn && old.state() == DemandState::Pending {
-                        old.state = DemandState::Withdrawn as i32;
-                        old.decided_at = Some(ts(now));
-                        old.decided_by = d.consumer.clone();
+                if self.store.get::<Demand>(T::Demands, &d.id)?.is_some() {
+                    if d.state() == DemandState::Withdrawn {
+                        // Read again inside the transaction: a decision may have come first.
                         self.store.write(|tx| {
+                            let Some(mut old) = tx.get::<Demand>(T::Demands, &d.id)? else {
+                                return Ok(((), vec![]));
+                            };
+                            if old.state() != DemandState::Pending || old.consumer != d.consumer {
+                                return Ok(((), vec![]));
+                            }
+                            old.state = DemandState::Withdrawn as i32;
+                            old.decided_at = Some(ts(now));
+                            old.decided_by = d.consumer.clone();
                             tx.put(T::Demands, &old.id, &old)?;
                             Ok((
                                 (),
@@ -850,7 +857,11 @@ impl Sharing {
             tx.put(T::Grants, &g.id, &g)?;
             if g.issuer == self.store.broker_id() {
                 // Signed, so that every broker in the cascade can trust it; flooded by the caller.
-                tx.put(T::Revoked, &g.id, &self.key.revocation(&g))?;
+                tx.put(
+                    T::Revoked,
+                    &crate::federation::revoked_key(&g.issuer, &g.id),
+                    &self.key.revocation(&g),
+                )?;
             }
             let mut e = grant_entry("grant_revoked", caller.id.as_str(), &g);
             e.reason = g.revoke_reason.clone();

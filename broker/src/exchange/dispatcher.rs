@@ -98,6 +98,8 @@ pub enum Cmd {
     Remote {
         /// The outcome, as the provider's home broker shaped it.
         result: ExchangeResult,
+        /// Answered once the outcome is durable (dropped if it could not be stored).
+        done: oneshot::Sender<()>,
     },
     /// Stop.
     Shutdown,
@@ -317,6 +319,10 @@ struct Actor {
     staged: Vec<Staged>,
     /// Ends decided in this batch, written together by [`Actor::commit`].
     ending: Vec<Ending>,
+    /// Told once this batch's ends are written and flushed (links waiting to acknowledge).
+    after_commit: Vec<oneshot::Sender<()>>,
+    /// Told after the next shared flush.
+    after_flush: Vec<oneshot::Sender<()>>,
     last_heartbeat: i64,
     last_sweep: i64,
 }
@@ -336,6 +342,8 @@ impl Actor {
             wake: BTreeSet::new(),
             staged: Vec::new(),
             ending: Vec::new(),
+            after_commit: Vec::new(),
+            after_flush: Vec::new(),
             last_heartbeat: now_ms(),
             last_sweep: now_ms(),
         }
@@ -377,15 +385,25 @@ impl Actor {
 
     /// Tells consumers (and waiting Requests) about ended exchanges once they are durable.
     fn flush_done(&mut self) {
-        if self.done.is_empty() && self.wake.is_empty() {
+        if self.done.is_empty() && self.wake.is_empty() && self.after_flush.is_empty() {
             return;
         }
         let done = std::mem::take(&mut self.done);
         let wake = std::mem::take(&mut self.wake);
+        let after_flush = std::mem::take(&mut self.after_flush);
         let engine = self.engine.clone();
         tokio::spawn(async move {
-            if let Err(e) = engine.store().durable().await {
-                tracing::warn!(error = %e, "flush failed; results are told at the next one");
+            let flushed = engine.store().durable().await;
+            match &flushed {
+                Ok(()) => {
+                    for d in after_flush {
+                        let _ = d.send(());
+                    }
+                }
+                Err(e) => {
+                    // Dropping `after_flush` makes the waiting links resend their results.
+                    tracing::warn!(error = %e, "flush failed; results are told at the next one");
+                }
             }
             for (consumer, result, sync) in done {
                 engine.finished(&consumer, result, sync);
@@ -398,26 +416,44 @@ impl Actor {
 
     /// Ends an exchange of a local consumer with the outcome that came back over a link. The
     /// grant is checked once more here (fail closed): a revocation that arrived first wins.
-    fn remote(&mut self, result: ExchangeResult) {
+    fn remote(&mut self, result: ExchangeResult, done: oneshot::Sender<()>) {
         let id = result.exchange_id.clone();
-        let Some(rec) = self.load(&id) else { return };
+        let Some(rec) = self.load(&id) else {
+            let _ = done.send(()); // acknowledged and gone: nothing to keep
+            return;
+        };
         let ours = rec.envelope.as_ref().map(|e| e.origin_broker.as_str())
             == Some(self.engine.store().broker_id());
-        if rec.finished() || !ours {
+        let req = rec
+            .envelope
+            .as_ref()
+            .and_then(|e| e.request.clone())
+            .unwrap_or_default();
+        if rec.finished() || !ours || req.dataset_id != result.dataset_id {
+            let _ = done.send(());
             return;
         }
         let state = result.state();
         let mut end = match state {
             ExchangeState::Answered => match self.recheck(&rec) {
                 Err(d) => End::denied(&d),
-                Ok(_) => End {
+                Ok(grant) => End {
                     state,
                     rule: None,
                     code: 0,
                     message: String::new(),
                     decision: "exchange_answered",
                     dead_letter: None,
-                    rows: result.rows,
+                    // Cut again here to the grant's fields: a result from another broker
+                    // carries nothing the consumer was not granted.
+                    rows: result
+                        .rows
+                        .into_iter()
+                        .map(|mut r| {
+                            r.fields.retain(|k, _| grant.fields.contains(k));
+                            r
+                        })
+                        .collect(),
                     masked: result.masked_fields,
                     dropped: result.dropped_fields,
                     truncated: result.truncated,
@@ -444,6 +480,9 @@ impl Actor {
         };
         end.trail = Some(result.trail);
         self.end(&id, end);
+        if self.ending.iter().any(|e| e.id == id) {
+            self.after_commit.push(done);
+        } // else: not staged (storage trouble); dropping `done` makes the link resend it
     }
 
     /// Handles one command; false means stop.
@@ -502,7 +541,7 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Cmd::GrantRevoked { grant_id } => self.revoked(&grant_id),
-            Cmd::Remote { result } => self.remote(result),
+            Cmd::Remote { result, done } => self.remote(result, done),
             Cmd::Shutdown => return false,
         }
         true
@@ -731,7 +770,7 @@ impl Actor {
         tracing::debug!(exchange = id, trace_id = %req.trace_id, instance = %label, attempt = rec.deliveries, "delivering");
         if rec.deliveries == 1 {
             self.engine
-                .record_stage("queue_wait", now - ms(&env.accepted_at));
+                .record_stage("queue_wait", now.saturating_sub(ms(&env.accepted_at)));
         }
         self.staged.push(Staged {
             id: id.to_string(),
@@ -1129,8 +1168,14 @@ impl Actor {
             Ok((outs, entries))
         });
         let outs = match written {
-            Ok(o) => o,
+            Ok(o) => {
+                let waiting = std::mem::take(&mut self.after_commit);
+                self.after_flush.extend(waiting);
+                o
+            }
             Err(e) => {
+                // Their links resend the results that were waiting on this write.
+                self.after_commit.clear();
                 tracing::error!(error = %e, exchanges = ending.len(), "cannot end exchanges; they stay queued");
                 for x in ending {
                     if let Some(p) = x.pending {
@@ -1167,7 +1212,7 @@ impl Actor {
                     None => self.engine.record_outcome(&result.dataset_id, outcome),
                 }
                 self.engine
-                    .record_stage("end_to_end", now - ms(&result.accepted_at));
+                    .record_stage("end_to_end", now.saturating_sub(ms(&result.accepted_at)));
                 self.engine.release(&dest, bytes);
                 match back {
                     Some(peer) => {
@@ -1392,11 +1437,21 @@ impl Actor {
 fn sweep_dedup(engine: &Engine, now: i64) -> Result<()> {
     let window = i64::try_from(engine.cfg().idempotency_window_secs.saturating_mul(1000))
         .unwrap_or(i64::MAX);
+    // A hop's mark must outlive any resend of the exchange: past its longest deadline.
+    let hop_window = i64::try_from(engine.cfg().max_deadline_secs.saturating_mul(1000))
+        .unwrap_or(i64::MAX)
+        .saturating_add(3_600_000)
+        .max(window);
     let tree = engine.store().tree(T::Dedup);
     for kv in tree.iter() {
         let (k, v) = kv?;
         let d = super::record::DedupRecord::decode(v.as_ref())?;
-        if now - d.at_ms > window {
+        let keep = if k.starts_with(b"#hop\0") {
+            hop_window
+        } else {
+            window
+        };
+        if now.saturating_sub(d.at_ms) > keep {
             tree.remove(k)?;
         }
     }

@@ -86,13 +86,40 @@ impl Engine {
                 exhausted: false,
             });
         }
+        let did = DatasetId::parse(&req.dataset_id).map_err(|e| Denial {
+            rule: "grant_dataset",
+            detail: e.to_string(),
+            exhausted: false,
+        })?;
+        if claims.provider != env.provider || did.provider.as_str() != env.provider {
+            return Err(Denial {
+                rule: "grant_dataset",
+                detail: format!(
+                    "the exchange names provider {}, its grant {} and its dataset {}",
+                    env.provider, claims.provider, req.dataset_id
+                ),
+                exhausted: false,
+            });
+        }
         let mut grant = crate::keys::grant_of_claims(&claims, token);
-        if let Ok(Some(r)) = self
-            .store()
-            .get::<GrantRevocation>(T::Revoked, &claims.grant_id)
-        {
-            grant.state = GrantState::Revoked as i32;
-            grant.revoked_by = r.issuer;
+        // Fail closed: a revocation that cannot be read counts as one.
+        let revoked = self.store().get::<GrantRevocation>(
+            T::Revoked,
+            &crate::federation::revoked_key(&claims.issuer, &claims.grant_id),
+        );
+        match revoked {
+            Ok(None) => {}
+            Ok(Some(r)) => {
+                grant.state = GrantState::Revoked as i32;
+                grant.revoked_by = r.issuer;
+            }
+            Err(e) => {
+                return Err(Denial {
+                    rule: "grant_revoked",
+                    detail: format!("cannot read the revocations: {e}"),
+                    exhausted: false,
+                })
+            }
         }
         enforce::check_grant(
             &grant,
@@ -134,7 +161,7 @@ impl Engine {
         let hop = env.trail.len() as u32;
         if let Some(prev) = env.trail.last() {
             // From the previous broker's receipt to this one: the link and its outbox.
-            self.record_stage("hop", now - ms(&prev.at));
+            self.record_stage("hop", now.saturating_sub(ms(&prev.at)));
         }
         if now > ms(&env.deadline) {
             // The consumer's home broker reports the expiry; this hop only records it.
@@ -456,10 +483,16 @@ impl Engine {
             self.store().write(|_| Ok(((), vec![e.clone()])))?;
             return Ok(false);
         }
-        if let Some(r) = self
-            .store()
-            .get::<GrantRevocation>(T::Revoked, &req.grant_id)?
-        {
+        let issuer = env
+            .grant
+            .as_ref()
+            .and_then(|t| govshare_proto::v1::GrantClaims::decode(t.claims.as_slice()).ok())
+            .map(|c| c.issuer)
+            .unwrap_or_default();
+        if let Some(r) = self.store().get::<GrantRevocation>(
+            T::Revoked,
+            &crate::federation::revoked_key(&issuer, &req.grant_id),
+        )? {
             let d = HopDenial {
                 denial: Denial {
                     rule: "grant_revoked",

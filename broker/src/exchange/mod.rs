@@ -255,9 +255,19 @@ impl Engine {
         &self.inner.fed
     }
 
-    /// An exchange of a local consumer came back over a link with its outcome.
-    pub async fn remote_result(&self, result: ExchangeResult) {
-        let _ = self.inner.cmd.send(Cmd::Remote { result }).await;
+    /// An exchange of a local consumer came back over a link with its outcome. Returns once
+    /// the outcome is durable here (or there was nothing to keep): only then may the link
+    /// acknowledge it to the broker it came from.
+    pub async fn remote_result(&self, result: ExchangeResult) -> Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Cmd::Remote { result, done })
+            .await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
+        rx.await.map_err(|_| {
+            BrokerError::Unavailable("the result could not be stored; it will be sent again".into())
+        })
     }
 
     /// Queues an exchange this broker took custody of from a link.

@@ -280,6 +280,7 @@ async fn session(
     let (session, wake) = fed.opened(&peer.key, &peer.id, tx.clone(), abort);
     let acked = Arc::new(AtomicU64::new(0));
     let ack_notify = Arc::new(Notify::new());
+    let sent_max = Arc::new(AtomicU64::new(0));
     let pump = tokio::spawn(pump(
         app.clone(),
         peer.key.clone(),
@@ -287,6 +288,7 @@ async fn session(
         wake,
         acked.clone(),
         ack_notify.clone(),
+        sent_max.clone(),
     ));
     let _guard = Guard {
         fed: fed.clone(),
@@ -295,7 +297,10 @@ async fn session(
         pump: pump.abort_handle(),
     };
     match send_state(&app, &peer, &tx).await {
-        Ok(n) => tracing::debug!(peer = %peer.id, frames = n, "link state sent"),
+        Ok(n) => {
+            fed.state_sent(&peer.key, session);
+            tracing::debug!(peer = %peer.id, frames = n, "link state sent")
+        }
         Err(e) => {
             tracing::warn!(peer = %peer.id, error = %e, "cannot send the link state; closing");
             return;
@@ -348,8 +353,10 @@ async fn session(
         let mut custody = Vec::new();
         for f in frames {
             match f.body {
+                // An ack covers only what was sent: a peer cannot wipe frames it never got.
                 Some(Body::Ack(a)) => {
-                    on_ack(&app, &peer.key, a.up_to_seq, &acked, &ack_notify).await
+                    let up_to = a.up_to_seq.min(sent_max.load(Ordering::Acquire));
+                    on_ack(&app, &peer.key, up_to, &acked, &ack_notify).await
                 }
                 Some(Body::Ping(p)) => {
                     let _ = tx.try_send(LinkFrame {
@@ -384,7 +391,10 @@ async fn session(
                 tracing::error!(peer = %peer.id, error = %e, "flush failed; closing the link so the peer resends");
                 return;
             }
-            apply(&app, effects).await;
+            if let Err(e) = apply(&app, effects).await {
+                tracing::warn!(peer = %peer.id, error = %e, "closing the link unacknowledged, so the peer resends");
+                return;
+            }
             if up_to > 0
                 && tx
                     .send(LinkFrame {
@@ -436,6 +446,7 @@ async fn pump(
     wake: Arc<Notify>,
     acked: Arc<AtomicU64>,
     ack_notify: Arc<Notify>,
+    sent_max: Arc<AtomicU64>,
 ) {
     let label = super::peer_label(&key);
     let mut sent_upto = 0u64;
@@ -482,21 +493,39 @@ async fn pump(
             }
             continue;
         }
+        // Nothing leaves before it is durable here: the writer's flush may not have run yet,
+        // and a peer must never hold what this broker could forget in a crash.
+        if let Err(e) = app.store.durable().await {
+            tracing::error!(error = %e, "flush failed; holding the outbox");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         for (okey, frame) in entries {
-            sent_upto = frame.seq;
             if let Some(Body::Exchange(env)) = &frame.body {
                 let (a, k, env) = (app.clone(), key.clone(), env.clone());
                 let send = store::blocking(move || a.engine.before_send(&k, &env)).await;
-                if !matches!(send, Ok(true)) {
-                    let store = app.store.clone();
-                    let _ = store::blocking(move || {
-                        store.tree(T::Outbox).remove(okey)?;
-                        Ok(())
-                    })
-                    .await;
-                    continue;
+                match send {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        sent_upto = frame.seq;
+                        let store = app.store.clone();
+                        let _ = store::blocking(move || {
+                            store.tree(T::Outbox).remove(okey)?;
+                            Ok(())
+                        })
+                        .await;
+                        continue;
+                    }
+                    Err(e) => {
+                        // Keep the frame: it is tried again, not dropped.
+                        tracing::error!(error = %e, "cannot check an exchange before sending; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
                 }
             }
+            sent_upto = frame.seq;
+            sent_max.fetch_max(frame.seq, Ordering::AcqRel);
             let seq = frame.seq;
             tracing::debug!(peer = %label, seq, "sending from the outbox");
             if tx.send(frame).await.is_err() {
@@ -530,6 +559,10 @@ async fn send_state(app: &Arc<App>, peer: &Peer, tx: &mpsc::Sender<LinkFrame>) -
 fn state_frames(app: &App, peer: &Peer) -> Result<Vec<Body>> {
     let store = &app.store;
     let mut out = Vec::new();
+    if peer.key == PARENT {
+        // Routes first: the parent takes catalog entries only for nodes it knows are below.
+        out.push(Body::Advertise(reachable(app)?));
+    }
     // Nothing goes back toward where it came from: a child does not send the parent what the
     // parent told it, and the parent does not send a child what came from its own subtree.
     let back = Some(Route::Via(peer.key.clone()));
@@ -548,9 +581,6 @@ fn state_frames(app: &App, peer: &Peer) -> Result<Vec<Body>> {
         if app.fed.route(&d.provider)? != Some(Route::Via(peer.key.clone())) {
             out.push(Body::Catalog(CatalogUpdate { dataset: Some(d) }));
         }
-    }
-    if peer.key == PARENT {
-        out.push(Body::Advertise(reachable(app)?));
     }
     Ok(out)
 }
@@ -580,7 +610,7 @@ fn reachable(app: &App) -> Result<RouteAdvertisement> {
         let r = RouteRecord::decode(v.as_ref())?;
         adv.node_ids.push(String::from_utf8_lossy(&k).into_owned());
         adv.home_brokers.push(r.home);
-        adv.distances.push(r.distance + 1);
+        adv.distances.push(r.distance.saturating_add(1));
     }
     Ok(adv)
 }
@@ -653,6 +683,18 @@ fn handle(app: &App, peer: &Peer, body: Body) -> Result<Vec<Effect>> {
                         d.provider,
                         peer.id,
                         scope.unwrap_or_default().join(", ")
+                    ),
+                );
+            }
+            // An entry is taken only from the side its provider is reached through.
+            if app.fed.route(&d.provider)? != Some(Route::Via(peer.key.clone())) {
+                return refuse(
+                    app,
+                    peer,
+                    "catalog_refused",
+                    format!(
+                        "dataset {} came from {}, but its provider {} is not reached through it",
+                        d.id, peer.id, d.provider
                     ),
                 );
             }
@@ -769,7 +811,7 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
     if app.fed.has_parent() {
         if !accepted.node_ids.is_empty() {
             for d in &mut accepted.distances {
-                *d += 1;
+                *d = d.saturating_add(1);
             }
             effects.push(Effect::ToParent(Body::Advertise(accepted)));
         }
@@ -812,12 +854,25 @@ fn withdraw(app: &App, peer: &Peer, nodes: Vec<String>) -> Result<Vec<Effect>> {
 }
 
 fn revocation(app: &App, peer: &Peer, r: GrantRevocation) -> Result<Vec<Effect>> {
-    if app
-        .store
-        .tree(T::Revoked)
-        .contains_key(r.grant_id.as_bytes())?
-    {
+    let key = super::revoked_key(&r.issuer, &r.grant_id);
+    if app.store.tree(T::Revoked).contains_key(key.as_bytes())? {
         return Ok(vec![]);
+    }
+    if let Some(scope) = &peer.scope {
+        // A child speaks only for grants issued in its own subtree.
+        if !in_scope(scope, &r.issuer) {
+            return refuse(
+                app,
+                peer,
+                "revocation_refused",
+                format!(
+                    "hop_scope: a revocation by {} came from {}, whose scope is {}",
+                    r.issuer,
+                    peer.id,
+                    scope.join(", ")
+                ),
+            );
+        }
     }
     if !crate::keys::verify_revocation(&r, &app.store.keys()?) {
         return refuse(
@@ -831,7 +886,7 @@ fn revocation(app: &App, peer: &Peer, r: GrantRevocation) -> Result<Vec<Effect>>
         );
     }
     app.store.write(|tx| {
-        tx.put(T::Revoked, &r.grant_id, &r)?;
+        tx.put(T::Revoked, &key, &r)?;
         if let Some(mut g) = tx.get::<govshare_proto::v1::Grant>(T::Grants, &r.grant_id)? {
             if g.state() != GrantState::Revoked && g.issuer == r.issuer {
                 g.state = GrantState::Revoked as i32;
@@ -852,8 +907,9 @@ fn revocation(app: &App, peer: &Peer, r: GrantRevocation) -> Result<Vec<Effect>>
     ])
 }
 
-/// Carries out what handled frames led to, once their writes are durable.
-pub async fn apply(app: &App, effects: Vec<Effect>) {
+/// Carries out what handled frames led to, once their writes are durable. An error means
+/// something could not be kept: the link must not acknowledge, so the peer sends it again.
+pub async fn apply(app: &App, effects: Vec<Effect>) -> Result<()> {
     for e in effects {
         match e {
             Effect::Enqueue {
@@ -866,11 +922,12 @@ pub async fn apply(app: &App, effects: Vec<Effect>) {
                     .enqueue_forwarded(&id, &dest, &dataset, deadline_ms)
                     .await
             }
-            Effect::Result(r) => app.engine.remote_result(r).await,
+            Effect::Result(r) => app.engine.remote_result(r).await?,
             Effect::Revoked(g) => app.engine.grant_revoked(g).await,
             Effect::Wake(p) => app.fed.wake(&p),
             Effect::Flood(b, except) => app.fed.broadcast(&b, &except),
             Effect::ToParent(b) => app.fed.to_parent(b),
         }
     }
+    Ok(())
 }

@@ -91,6 +91,29 @@ struct LinkHandle {
     since_ms: i64,
     /// The last ping's round-trip time, ms (0 until measured).
     rtt_ms: f64,
+    /// Updates held back until the link's whole state has gone out, so that nothing about a
+    /// node reaches the peer before the node's route does. `None` once the state is sent.
+    held: Option<Vec<link_frame::Body>>,
+}
+
+impl LinkHandle {
+    /// Sends a state update now, or holds it until the link's state has gone out; false when
+    /// the link is too slow to take it.
+    fn post(&mut self, body: link_frame::Body) -> bool {
+        match &mut self.held {
+            Some(held) => {
+                held.push(body);
+                true
+            }
+            None => self
+                .tx
+                .try_send(LinkFrame {
+                    seq: 0,
+                    body: Some(body),
+                })
+                .is_ok(),
+        }
+    }
 }
 
 /// A link as `/status` shows it.
@@ -137,6 +160,12 @@ struct Inner {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The key of a revocation in the `revoked` tree: its issuer and the grant. Keyed by both, so a
+/// broker that claims to revoke a grant it did not issue cannot hide the issuer's revocation.
+pub fn revoked_key(issuer: &str, grant_id: &str) -> String {
+    format!("{issuer}\u{0}{grant_id}")
 }
 
 /// True when `node` falls inside one of the scope prefixes.
@@ -256,15 +285,11 @@ impl Fed {
     /// too slow to take it is closed: it gets the whole state again when it reopens.
     pub fn broadcast(&self, body: &link_frame::Body, except: &str) {
         let mut slow = Vec::new();
-        for (k, h) in lock(&self.inner.links).iter() {
+        for (k, h) in lock(&self.inner.links).iter_mut() {
             if k == except {
                 continue;
             }
-            let frame = LinkFrame {
-                seq: 0,
-                body: Some(body.clone()),
-            };
-            if h.tx.try_send(frame).is_err() {
+            if !h.post(body.clone()) {
                 slow.push((k.clone(), h.abort.clone()));
             }
         }
@@ -276,12 +301,8 @@ impl Fed {
 
     /// Sends a state update to the parent only (route advertisements go up, never down).
     pub fn to_parent(&self, body: link_frame::Body) {
-        if let Some(h) = lock(&self.inner.links).get(PARENT) {
-            let frame = LinkFrame {
-                seq: 0,
-                body: Some(body),
-            };
-            if h.tx.try_send(frame).is_err() {
+        if let Some(h) = lock(&self.inner.links).get_mut(PARENT) {
+            if !h.post(body) {
                 h.abort.abort();
             }
         }
@@ -309,6 +330,22 @@ impl Fed {
         self.to_parent(body);
     }
 
+    /// Tells the parent that this broker reaches `node` (one of its own), ahead of anything
+    /// about the node that follows on the same link: the parent takes catalog entries only for
+    /// nodes it knows are below.
+    pub fn advertise_own(&self, node: &str) {
+        use govshare_proto::v1::RouteAdvertisement;
+        if !self.inner.has_parent {
+            return;
+        }
+        self.to_parent(link_frame::Body::Advertise(RouteAdvertisement {
+            node_ids: vec![node.to_string()],
+            home_brokers: vec![self.inner.me.clone()],
+            distances: vec![0],
+            full: false,
+        }));
+    }
+
     /// Registers an open link; returns its session number and its pump's wake-up.
     fn opened(
         &self,
@@ -332,6 +369,7 @@ impl Fed {
                 abort,
                 since_ms: crate::time::now_ms(),
                 rtt_ms: 0.0,
+                held: Some(Vec::new()),
             },
         );
         if !lock(&self.inner.seen).insert(peer.to_string()) {
@@ -347,6 +385,23 @@ impl Fed {
         }
         metrics::gauge!(crate::metrics::LINK_UP, "peer" => peer_label(peer)).set(1.0);
         (session, wake)
+    }
+
+    /// The link's whole state has been queued: the updates held meanwhile follow it, in order.
+    fn state_sent(&self, peer: &str, session: u64) {
+        let mut links = lock(&self.inner.links);
+        if let Some(h) = links.get_mut(peer).filter(|h| h.session == session) {
+            for body in h.held.take().unwrap_or_default() {
+                let frame = LinkFrame {
+                    seq: 0,
+                    body: Some(body),
+                };
+                if h.tx.try_send(frame).is_err() {
+                    h.abort.abort();
+                    break;
+                }
+            }
+        }
     }
 
     /// Forgets a link's session, unless a newer session already replaced it.

@@ -20,6 +20,7 @@ impl CatalogService for CatalogSvc {
         let d = req.into_inner().dataset;
         let out = write(&self.0, move |a| a.catalog.publish(&c, d)).await?;
         if let Some(d) = &out.dataset {
+            self.0.fed.advertise_own(&d.provider);
             self.0.fed.broadcast(
                 &link_frame::Body::Catalog(CatalogUpdate {
                     dataset: Some(d.clone()),
@@ -37,6 +38,7 @@ impl CatalogService for CatalogSvc {
         let c = caller(&self.0, &req).await?;
         let r = req.into_inner();
         let out = write(&self.0, move |a| a.catalog.withdraw(&c, &r.id, &r.reason)).await?;
+        self.0.fed.advertise_own(&out.provider);
         self.0.fed.broadcast(
             &link_frame::Body::Catalog(CatalogUpdate {
                 dataset: Some(out.clone()),

@@ -104,9 +104,12 @@ impl SharingService for SharingSvc {
         // Exchanges queued under it end now, as denied, instead of waiting for a provider.
         self.0.engine.grant_revoked(grant.id.clone()).await;
         let gid = grant.id.clone();
+        let issuer = grant.issuer.clone();
         let signed = read(&self.0, move |a| {
-            a.store
-                .get::<GrantRevocation>(crate::store::T::Revoked, &gid)
+            a.store.get::<GrantRevocation>(
+                crate::store::T::Revoked,
+                &crate::federation::revoked_key(&issuer, &gid),
+            )
         })
         .await?;
         if let Some(r) = signed {
