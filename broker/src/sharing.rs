@@ -426,8 +426,20 @@ impl Sharing {
             self.store.write(|_| Ok(((), vec![e.clone()])))?;
             Ok(vec![])
         };
+        let named = DatasetId::parse(&d.dataset_id).map(|x| x.provider.to_string());
+        if named.as_deref().ok() != Some(d.provider.as_str()) {
+            return refuse(format!(
+                "the decision names provider {} for dataset {}",
+                d.provider, d.dataset_id
+            ));
+        }
         if let Some(scope) = &peer.scope {
-            if !in_scope(scope, &d.provider) {
+            if !in_scope(scope, &d.provider)
+                || env
+                    .grant
+                    .as_ref()
+                    .is_some_and(|g| !in_scope(scope, &g.issuer))
+            {
                 return refuse(format!(
                     "hop_scope: provider {} is outside the scope of {} ({})",
                     d.provider,

@@ -463,6 +463,15 @@ impl Engine {
             }
             _ => {
                 tracing::warn!(exchange = %result.exchange_id, consumer = %env.consumer, "result for a consumer this broker cannot route to; dropped");
+                let mut e = crate::audit::entry("result_dropped", &me);
+                e.exchange_id = result.exchange_id.clone();
+                e.consumer = env.consumer.clone();
+                e.dataset_id = result.dataset_id.clone();
+                e.reason = format!(
+                    "no route from {me} to consumer {} (arrived from {from})",
+                    env.consumer
+                );
+                self.store().write(|_| Ok(((), vec![e.clone()])))?;
                 Ok(vec![])
             }
         }
