@@ -1,6 +1,6 @@
 //! Helpers for federation tests: datasets, grants across brokers, and waiting for outcomes.
 
-use crate::provider::{row, Reply};
+use crate::provider::{filter_value, row, Reply, TestProvider};
 use crate::{wait_until, TestBroker};
 use anyhow::{Context, Result};
 use govshare_client::proto::*;
@@ -45,16 +45,7 @@ pub fn alive_rows() -> Arc<dyn Fn(&ProviderRequest) -> Reply + Send + Sync> {
 pub fn answering(marker: &str) -> Arc<dyn Fn(&ProviderRequest) -> Reply + Send + Sync> {
     let marker = marker.to_string();
     Arc::new(move |req: &ProviderRequest| {
-        let id = req
-            .query
-            .as_ref()
-            .and_then(|q| q.filters.first())
-            .and_then(|f| f.value.as_ref())
-            .and_then(|v| match &v.kind {
-                Some(value::Kind::StringValue(s)) => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
+        let id = filter_value(req);
         Reply::Rows(vec![row(&[
             ("id_number", id.as_str()),
             ("status", marker.as_str()),
@@ -150,4 +141,49 @@ pub async fn audited(b: &TestBroker, decision: &str) -> Result<Vec<AuditEntry>> 
 pub fn quick(c: &mut govshare_broker::Config) {
     c.federation.max_backoff_secs = 1;
     c.federation.ping_secs = 1;
+}
+
+/// A hub with two provinces, a provider at Guangdong serving an UNCONDITIONAL dataset, and a
+/// consumer at Zhejiang holding a grant on it.
+#[derive(Debug)]
+pub struct Cascade {
+    /// The national hub.
+    pub hub: TestBroker,
+    /// Zhejiang, the consumer's broker.
+    pub zj: TestBroker,
+    /// Guangdong, the provider's broker.
+    pub gd: TestBroker,
+    /// The provider department at Guangdong.
+    pub civil: Client,
+    /// The consumer department at Zhejiang.
+    pub pension: Client,
+    /// The provider's dataset.
+    pub ds: String,
+    /// The consumer's grant on it.
+    pub grant: Grant,
+    /// The provider's serving instance.
+    pub provider: TestProvider,
+}
+
+/// Starts the cascade and waits until the grant has come back to the consumer.
+pub async fn cascade() -> Result<Cascade> {
+    let hub = TestBroker::start_with_id("000000/hub").await?;
+    let zj = TestBroker::start_child("330000/hub", &hub, &[], quick).await?;
+    let gd = TestBroker::start_child("440000/hub", &hub, &[], quick).await?;
+    let civil = gd.client_for("440000/civil").await?;
+    let pension = zj.client_for("330000/pension").await?;
+    let ds = publish(&civil, "death-registration", ShareType::Unconditional).await?;
+    let provider = TestProvider::start(&civil, &[&ds], 8, "p1", alive_rows()).await?;
+    sees(&pension, &ds).await?;
+    let grant = granted(&pension, &ds).await?;
+    Ok(Cascade {
+        hub,
+        zj,
+        gd,
+        civil,
+        pension,
+        ds,
+        grant,
+        provider,
+    })
 }

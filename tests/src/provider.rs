@@ -34,6 +34,19 @@ pub struct TestProvider {
     pub seen: Arc<Mutex<Vec<ProviderRequest>>>,
 }
 
+/// The text of a request's first filter (the key a test provider answers for); "" when none.
+pub fn filter_value(req: &ProviderRequest) -> String {
+    req.query
+        .as_ref()
+        .and_then(|q| q.filters.first())
+        .and_then(|f| f.value.as_ref())
+        .and_then(|v| match &v.kind {
+            Some(govshare_client::proto::value::Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 /// A row from `(item, text)` pairs.
 pub fn row(pairs: &[(&str, &str)]) -> Row {
     Row {

@@ -7,7 +7,7 @@ use govshare_broker::pki;
 use govshare_client::proto::*;
 use govshare_client::{Client, ClientConfig};
 use govshare_tests::process::BrokerProcess;
-use govshare_tests::provider::{row, text, Reply, TestProvider};
+use govshare_tests::provider::{filter_value, row, text, Reply, TestProvider};
 use govshare_tests::wait_until;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -193,16 +193,7 @@ async fn run(
                 }
                 let c = connect(&mut urls, &dir).await;
                 let handler = Arc::new(|r: &ProviderRequest| {
-                    let asked = r
-                        .query
-                        .as_ref()
-                        .and_then(|q| q.filters.first())
-                        .and_then(|f| f.value.as_ref())
-                        .and_then(|v| match &v.kind {
-                            Some(value::Kind::StringValue(s)) => Some(s.clone()),
-                            _ => None,
-                        })
-                        .unwrap_or_default();
+                    let asked = filter_value(r);
                     Reply::Rows(vec![row(&[("id_number", &asked), ("status", "ALIVE")])])
                 });
                 match TestProvider::start(&c, &[DS], 64, "crash-provider", handler).await {

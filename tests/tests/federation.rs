@@ -2,7 +2,6 @@
 
 use anyhow::{ensure, Context, Result};
 use govshare_client::proto::*;
-use govshare_client::Client;
 use govshare_tests::cascade::*;
 use govshare_tests::provider::{text, TestProvider};
 use govshare_tests::{wait_until, TestBroker};
@@ -80,41 +79,6 @@ async fn a_department_in_one_province_gets_data_from_another_through_the_hub() -
         audit.entries
     );
     Ok(())
-}
-
-/// A hub with two provinces, a provider at Guangdong serving an UNCONDITIONAL dataset, and a
-/// consumer at Zhejiang holding a grant on it.
-struct Cascade {
-    hub: TestBroker,
-    zj: TestBroker,
-    gd: TestBroker,
-    civil: Client,
-    pension: Client,
-    ds: String,
-    grant: Grant,
-    provider: TestProvider,
-}
-
-async fn cascade() -> Result<Cascade> {
-    let hub = TestBroker::start_with_id("000000/hub").await?;
-    let zj = TestBroker::start_child("330000/hub", &hub, &[], quick).await?;
-    let gd = TestBroker::start_child("440000/hub", &hub, &[], quick).await?;
-    let civil = gd.client_for("440000/civil").await?;
-    let pension = zj.client_for("330000/pension").await?;
-    let ds = publish(&civil, "death-registration", ShareType::Unconditional).await?;
-    let provider = TestProvider::start(&civil, &[&ds], 8, "p1", alive_rows()).await?;
-    sees(&pension, &ds).await?;
-    let grant = granted(&pension, &ds).await?;
-    Ok(Cascade {
-        hub,
-        zj,
-        gd,
-        civil,
-        pension,
-        ds,
-        grant,
-        provider,
-    })
 }
 
 #[tokio::test]
@@ -286,6 +250,15 @@ impl RawLink {
             .map_err(|_| anyhow::anyhow!("link closed"))
     }
 
+    /// The next result the broker sends back over the link.
+    async fn next_result(&mut self) -> Result<ExchangeResult> {
+        self.next(|b| match b {
+            link_frame::Body::Result(r) => r.result,
+            _ => None,
+        })
+        .await
+    }
+
     /// The next frame the broker sends that `pick` accepts (others are skipped).
     async fn next<T>(&mut self, mut pick: impl FnMut(link_frame::Body) -> Option<T>) -> Result<T> {
         let found = tokio::time::timeout(WAIT, async {
@@ -438,12 +411,7 @@ async fn an_advertisement_outside_the_scope_and_a_forged_grant_are_refused_and_a
         }),
     )
     .await?;
-    let result = link
-        .next(|b| match b {
-            link_frame::Body::Result(r) => r.result,
-            _ => None,
-        })
-        .await?;
+    let result = link.next_result().await?;
     ensure!(
         result.state() == ExchangeState::Denied
             && result
@@ -651,12 +619,7 @@ async fn an_exchange_with_no_hops_left_or_for_an_unknown_node_is_refused() -> Re
         )),
     )
     .await?;
-    let r = link
-        .next(|b| match b {
-            link_frame::Body::Result(r) => r.result,
-            _ => None,
-        })
-        .await?;
+    let r = link.next_result().await?;
     ensure!(
         r.state() == ExchangeState::Denied
             && r.error

@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use govshare_broker::config::LogSection;
 use govshare_broker::telemetry;
 use govshare_client::proto::*;
-use govshare_tests::cascade::{alive_rows, ask, granted, publish, quick, sees};
+use govshare_tests::cascade::{alive_rows, ask, cascade, granted, publish, Cascade};
 use govshare_tests::provider::TestProvider;
 use govshare_tests::{wait_until, TestBroker};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -205,16 +205,8 @@ async fn exchange_span_is_exported_with_its_trace_id() -> Result<()> {
     // Across three brokers (all in this process, so all exporting): the consumer's broker has
     // the exchange span, the hub (from 330000/hub) and the provider's broker (from its parent)
     // a hop span each, in one trace.
-    let hub = TestBroker::start_with_id("000000/hub").await?;
-    let zj = TestBroker::start_child("330000/hub", &hub, &[], quick).await?;
-    let gd = TestBroker::start_child("440000/hub", &hub, &[], quick).await?;
-    let civil = gd.client_for("440000/civil").await?;
-    let pension = zj.client_for("330000/pension").await?;
-    let ds = publish(&civil, "death-registration", ShareType::Unconditional).await?;
-    let _p = TestProvider::start(&civil, &[&ds], 4, "p1", alive_rows()).await?;
-    sees(&pension, &ds).await?;
-    granted(&pension, &ds).await?;
-    let r = pension.request(ask(&ds, "440101199001011234")).await?;
+    let c = cascade().await?;
+    let r = c.pension.request(ask(&c.ds, "440101199001011234")).await?;
     ensure!(r.state() == ExchangeState::Answered, "{r:?}");
     let g = guard.clone();
     tokio::task::spawn_blocking(move || g.flush()).await??;
@@ -249,6 +241,7 @@ async fn exchange_span_is_exported_with_its_trace_id() -> Result<()> {
             "every hop hangs under the trace's virtual root: {h:?} (hops from {froms:?})"
         );
     }
+    let Cascade { hub, zj, gd, .. } = c;
     for b in [zj, gd, hub] {
         b.shutdown().await?;
     }
