@@ -58,6 +58,9 @@ pub struct TlsSection {
     pub ca_cert: PathBuf,
     /// The CA's private key.
     pub ca_key: PathBuf,
+    /// Seconds between checks of `cert`, `key` and `client_ca` for changes (a change is
+    /// loaded without a restart); 0 leaves reloads to SIGHUP.
+    pub reload_check_secs: u64,
 }
 
 /// `[storage]`.
@@ -175,6 +178,14 @@ pub struct LimitsSection {
     pub burst: u32,
     /// Concurrent gRPC streams (calls) per connection.
     pub max_concurrent_streams: u32,
+    /// Connections one node may hold open at once; 0 for no cap.
+    pub max_connections_per_node: u32,
+    /// Seconds a client has to complete the TLS handshake.
+    pub tls_handshake_timeout_secs: u64,
+    /// Seconds a connection with no call open may stay silent before it is closed; 0 for never.
+    pub idle_timeout_secs: u64,
+    /// Largest gRPC message a node may send, in bytes.
+    pub max_message_bytes: u32,
 }
 
 impl Default for LimitsSection {
@@ -183,6 +194,10 @@ impl Default for LimitsSection {
             requests_per_second: 5000,
             burst: 10000,
             max_concurrent_streams: 1024,
+            max_connections_per_node: 64,
+            tls_handshake_timeout_secs: 10,
+            idle_timeout_secs: 600,
+            max_message_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -315,6 +330,7 @@ impl Default for TlsSection {
             client_ca: "tls/ca.pem".into(),
             ca_cert: "ca/ca.pem".into(),
             ca_key: "ca/ca.key".into(),
+            reload_check_secs: 10,
         }
     }
 }
@@ -459,6 +475,16 @@ impl Config {
                 "[limits] max_concurrent_streams must be at least 1",
             ));
         }
+        if self.limits.tls_handshake_timeout_secs == 0 {
+            return Err(BrokerError::invalid(
+                "[limits] tls_handshake_timeout_secs must be at least 1",
+            ));
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return Err(BrokerError::invalid(
+                "[limits] max_message_bytes must be at least 1024",
+            ));
+        }
         self.federation.validate()
     }
 }
@@ -574,6 +600,10 @@ client_ca = "tls/ca.pem"
 # The CA used by `govshare-broker issue`. Default ca/ca.pem, ca/ca.key.
 ca_cert = "ca/ca.pem"
 ca_key = "ca/ca.key"
+# Seconds between checks of cert, key and client_ca for changes: a change is loaded without a
+# restart (so is SIGHUP), and connections already open keep going. 0 leaves it to SIGHUP.
+# Default 10.
+reload_check_secs = {t_reload}
 
 [storage]
 # The sled database directory. Default "db".
@@ -643,6 +673,17 @@ requests_per_second = {l_rps}
 burst = {l_burst}
 # Concurrent gRPC calls (streams) per connection. Default 1024.
 max_concurrent_streams = {l_streams}
+# Connections one node may hold open at once (one connection carries many calls); a
+# connection over it is answered RESOURCE_EXHAUSTED and closed. 0 for no cap. Default 64.
+max_connections_per_node = {l_conns}
+# Seconds a client has to complete the TLS handshake. Default 10.
+tls_handshake_timeout_secs = {l_hs}
+# Seconds a connection with no call open may stay silent before it is closed; 0 for never.
+# Default 600.
+idle_timeout_secs = {l_idle}
+# Largest gRPC message a node may send, in bytes (links between brokers have their own, larger
+# limit). Default 4194304 (4 MiB).
+max_message_bytes = {l_msg}
 
 [federation]
 # The parent broker's URL (mutual TLS), e.g. "https://10.0.0.1:7443"; "" means this broker is
@@ -662,9 +703,14 @@ ping_secs = {f_ping}
 # id = "330100/hub"
 # scope = ["3301"]
 {f_children}"#,
+            t_reload = self.tls.reload_check_secs,
             l_rps = self.limits.requests_per_second,
             l_burst = self.limits.burst,
             l_streams = self.limits.max_concurrent_streams,
+            l_conns = self.limits.max_connections_per_node,
+            l_hs = self.limits.tls_handshake_timeout_secs,
+            l_idle = self.limits.idle_timeout_secs,
+            l_msg = self.limits.max_message_bytes,
             id = self.broker.id,
             listen = self.broker.listen,
             admin = self.broker.admin_id,

@@ -26,6 +26,7 @@ pub mod sharing;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 
 pub use config::Config;
 pub use error::BrokerError;

@@ -30,6 +30,10 @@ enum Command {
     Issue(IssueArgs),
     /// Serve gRPC over mutual TLS with all state in sled under the data dir.
     Run(RunArgs),
+    /// Re-issue the broker's own TLS certificate and key from the data dir's CA, keeping its
+    /// names. Safe while the broker runs: it loads them within [tls] reload_check_secs, or at
+    /// once on SIGHUP, without dropping a connection.
+    RenewTls(RenewTlsArgs),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -112,6 +116,16 @@ struct IssueArgs {
     /// Repeatable. Default: its region prefix, e.g. 33 for 330000/hub. Only for --role broker.
     #[arg(long = "scope", value_name = "PREFIX")]
     scope: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct RenewTlsArgs {
+    /// The data directory whose certificate is renewed (its CA signs).
+    #[arg(long, env = "GOVSHARE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Another DNS name or IP address for the new certificate, besides the current ones. Repeatable.
+    #[arg(long = "san", value_name = "NAME")]
+    sans: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +224,16 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     a.node
                 );
             }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(Command::RenewTls(a)) => {
+            let sans = pki::renew_server_identity(&a.data_dir, &a.sans)?;
+            println!(
+                "renewed the broker certificate in {} for {}",
+                a.data_dir.display(),
+                sans.join(", ")
+            );
+            println!("a running broker loads it within [tls] reload_check_secs; `kill -HUP PID` loads it now");
             Ok(std::process::ExitCode::SUCCESS)
         }
         Some(Command::Run(a)) => run(&a.data_dir, a.listen, a.metrics_listen, a.parent, false),
@@ -466,6 +490,8 @@ fn run(
         // Listen for signals before announcing ourselves, so that a SIGTERM sent as soon as
         // the address is printed is a graceful stop and not the default kill.
         let signal = shutdown_signal()?;
+        tokio::pin!(signal);
+        let mut hangups = Hangups::install()?;
         let mut broker = server::start(cfg, listener).await?;
         println!(
             "govshare broker {broker_id} listening on https://{} (mutual TLS)",
@@ -483,15 +509,52 @@ fn run(
         if let Some(m) = broker.metrics_addr {
             println!("metrics, status and console: http://{m}/metrics  http://{m}/status  http://{m}/");
         }
-        let stopped = tokio::select! {
-            r = broker.wait() => { r?; bail!("the server stopped unexpectedly") }
-            s = signal => s,
+        let stopped = loop {
+            tokio::select! {
+                r = broker.wait() => { r?; bail!("the server stopped unexpectedly") }
+                s = &mut signal => break s,
+                _ = hangups.next() => {
+                    // Errors are logged and counted inside; the old identity keeps serving.
+                    if let Ok(changed) = broker.reload_tls() {
+                        println!("SIGHUP: TLS identity and trust bundle {}", if changed { "reloaded" } else { "unchanged" });
+                    }
+                }
+            }
         };
         println!("{stopped}: shutting down (finishing in-flight calls, flushing)");
         broker.shutdown().await?;
         println!("stopped cleanly");
         Ok(std::process::ExitCode::SUCCESS)
     })
+}
+
+/// SIGHUP, the conventional "reload your certificates" signal.
+struct Hangups {
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Hangups {
+    /// Installs the handler now, so a SIGHUP right after start is a reload and not a kill.
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            hup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("cannot handle SIGHUP")?,
+        })
+    }
+
+    /// Resolves at the next SIGHUP (never, where there are no signals).
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            if self.hup.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Installs SIGINT and SIGTERM handlers now; the future resolves with the one that came.

@@ -71,6 +71,13 @@ pub const CERT_EXPIRY: &str = "govshare_certificate_expiry_seconds";
 /// Calls refused because their node was over its rate (`[limits]`).
 pub const RATE_LIMITED: &str = "govshare_rate_limited_total";
 
+/// Reloads of the broker's TLS identity and trust bundle, by result (`ok`, `error`).
+pub const TLS_RELOADS: &str = "govshare_tls_reloads_total";
+
+/// Connections closed before serving, by reason (`handshake_failed`, `handshake_timeout`,
+/// `node_connection_cap`).
+pub const CONNECTIONS_REFUSED: &str = "govshare_connections_refused_total";
+
 /// Every metric name the broker exports (for tests that check dashboards and alerts).
 pub const ALL: &[&str] = &[
     EXCHANGES,
@@ -102,6 +109,8 @@ pub const ALL: &[&str] = &[
     LINK_RTT,
     CERT_EXPIRY,
     RATE_LIMITED,
+    TLS_RELOADS,
+    CONNECTIONS_REFUSED,
 ];
 
 /// The process-wide Prometheus recorder (one per process: brokers in one test process share it).
@@ -168,6 +177,16 @@ fn zero() {
     for r in RULES {
         metrics::counter!(DENIALS, "rule" => *r).increment(0);
     }
+    for r in ["ok", "error"] {
+        metrics::counter!(TLS_RELOADS, "result" => r).increment(0);
+    }
+    for r in [
+        "handshake_failed",
+        "handshake_timeout",
+        "node_connection_cap",
+    ] {
+        metrics::counter!(CONNECTIONS_REFUSED, "reason" => r).increment(0);
+    }
     for c in [
         REDELIVERIES,
         FLUSHES,
@@ -187,6 +206,14 @@ fn describe() {
     describe_counter!(
         LINK_FRAMES,
         "Frames over federation links, by peer and direction (sent, received)."
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "Reloads of the broker's TLS identity and trust bundle (SIGHUP or changed files), by result."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed before serving: handshake_failed, handshake_timeout, node_connection_cap."
     );
     describe_counter!(
         RATE_LIMITED,

@@ -404,6 +404,66 @@ pub fn issue_identity(
     write_identity(out, &cert, &key, &trust)
 }
 
+/// Re-issues the broker's own TLS certificate and key (`[tls] cert`, `key`) from the data
+/// dir's CA, keeping the DNS names and addresses the current certificate has and adding
+/// `extra_sans`. Each file is replaced by a rename, so a running broker's reload reads either
+/// the old file or the new one, never half of one. Returns the names in the new certificate.
+pub fn renew_server_identity(
+    data_dir: &Path,
+    extra_sans: &[String],
+) -> Result<Vec<String>, BrokerError> {
+    let cfg = Config::load(data_dir)?;
+    let broker_id = NodeId::parse(&cfg.broker.id, "[broker] id")?;
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).map_err(|e| {
+            BrokerError::invalid(format!(
+                "cannot read {}: {e} (renewing needs the data dir's CA and certificate)",
+                p.display()
+            ))
+        })
+    };
+    let cert_path = cfg.path(&cfg.tls.cert);
+    let current = pem_der(&read(cert_path.clone())?)
+        .map_err(|e| BrokerError::invalid(format!("{}: {e}", cert_path.display())))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&current)
+        .map_err(|e| BrokerError::invalid(format!("{}: {e}", cert_path.display())))?;
+    let mut sans: Vec<String> = Vec::new();
+    if let Ok(Some(ext)) = parsed.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => sans.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(IpAddr::from),
+                        _ => None,
+                    };
+                    sans.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    for s in extra_sans {
+        if !sans.contains(s) {
+            sans.push(s.clone());
+        }
+    }
+    let ca_pem = read(cfg.path(&cfg.tls.ca_cert))?;
+    let ca_key = KeyPair::from_pem(&read(cfg.path(&cfg.tls.ca_key))?)
+        .map_err(|e| BrokerError::invalid(format!("CA key does not parse: {e}")))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+        .map_err(|e| BrokerError::invalid(format!("CA certificate does not parse: {e}")))?;
+    let (cert, key) = make_leaf(&issuer, &broker_id, NodeRole::Broker, &sans, &[])?;
+    let key_path = cfg.path(&cfg.tls.key);
+    for (path, contents, secret) in [(&key_path, &key, true), (&cert_path, &cert, false)] {
+        let tmp = path.with_extension("renewing");
+        write_file(&tmp, contents, secret)?;
+        std::fs::rename(&tmp, path).map_err(|e| io_err("replace", path, e))?;
+    }
+    Ok(sans)
+}
+
 /// Seconds from now until the first certificate in a PEM file expires (negative once expired).
 pub fn seconds_to_expiry(pem: &[u8]) -> Result<i64, BrokerError> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem)
@@ -426,6 +486,44 @@ pub struct CertIdentity {
     /// `urn:govshare:scope:<prefix>`; empty when there are none (always, for non-brokers
     /// issued by this tool).
     pub scope: Vec<String>,
+    /// SHA-256 of the certificate's DER, lowercase hex: what a pinned node must present.
+    pub sha256: String,
+}
+
+/// Checks that a PEM certificate (leaf first, then any intermediates) is one the TLS layer
+/// would accept from a client now, against the PEM CA bundle `client_ca`; returns the leaf's DER.
+pub fn verify_client_pem(pem: &[u8], client_ca: &[u8]) -> Result<Vec<u8>, BrokerError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, UnixTime};
+    let bad = |why: String| BrokerError::invalid(format!("certificate_pem: {why}"));
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| bad("no certificate in it".into()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(client_ca) {
+        let c = c.map_err(|e| BrokerError::internal(format!("client CA bundle: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| BrokerError::internal(format!("client CA bundle: {e}")))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| BrokerError::internal(format!("client CA bundle: {e}")))?;
+    verifier
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .map_err(|e| bad(format!("not a client certificate this broker trusts: {e}")))?;
+    Ok(leaf.as_ref().to_vec())
+}
+
+/// SHA-256 of a DER certificate, lowercase hex (the form `Node.certificate_sha256` holds).
+pub fn certificate_sha256(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
 }
 
 /// Reads node id and role from a DER certificate the TLS layer has already verified.
@@ -466,6 +564,7 @@ pub fn identity_from_der(der: &[u8]) -> Result<CertIdentity, BrokerError> {
         node_id,
         role,
         scope,
+        sha256: certificate_sha256(der),
     })
 }
 

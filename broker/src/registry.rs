@@ -69,7 +69,8 @@ impl Registry {
     }
 
     /// Checks that a certificate's node is registered, active and in the certificate's role.
-    pub fn authenticate(&self, node_id: &NodeId, cert_role: NodeRole) -> Result<Node> {
+    pub fn authenticate(&self, cert: &crate::pki::CertIdentity) -> Result<Node> {
+        let (node_id, cert_role) = (&cert.node_id, cert.role);
         let node: Node = self.store.get(T::Nodes, node_id.as_str())?.ok_or_else(|| {
             BrokerError::denied(format!(
                 "node {node_id} is not registered on this broker; ask its admin to run `govshare node register --id {node_id} ...`"
@@ -77,6 +78,11 @@ impl Registry {
         })?;
         if node.state() == NodeState::Suspended {
             return Err(BrokerError::denied(format!("node {node_id} is suspended")));
+        }
+        if !node.certificate_sha256.is_empty() && node.certificate_sha256 != cert.sha256 {
+            return Err(BrokerError::Unauthenticated(format!(
+                "this certificate for {node_id} has been replaced (re-issued); only the certificate pinned by an admin is accepted"
+            )));
         }
         if node.role() != cert_role {
             return Err(BrokerError::denied(format!(
@@ -132,6 +138,7 @@ impl Registry {
             registered_by: caller.id.to_string(),
             updated_at: Some(now_ts()),
             home_broker: self.store.broker_id().to_string(),
+            certificate_sha256: String::new(),
         };
         self.store.write(|tx| {
             if tx.get::<Node>(T::Nodes, id.as_str())?.is_some() {
@@ -227,6 +234,59 @@ impl Registry {
             let mut e = audit::entry(decision, caller.id.as_str());
             e.subject = id.to_string();
             e.reason = reason.to_string();
+            Ok((node, vec![e]))
+        })
+    }
+
+    /// Accepts only `pem`'s certificate for node `id` from now on (admin only): it must name
+    /// the node in its registered role and verify against `client_ca` now. Grants, demands and
+    /// state stay as they are; they belong to the node id, not to a certificate.
+    pub fn pin_certificate(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pem: &str,
+        client_ca: &[u8],
+        reason: &str,
+    ) -> Result<Node> {
+        caller.require_admin("pin node certificates")?;
+        let id = NodeId::parse(id, "node id")?;
+        ids::check_text("reason", reason, false, 1000)?;
+        let der = crate::pki::verify_client_pem(pem.as_bytes(), client_ca)?;
+        let cert = crate::pki::identity_from_der(&der)
+            .map_err(|e| BrokerError::invalid(format!("certificate_pem: {e}")))?;
+        if cert.node_id != id {
+            return Err(BrokerError::invalid(format!(
+                "certificate_pem names {}, not {id}",
+                cert.node_id
+            )));
+        }
+        if id == caller.id {
+            return Err(BrokerError::precondition(
+                "an admin cannot pin its own certificate; use another admin identity",
+            ));
+        }
+        self.store.write(|tx| {
+            let mut node: Node = tx
+                .get(T::Nodes, id.as_str())?
+                .ok_or_else(|| BrokerError::not_found(format!("node {id} is not registered")))?;
+            if node.role() != cert.role {
+                return Err(BrokerError::invalid(format!(
+                    "certificate_pem is for the {} role; {id} is registered as {}",
+                    role_name(cert.role),
+                    role_name(node.role())
+                )));
+            }
+            node.certificate_sha256 = cert.sha256.clone();
+            node.updated_at = Some(now_ts());
+            tx.put(T::Nodes, id.as_str(), &node)?;
+            let mut e = audit::entry("certificate_pinned", caller.id.as_str());
+            e.subject = id.to_string();
+            e.reason = if reason.is_empty() {
+                format!("sha256 {}", cert.sha256)
+            } else {
+                format!("{reason} (sha256 {})", cert.sha256)
+            };
             Ok((node, vec![e]))
         })
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 /// The fully qualified names of govshare's services, as health checking reports them.
 pub const SERVICE_NAMES: &[&str] = &[
@@ -32,9 +32,6 @@ pub const SERVICE_NAMES: &[&str] = &[
 /// How long shutdown waits for in-flight calls and their tasks.
 const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Largest gRPC message the broker accepts or sends (4 MiB, tonic's default, stated here).
-const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-
 /// A broker serving on a listener.
 #[derive(Debug)]
 pub struct RunningBroker {
@@ -48,6 +45,8 @@ pub struct RunningBroker {
     /// Where `/metrics`, `/status` and the console are served, if they are.
     pub metrics_addr: Option<SocketAddr>,
     http_task: Option<JoinHandle<()>>,
+    tls: Arc<crate::tls::Reloader>,
+    conns: Arc<crate::tls::Conns>,
     engine: Option<crate::exchange::Engine>,
     fed: Option<crate::federation::Fed>,
     task: Option<JoinHandle<std::result::Result<(), tonic::transport::Error>>>,
@@ -59,12 +58,6 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn read_file(cfg: &Config, p: &std::path::Path) -> Result<Vec<u8>> {
-    let path = cfg.path(p);
-    std::fs::read(&path)
-        .map_err(|e| BrokerError::invalid(format!("cannot read {}: {e}", path.display())))
-}
-
 /// Opens the store, registers the broker's own nodes, and serves gRPC over mutual TLS on
 /// `listener` until [`RunningBroker::shutdown`].
 pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> {
@@ -72,12 +65,10 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     let local_addr = listener
         .local_addr()
         .map_err(|e| BrokerError::internal(format!("listener address: {e}")))?;
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read_file(&cfg, &cfg.tls.cert)?,
-            read_file(&cfg, &cfg.tls.key)?,
-        ))
-        .client_ca_root(Certificate::from_pem(read_file(&cfg, &cfg.tls.client_ca)?));
+    let tls = Arc::new(crate::tls::Reloader::load(&cfg)?);
+    let limits = crate::tls::ConnLimits::from_config(&cfg);
+    let conns = Arc::new(crate::tls::Conns::default());
+    let max_message = usize::try_from(cfg.limits.max_message_bytes).unwrap_or(usize::MAX);
 
     let db_path = cfg.path(&cfg.storage.path);
     let cache = cfg.storage.cache_capacity_bytes;
@@ -140,6 +131,21 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
             .set_service_status(*name, tonic_health::ServingStatus::Serving)
             .await;
     }
+    {
+        // Failed storage (a full disk) stays failed until a restart (see `store::Failure`):
+        // NOT_SERVING everywhere, so that probes and supervisors restart the broker.
+        let mut failed = store.failure_watch();
+        let reporter = health.clone();
+        tokio::spawn(async move {
+            if failed.wait_for(Option::is_some).await.is_ok() {
+                for name in std::iter::once(&"").chain(SERVICE_NAMES) {
+                    reporter
+                        .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                        .await;
+                }
+            }
+        });
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(govshare_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -156,23 +162,22 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     let (tx, rx) = oneshot::channel::<()>();
     let router = Server::builder()
         .max_concurrent_streams(Some(app.cfg.limits.max_concurrent_streams))
-        .tls_config(tls)
-        .map_err(|e| BrokerError::invalid(format!("TLS configuration: {e}")))?
+        .layer(crate::tls::ConnLayer::new(conns.clone()))
         .add_service(
             NodeServiceServer::new(service::node::NodeSvc(app.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max_message),
         )
         .add_service(
             CatalogServiceServer::new(service::catalog::CatalogSvc(app.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max_message),
         )
         .add_service(
             SharingServiceServer::new(service::sharing::SharingSvc(app.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max_message),
         )
         .add_service(
             ExchangeServiceServer::new(service::exchange::ExchangeSvc(app.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max_message),
         )
         .add_service(
             // Link frames carry whole results (up to the provider stream's limit) plus their
@@ -190,8 +195,21 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha);
-    // Small gRPC frames must not wait for delayed ACKs (about 40 ms each without this).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // TLS is ours, not tonic's: see `tls` (reload, handshake and idle timeouts, per-node cap).
+    let incoming = crate::tls::incoming(
+        listener,
+        tls.clone(),
+        limits,
+        conns.clone(),
+        app.stopping.clone(),
+    );
+    if app.cfg.tls.reload_check_secs > 0 {
+        spawn_tls_watch(
+            tls.clone(),
+            std::time::Duration::from_secs(app.cfg.tls.reload_check_secs),
+            app.stopping.clone(),
+        );
+    }
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = rx.await;
     }));
@@ -227,6 +245,8 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         health,
         metrics_addr,
         http_task,
+        tls,
+        conns,
         task: Some(task),
         engine: Some(engine),
         fed: Some(fed),
@@ -251,7 +271,37 @@ impl Drop for RunningBroker {
     }
 }
 
+/// Checks the TLS files every `every` and loads them when they change.
+fn spawn_tls_watch(
+    tls: Arc<crate::tls::Reloader>,
+    every: std::time::Duration,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+            let t = tls.clone();
+            // A failed reload is logged and counted inside; the old identity keeps serving.
+            let _ = tokio::task::spawn_blocking(move || t.reload_logged("file change")).await;
+        }
+    });
+}
+
 impl RunningBroker {
+    /// Loads the TLS identity and trust bundle from their files again (what SIGHUP does).
+    /// New connections use them; open connections keep theirs. On error the old ones stay.
+    pub fn reload_tls(&self) -> Result<bool> {
+        self.tls.reload_logged("reload request")
+    }
+
+    /// Connections `node` holds open to this broker now.
+    pub fn connections_of(&self, node: &str) -> usize {
+        self.conns.of_node(node)
+    }
+
     /// The group-commit counters: (flushes, durability requests they answered).
     pub fn flush_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering;

@@ -261,6 +261,22 @@ impl Client {
         unary!(self, raw_nodes, suspend_node, req)
     }
 
+    /// Accepts only this certificate (PEM) for node `id` from now on: every other certificate
+    /// naming it is refused, its grants stay (admin only). For a re-issued identity.
+    pub async fn pin_certificate(
+        &self,
+        id: impl Into<String>,
+        certificate_pem: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Result<Node> {
+        let req = PinCertificateRequest {
+            id: id.into(),
+            certificate_pem: certificate_pem.into(),
+            reason: reason.into(),
+        };
+        unary!(self, raw_nodes, pin_certificate, req)
+    }
+
     /// Resumes a suspended node (admin only).
     pub async fn resume_node(&self, id: impl Into<String>) -> Result<Node> {
         unary!(

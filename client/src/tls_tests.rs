@@ -143,6 +143,13 @@ impl NodeService for Fake {
         Ok(Response::new(node("slow")))
     }
 
+    async fn pin_certificate(
+        &self,
+        _request: Request<PinCertificateRequest>,
+    ) -> Result<Response<Node>, Status> {
+        Err(Status::unimplemented("not used by these tests"))
+    }
+
     async fn resume_node(
         &self,
         request: Request<ResumeNodeRequest>,

@@ -17,6 +17,7 @@ pub mod faults;
 pub mod load;
 pub mod process;
 pub mod provider;
+pub mod tlsprobe;
 
 use anyhow::{bail, Context, Result};
 use govshare_broker::pki::{self, InitOptions};
@@ -141,6 +142,12 @@ impl TestBroker {
     /// The broker's URL.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// The running broker, for what only the server side can do (reload its TLS files, count
+    /// connections); `None` while stopped.
+    pub fn running(&self) -> Option<&RunningBroker> {
+        self.running.as_ref()
     }
 
     /// A scratch directory beside the data dir, removed with the broker.

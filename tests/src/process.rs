@@ -89,6 +89,20 @@ impl BrokerProcess {
         Ok(self.child.wait().await?.code())
     }
 
+    /// Sends SIGHUP (reload the TLS identity and trust bundle).
+    pub async fn hangup(&self) -> Result<()> {
+        let pid = self.child.id().context("already exited")?;
+        let ok = Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        if !ok.success() {
+            bail!("kill -HUP {pid} failed");
+        }
+        Ok(())
+    }
+
     /// The log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -1,6 +1,6 @@
 //! Limits: one greedy node cannot starve a polite one.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use govshare_client::proto::*;
 use govshare_tests::TestBroker;
 use std::time::Duration;
@@ -50,5 +50,146 @@ async fn a_greedy_node_is_slowed_and_a_polite_one_is_served() -> Result<()> {
     greedy
         .search_datasets(SearchDatasetsRequest::default())
         .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_over_its_connection_cap_is_refused_and_others_are_not() -> Result<()> {
+    let broker = TestBroker::start_with("330000/hub", |c| {
+        c.limits.max_connections_per_node = 2;
+    })
+    .await?;
+    let dir = broker.issue("330000/greedy", NodeRole::Department)?;
+    broker
+        .admin()
+        .await?
+        .register_node(RegisterNodeRequest {
+            id: "330000/greedy".into(),
+            name: "greedy".into(),
+            role: NodeRole::Department as i32,
+            ..Default::default()
+        })
+        .await?;
+    // Each SDK client is its own connection.
+    let first = broker.connect(&dir).await?;
+    let second = broker.connect(&dir).await?;
+    first.whoami().await?;
+    second.whoami().await?;
+    let third = broker.connect(&dir).await?;
+    govshare_tests::expect_status(
+        third.whoami().await,
+        tonic::Code::ResourceExhausted,
+        "max_connections_per_node",
+    )?;
+    let running = broker.running().context("running")?;
+    ensure!(
+        running.connections_of("330000/greedy") == 2,
+        "the refused connection is not counted: {}",
+        running.connections_of("330000/greedy")
+    );
+    // Another node is not held to the greedy one's count.
+    let polite = broker.client_for("330000/polite").await?;
+    polite.whoami().await?;
+    // The two admitted connections keep working; closing one frees its place.
+    first.whoami().await?;
+    drop(first);
+    govshare_tests::wait_until(
+        Duration::from_secs(10),
+        "the closed connection's place to be free",
+        || {
+            let (broker, dir) = (&broker, &dir);
+            async move {
+                let c = broker.connect(dir).await?;
+                Ok(c.whoami().await.is_ok().then_some(()))
+            }
+        },
+    )
+    .await?;
+    second.whoami().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_handshake_is_cut_off() -> Result<()> {
+    let broker = TestBroker::start_with("330000/hub", |c| {
+        c.limits.tls_handshake_timeout_secs = 1;
+    })
+    .await?;
+    let polite = broker.client_for("330000/polite").await?;
+    let addr = broker.addr;
+    // Several silent sockets at once: each is closed, and none holds up the polite node.
+    let silent: Vec<_> = (0..8)
+        .map(|_| tokio::task::spawn_blocking(move || govshare_tests::tlsprobe::silent_tcp(addr)))
+        .collect();
+    for _ in 0..5 {
+        polite.whoami().await?;
+    }
+    for s in silent {
+        s.await??;
+    }
+    polite.whoami().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_but_one_with_an_open_call_is_not() -> Result<()> {
+    let broker = TestBroker::start_with("330000/hub", |c| {
+        c.limits.idle_timeout_secs = 1;
+        c.exchange.ack_wait_secs = 60;
+    })
+    .await?;
+    let civil = broker.client_for("330000/civil").await?;
+    let pension = broker.client_for("330000/pension").await?;
+    let ds =
+        govshare_tests::cascade::publish(&civil, "death-registration", ShareType::Unconditional)
+            .await?;
+    // The provider's stream is an open call: its connection must outlive the idle timeout.
+    let _provider = govshare_tests::provider::TestProvider::start(
+        &civil,
+        &[&ds],
+        4,
+        "p",
+        govshare_tests::cascade::alive_rows(),
+    )
+    .await?;
+    govshare_tests::cascade::granted(&pension, &ds).await?;
+    // A connection that handshakes and then says nothing is closed once idle; by the time it
+    // is, the provider's connection has been quiet longer than the timeout too.
+    let (addr, admin) = (broker.addr, broker.admin_dir());
+    tokio::task::spawn_blocking(move || {
+        govshare_tests::tlsprobe::Probe::connect(addr, &admin)?.wait_closed()
+    })
+    .await??;
+    let r = pension
+        .request(govshare_tests::cascade::ask(&ds, "id-1"))
+        .await?;
+    ensure!(
+        r.state() == ExchangeState::Answered,
+        "the provider's stream survived the idle timeout: {:?}",
+        r.state()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_refused() -> Result<()> {
+    let broker = TestBroker::start_with("330000/hub", |c| {
+        c.limits.max_message_bytes = 64 * 1024;
+    })
+    .await?;
+    let civil = broker.client_for("330000/civil").await?;
+    let big =
+        govshare_tests::cascade::ask("330000/civil/death-registration", &"x".repeat(100 * 1024));
+    let r = civil.request(big).await;
+    let status = r.err().and_then(|e| e.status().cloned());
+    ensure!(
+        status
+            .as_ref()
+            .is_some_and(|s| s.code() == tonic::Code::OutOfRange
+                || s.code() == tonic::Code::ResourceExhausted),
+        "a 100 KiB message over a 64 KiB limit is refused by size: {status:?}"
+    );
+    // Under the limit, the same call gets past the size check (and fails for its own reasons).
+    civil.whoami().await?;
     Ok(())
 }

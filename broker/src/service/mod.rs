@@ -115,12 +115,9 @@ pub async fn caller<B>(app: &Arc<App>, req: &Request<B>) -> Result<Caller, Statu
         }
     }
     let registry = app.registry.clone();
-    let node_id = id.node_id.clone();
-    store::blocking(move || registry.authenticate(&node_id, id.role)).await?;
-    Ok(Caller {
-        id: id.node_id,
-        role: id.role,
-    })
+    let (node_id, role) = (id.node_id.clone(), id.role);
+    store::blocking(move || registry.authenticate(&id)).await?;
+    Ok(Caller { id: node_id, role })
 }
 
 /// Runs read-only domain work on a blocking thread.

@@ -84,6 +84,28 @@ impl NodeService for NodeSvc {
         Ok(Response::new(out))
     }
 
+    async fn pin_certificate(
+        &self,
+        req: Request<PinCertificateRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let c = caller(&self.0, &req).await?;
+        let r = req.into_inner();
+        let out = write(&self.0, move |a| {
+            // The trust bundle as it is now, so a CA added by a reload counts.
+            let ca_path = a.cfg.path(&a.cfg.tls.client_ca);
+            let ca = std::fs::read(&ca_path).map_err(|e| {
+                crate::error::BrokerError::Unavailable(format!(
+                    "cannot read the client CA bundle {}: {e}",
+                    ca_path.display()
+                ))
+            })?;
+            a.registry
+                .pin_certificate(&c, &r.id, &r.certificate_pem, &ca, &r.reason)
+        })
+        .await?;
+        Ok(Response::new(out))
+    }
+
     async fn who_am_i(
         &self,
         req: Request<WhoAmIRequest>,

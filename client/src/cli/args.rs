@@ -254,6 +254,20 @@ pub(crate) enum NodeCmd {
         /// The node id.
         id: String,
     },
+    /// Accept only this certificate for a node from now on; every other certificate naming it
+    /// (the old, perhaps stolen, one) is refused. Its grants stay. Issue the new identity first:
+    /// `govshare-broker issue --data-dir DATA --node ID --out NEWDIR`, then
+    /// `govshare node pin-cert ID --cert NEWDIR/node.pem` (admin).
+    PinCert {
+        /// The node id.
+        id: String,
+        /// The new certificate (PEM), e.g. NEWDIR/node.pem.
+        #[arg(long, value_name = "FILE")]
+        cert: std::path::PathBuf,
+        /// Why, recorded in the audit log.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
 }
 
 fn parse_share_type(s: &str) -> Result<ShareType, String> {

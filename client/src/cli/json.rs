@@ -65,6 +65,7 @@ pub(crate) fn node(n: &Node) -> Json {
         "registered_by": n.registered_by,
         "updated_at": ts(n.updated_at.as_ref()),
         "home_broker": n.home_broker,
+        "certificate_sha256": n.certificate_sha256,
     })
 }
 

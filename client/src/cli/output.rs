@@ -114,6 +114,14 @@ pub(crate) fn node_block(n: &Node) -> String {
         ("credit code", credit),
         ("contact", n.contact.clone()),
         ("home broker", n.home_broker.clone()),
+        (
+            "certificate",
+            if n.certificate_sha256.is_empty() {
+                "any from a trusted CA".to_string()
+            } else {
+                format!("pinned, sha256 {}", n.certificate_sha256)
+            },
+        ),
         ("registered", format_opt(n.registered_at.as_ref())),
         ("registered by", n.registered_by.clone()),
         ("updated", format_opt(n.updated_at.as_ref())),

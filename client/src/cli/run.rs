@@ -185,6 +185,20 @@ impl Ctx {
                 let n = self.client.resume_node(id).await?;
                 self.emit(json::node(&n), || format!("resumed {}\n", n.id))
             }
+            NodeCmd::PinCert { id, cert, reason } => {
+                let pem = std::fs::read_to_string(&cert)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", cert.display()))?;
+                let n = self
+                    .client
+                    .pin_certificate(id, pem, non_empty(reason))
+                    .await?;
+                self.emit(json::node(&n), || {
+                    format!(
+                        "{}: only the certificate with sha256 {} is accepted now\n",
+                        n.id, n.certificate_sha256
+                    )
+                })
+            }
         }
     }
 

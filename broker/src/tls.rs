@@ -1,0 +1,598 @@
+//! The broker's mutual-TLS listener.
+//!
+//! tonic's own TLS takes one fixed configuration, so the broker terminates TLS itself. That is
+//! what lets it swap its identity and trust bundle while serving (SIGHUP, or the files
+//! changing), bound a handshake's time, close connections left idle, and cap connections per
+//! node. The streams it hands to tonic are tokio-rustls streams over plain TCP, so tonic still
+//! sees the peer's certificates (`Request::peer_certs`).
+
+use crate::config::Config;
+use crate::error::{BrokerError, Result};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+
+/// The server's TLS configuration, rebuilt from its files on reload; connections already open
+/// keep the configuration they were accepted with.
+#[derive(Debug)]
+pub struct Reloader {
+    files: Files,
+    current: RwLock<Current>,
+}
+
+#[derive(Debug)]
+struct Current {
+    config: Arc<rustls::ServerConfig>,
+    /// What the files held when `config` was built, to tell a real change from a touch.
+    contents: Vec<u8>,
+}
+
+/// Where the identity and the trust bundle live.
+#[derive(Debug)]
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+impl Reloader {
+    /// Loads `[tls] cert`, `key` and `client_ca`; fails if they do not make a server config.
+    pub fn load(cfg: &Config) -> Result<Self> {
+        let files = Files {
+            cert: cfg.path(&cfg.tls.cert),
+            key: cfg.path(&cfg.tls.key),
+            client_ca: cfg.path(&cfg.tls.client_ca),
+        };
+        let (parts, contents) = files.read()?;
+        let config = Arc::new(files.build(&parts)?);
+        Ok(Self {
+            files,
+            current: RwLock::new(Current { config, contents }),
+        })
+    }
+
+    /// The configuration new connections are accepted with.
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        match self.current.read() {
+            Ok(c) => c.config.clone(),
+            Err(poisoned) => poisoned.into_inner().config.clone(),
+        }
+    }
+
+    /// Reads the files again. `Ok(true)`: a new configuration is in force; `Ok(false)`: the
+    /// files did not change; `Err`: they do not make a valid configuration, and the one in
+    /// force stays (a half-copied certificate never takes the broker down).
+    pub fn reload(&self) -> Result<bool> {
+        let (parts, contents) = self.files.read()?;
+        if self
+            .current
+            .read()
+            .map(|c| c.contents == contents)
+            .unwrap_or(false)
+        {
+            return Ok(false);
+        }
+        let config = Arc::new(self.files.build(&parts)?);
+        let mut cur = match self.current.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *cur = Current { config, contents };
+        Ok(true)
+    }
+    /// Reloads and reports the outcome in the log and `govshare_tls_reloads_total`.
+    pub fn reload_logged(&self, why: &str) -> Result<bool> {
+        let r = self.reload();
+        match &r {
+            Ok(true) => {
+                tracing::info!(trigger = why, "TLS identity and trust bundle reloaded");
+                metrics::counter!(crate::metrics::TLS_RELOADS, "result" => "ok").increment(1);
+            }
+            Ok(false) => tracing::debug!(trigger = why, "TLS files unchanged"),
+            Err(e) => {
+                tracing::error!(trigger = why, error = %e, "TLS reload failed; still serving with the previous identity and trust bundle");
+                metrics::counter!(crate::metrics::TLS_RELOADS, "result" => "error").increment(1);
+            }
+        }
+        r
+    }
+}
+
+impl Files {
+    /// The three files, and all of them together (to compare with what was loaded).
+    fn read(&self) -> Result<([Vec<u8>; 3], Vec<u8>)> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| BrokerError::invalid(format!("cannot read {}: {e}", p.display())))
+        };
+        let parts = [read(&self.cert)?, read(&self.key)?, read(&self.client_ca)?];
+        let mut contents = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        for p in &parts {
+            contents.extend_from_slice(p);
+            contents.push(0);
+        }
+        Ok((parts, contents))
+    }
+
+    fn build(&self, parts: &[Vec<u8>; 3]) -> Result<rustls::ServerConfig> {
+        let [cert, key, ca] = parts;
+        let bad = |what: &PathBuf, e: &dyn std::fmt::Display| {
+            BrokerError::invalid(format!("{}: {e}", what.display()))
+        };
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| bad(&self.cert, &e))?;
+        if chain.is_empty() {
+            return Err(bad(&self.cert, &"no certificate in the file"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(&self.key, &e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca) {
+            roots
+                .add(c.map_err(|e| bad(&self.client_ca, &e))?)
+                .map_err(|e| bad(&self.client_ca, &e))?;
+        }
+        if roots.is_empty() {
+            return Err(bad(&self.client_ca, &"no CA certificate in the file"));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad(&self.client_ca, &e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| BrokerError::internal(format!("TLS versions: {e}")))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| bad(&self.cert, &format!("certificate and key: {e}")))?;
+        // gRPC is HTTP/2 only; clients that insist on ALPN need to see it offered.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+/// Connection limits, from `[limits]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Time a client has to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time a connection with no call open may stay silent; zero for never.
+    pub idle_timeout: Duration,
+    /// Connections one node may hold open; 0 for no cap.
+    pub per_node: usize,
+}
+
+impl ConnLimits {
+    /// The limits `[limits]` sets.
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(cfg.limits.tls_handshake_timeout_secs),
+            idle_timeout: Duration::from_secs(cfg.limits.idle_timeout_secs),
+            per_node: usize::try_from(cfg.limits.max_connections_per_node).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// How long a connection refused for the per-node cap lives: long enough to answer its first
+/// call with the reason, short enough that refused connections cannot pile up.
+const REFUSED_LINGER: Duration = Duration::from_secs(2);
+
+/// Handshaken connections waiting for tonic to take them.
+const ACCEPTED_BACKLOG: usize = 64;
+
+/// The connections open now, by peer address (what a call can see of its connection) and by
+/// node (for the cap).
+#[derive(Debug, Default)]
+pub struct Conns {
+    by_addr: Mutex<HashMap<SocketAddr, Arc<ConnState>>>,
+    per_node: Mutex<HashMap<String, usize>>,
+}
+
+/// One connection as calls on it see it.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Calls open on it now (a stream counts until its response ends).
+    active: AtomicUsize,
+    /// Why its calls are refused, when it is over its node's cap.
+    refused: Option<String>,
+}
+
+impl Conns {
+    fn state(&self, addr: &SocketAddr) -> Option<Arc<ConnState>> {
+        lock(&self.by_addr).get(addr).cloned()
+    }
+
+    /// Open connections of `node` (for tests and `/status`).
+    pub fn of_node(&self, node: &str) -> usize {
+        lock(&self.per_node).get(node).copied().unwrap_or(0)
+    }
+
+    /// Counts a new connection of `node`; the state says whether it is over the cap.
+    fn admit(self: &Arc<Self>, addr: SocketAddr, node: String, cap: usize) -> Registration {
+        let refused = {
+            let mut per_node = lock(&self.per_node);
+            let n = per_node.entry(node.clone()).or_insert(0);
+            if cap > 0 && *n >= cap {
+                Some(format!(
+                    "{node} already holds {n} connections to this broker, the most [limits] max_connections_per_node allows; reuse a connection (one channel carries many calls)"
+                ))
+            } else {
+                *n += 1;
+                None
+            }
+        };
+        let counted = refused.is_none();
+        let state = Arc::new(ConnState {
+            active: AtomicUsize::new(0),
+            refused,
+        });
+        lock(&self.by_addr).insert(addr, state.clone());
+        Registration {
+            conns: self.clone(),
+            addr,
+            node: counted.then_some(node),
+            state,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// A connection's place in [`Conns`], given back when the connection closes.
+#[derive(Debug)]
+struct Registration {
+    conns: Arc<Conns>,
+    addr: SocketAddr,
+    node: Option<String>,
+    state: Arc<ConnState>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.conns.by_addr).remove(&self.addr);
+        if let Some(node) = &self.node {
+            let mut per_node = lock(&self.conns.per_node);
+            if let Some(n) = per_node.get_mut(node) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_node.remove(node);
+                }
+            }
+        }
+    }
+}
+
+/// A TCP stream that closes itself once idle: no bytes read for the idle timeout while no
+/// call is open on it.
+#[derive(Debug)]
+pub struct Tracked {
+    io: TcpStream,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    last_read: Instant,
+    reg: Option<Registration>,
+}
+
+impl Tracked {
+    fn new(io: TcpStream, idle: Duration) -> Self {
+        Self {
+            io,
+            idle,
+            timer: (!idle.is_zero()).then(|| Box::pin(tokio::time::sleep(idle))),
+            last_read: Instant::now(),
+            reg: None,
+        }
+    }
+
+    fn attach(&mut self, reg: Registration) {
+        if reg.state.refused.is_some() {
+            self.idle = REFUSED_LINGER;
+            self.timer = Some(Box::pin(tokio::time::sleep(REFUSED_LINGER)));
+        }
+        self.reg = Some(reg);
+    }
+
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(timer) = self.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let refused = self.reg.as_ref().is_some_and(|r| r.state.refused.is_some());
+            let busy = self
+                .reg
+                .as_ref()
+                .is_some_and(|r| r.state.active.load(Ordering::Relaxed) > 0);
+            let quiet_until = self.last_read + self.idle;
+            if refused || (!busy && quiet_until <= Instant::now()) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection idle",
+                )));
+            }
+            let next = if busy {
+                Instant::now() + self.idle
+            } else {
+                quiet_until
+            };
+            timer.as_mut().reset(next);
+        }
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before && this.timer.is_some() {
+                    this.last_read = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => this.poll_idle(cx),
+        }
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl Connected for Tracked {
+    // The TCP info type is what `Request::peer_certs` looks for inside the TLS info.
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// Accepts TCP connections and handshakes each on its own task (a slow client holds up only
+/// itself), yielding the ones that finish in time.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<Reloader>,
+    limits: ConnLimits,
+    conns: Arc<Conns>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<Tracked>>> {
+    let (tx, rx) = mpsc::channel(ACCEPTED_BACKLOG);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stopped(&mut stopping) => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let (tx, conns) = (tx.clone(), conns.clone());
+            tokio::spawn(async move {
+                let hs = tokio::time::timeout(
+                    limits.handshake_timeout,
+                    acceptor.accept(Tracked::new(tcp, limits.idle_timeout)),
+                )
+                .await;
+                let mut stream = match hs {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        refused("handshake_failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, timeout_secs = limits.handshake_timeout.as_secs(), "TLS handshake timed out");
+                        refused("handshake_timeout");
+                        return;
+                    }
+                };
+                let node = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|leaf| crate::pki::identity_from_der(leaf.as_ref()).ok())
+                    .map(|id| id.node_id.to_string())
+                    .unwrap_or_default();
+                let reg = conns.admit(peer, node.clone(), limits.per_node);
+                if reg.state.refused.is_some() {
+                    tracing::info!(%peer, node = %node, "connection over the per-node cap");
+                    refused("node_connection_cap");
+                }
+                stream.get_mut().0.attach(reg);
+                // Full backlog means tonic is not taking connections (shutting down).
+                let _ = tx.send(Ok(stream)).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Resolves once shutdown starts (without holding the watch's guard across an await).
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
+}
+
+fn refused(reason: &'static str) {
+    metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+/// Counts calls per connection (so idle means no call open) and answers every call on a
+/// connection over its node's cap with `RESOURCE_EXHAUSTED`.
+#[derive(Debug, Clone)]
+pub struct ConnLayer {
+    conns: Arc<Conns>,
+}
+
+impl ConnLayer {
+    /// A layer over the connections `conns` tracks.
+    pub fn new(conns: Arc<Conns>) -> Self {
+        Self { conns }
+    }
+}
+
+impl<S> tower::Layer<S> for ConnLayer {
+    type Service = ConnSvc<S>;
+
+    fn layer(&self, inner: S) -> ConnSvc<S> {
+        ConnSvc {
+            inner,
+            conns: self.conns.clone(),
+        }
+    }
+}
+
+/// The service [`ConnLayer`] wraps around the broker's routes.
+#[derive(Debug, Clone)]
+pub struct ConnSvc<S> {
+    inner: S,
+    conns: Arc<Conns>,
+}
+
+type HttpRequest = http::Request<tonic::body::Body>;
+type HttpResponse = http::Response<tonic::body::Body>;
+
+impl<S> tower::Service<HttpRequest> for ConnSvc<S>
+where
+    S: tower::Service<HttpRequest, Response = HttpResponse> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = std::result::Result<HttpResponse, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let state = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|i| i.get_ref().remote_addr())
+            .and_then(|a| self.conns.state(&a));
+        if let Some(why) = state.as_ref().and_then(|s| s.refused.clone()) {
+            return Box::pin(async move { Ok(tonic::Status::resource_exhausted(why).into_http()) });
+        }
+        let open = state.map(OpenCall::new);
+        // The clone polled ready is the one called; a fresh clone waits for its next turn.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let resp = inner.call(req).await?;
+            Ok(match open {
+                Some(open) => {
+                    resp.map(|body| tonic::body::Body::new(CallBody { body, _open: open }))
+                }
+                None => resp,
+            })
+        })
+    }
+}
+
+/// A call counted open on its connection until its response ends.
+#[derive(Debug)]
+struct OpenCall(Arc<ConnState>);
+
+impl OpenCall {
+    fn new(state: Arc<ConnState>) -> Self {
+        state.active.fetch_add(1, Ordering::Relaxed);
+        Self(state)
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its call counted open.
+struct CallBody {
+    body: tonic::body::Body,
+    _open: OpenCall,
+}
+
+impl http_body::Body for CallBody {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
