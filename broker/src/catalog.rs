@@ -21,10 +21,9 @@ use govshare_proto::v1::{
 };
 use std::collections::BTreeSet;
 
-/// Most items per dataset.
-pub const MAX_ITEMS: usize = 256;
-/// Most tags per dataset.
-pub const MAX_TAGS: usize = 32;
+/// Largest catalog entry taken from another broker, encoded: far above what the field limits
+/// allow a publisher, so only a broken or hostile peer meets it.
+const MAX_REMOTE_ENTRY_BYTES: usize = 1024 * 1024;
 /// Most candidates one search call examines before it returns a partial page with a token,
 /// so that no query can make the broker scan the whole national catalog in one call.
 const MAX_EXAMINED: usize = 20_000;
@@ -73,7 +72,8 @@ fn check_enum<E: TryFrom<i32>>(what: &str, v: i32) -> Result<()> {
 }
 
 /// Validates a dataset as published; returns it normalised (trimmed, provider and id set).
-fn validate(caller: &Caller, mut d: Dataset) -> Result<Dataset> {
+fn validate(caller: &Caller, mut d: Dataset, limits: &CatalogLimits) -> Result<Dataset> {
+    let (max_items, max_tags) = (limits.max_items, limits.max_tags);
     ids::check_dataset_code(&d.code)?;
     ids::check_text("name", &d.name, true, 200)?;
     ids::check_text("description", &d.description, false, 4000)?;
@@ -86,9 +86,9 @@ fn validate(caller: &Caller, mut d: Dataset) -> Result<Dataset> {
             "share_type is required: UNCONDITIONAL, CONDITIONAL or NOT_SHARED",
         ));
     }
-    if d.tags.len() > MAX_TAGS {
+    if d.tags.len() > max_tags {
         return Err(BrokerError::invalid(format!(
-            "{} tags given; at most {MAX_TAGS} are allowed",
+            "{} tags given; at most {max_tags} are allowed ([limits] max_dataset_tags)",
             d.tags.len()
         )));
     }
@@ -108,9 +108,9 @@ fn validate(caller: &Caller, mut d: Dataset) -> Result<Dataset> {
             "a dataset needs at least one information item",
         ));
     }
-    if d.items.len() > MAX_ITEMS {
+    if d.items.len() > max_items {
         return Err(BrokerError::invalid(format!(
-            "{} items given; at most {MAX_ITEMS} are allowed",
+            "{} items given; at most {max_items} are allowed ([limits] max_dataset_items)",
             d.items.len()
         )));
     }
@@ -144,19 +144,59 @@ fn validate(caller: &Caller, mut d: Dataset) -> Result<Dataset> {
 #[derive(Debug, Clone)]
 pub struct Catalog {
     store: Store,
+    limits: CatalogLimits,
+}
+
+/// How large a dataset may be (`[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogLimits {
+    /// Most information items per dataset.
+    pub max_items: usize,
+    /// Most tags per dataset.
+    pub max_tags: usize,
+}
+
+impl CatalogLimits {
+    /// The limits `[limits]` sets.
+    pub fn from_config(l: &crate::config::LimitsSection) -> Self {
+        Self {
+            max_items: usize::try_from(l.max_dataset_items).unwrap_or(usize::MAX),
+            max_tags: usize::try_from(l.max_dataset_tags).unwrap_or(usize::MAX),
+        }
+    }
 }
 
 impl Catalog {
     /// A catalog over the store.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, limits: CatalogLimits) -> Self {
+        Self { store, limits }
+    }
+
+    /// Checks the size of an entry another broker sends (its publisher's broker validated the
+    /// rest): a peer cannot fill this broker's catalog with entries larger than it allows.
+    pub fn check_remote_size(&self, d: &Dataset) -> Result<()> {
+        let bytes = prost::Message::encoded_len(d);
+        if d.items.len() > self.limits.max_items
+            || d.tags.len() > self.limits.max_tags
+            || bytes > MAX_REMOTE_ENTRY_BYTES
+        {
+            return Err(BrokerError::invalid(format!(
+                "dataset {} is larger than this broker takes: {} items (at most {}), {} tags (at most {}), {bytes} bytes (at most {MAX_REMOTE_ENTRY_BYTES})",
+                d.id,
+                d.items.len(),
+                self.limits.max_items,
+                d.tags.len(),
+                self.limits.max_tags
+            )));
+        }
+        Ok(())
     }
 
     /// Publishes a dataset of the caller's, or a new version of it.
     pub fn publish(&self, caller: &Caller, d: Option<Dataset>) -> Result<PublishDatasetResponse> {
         caller.require_department("publish datasets")?;
         let d = d.ok_or_else(|| BrokerError::invalid("dataset is required"))?;
-        let mut d = validate(caller, d)?;
+        let mut d = validate(caller, d, &self.limits)?;
         d.home_broker = self.store.broker_id().to_string();
         let salt: [u8; 32] = rand::random();
         self.store.write(|tx| {

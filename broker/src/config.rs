@@ -186,6 +186,12 @@ pub struct LimitsSection {
     pub idle_timeout_secs: u64,
     /// Largest gRPC message a node may send, in bytes.
     pub max_message_bytes: u32,
+    /// Most information items in one dataset (also the most taken from another broker).
+    pub max_dataset_items: u32,
+    /// Most tags on one dataset.
+    pub max_dataset_tags: u32,
+    /// Most fields one demand, or one approval, may name.
+    pub max_demand_fields: u32,
 }
 
 impl Default for LimitsSection {
@@ -198,6 +204,9 @@ impl Default for LimitsSection {
             tls_handshake_timeout_secs: 10,
             idle_timeout_secs: 600,
             max_message_bytes: 4 * 1024 * 1024,
+            max_dataset_items: 256,
+            max_dataset_tags: 32,
+            max_demand_fields: 256,
         }
     }
 }
@@ -480,6 +489,14 @@ impl Config {
                 "[limits] tls_handshake_timeout_secs must be at least 1",
             ));
         }
+        if self.limits.max_dataset_items == 0
+            || self.limits.max_dataset_tags == 0
+            || self.limits.max_demand_fields == 0
+        {
+            return Err(BrokerError::invalid(
+                "[limits] max_dataset_items, max_dataset_tags and max_demand_fields must be at least 1",
+            ));
+        }
         if self.limits.max_message_bytes < 1024 {
             return Err(BrokerError::invalid(
                 "[limits] max_message_bytes must be at least 1024",
@@ -684,6 +701,13 @@ idle_timeout_secs = {l_idle}
 # Largest gRPC message a node may send, in bytes (links between brokers have their own, larger
 # limit). Default 4194304 (4 MiB).
 max_message_bytes = {l_msg}
+# Most information items in one dataset; entries from other brokers over it are refused too.
+# Default 256.
+max_dataset_items = {l_items}
+# Most tags on one dataset. Default 32.
+max_dataset_tags = {l_tags}
+# Most fields one demand, or one approval, may name. Default 256.
+max_demand_fields = {l_fields}
 
 [federation]
 # The parent broker's URL (mutual TLS), e.g. "https://10.0.0.1:7443"; "" means this broker is
@@ -711,6 +735,9 @@ ping_secs = {f_ping}
             l_hs = self.limits.tls_handshake_timeout_secs,
             l_idle = self.limits.idle_timeout_secs,
             l_msg = self.limits.max_message_bytes,
+            l_items = self.limits.max_dataset_items,
+            l_tags = self.limits.max_dataset_tags,
+            l_fields = self.limits.max_demand_fields,
             id = self.broker.id,
             listen = self.broker.listen,
             admin = self.broker.admin_id,

@@ -17,9 +17,6 @@ use govshare_proto::v1::{
 };
 use std::collections::BTreeSet;
 
-/// Most items one demand may ask for (a dataset has at most this many).
-const MAX_FIELDS: usize = crate::catalog::MAX_ITEMS;
-
 /// Demand and grant operations. Blocking: call from blocking threads.
 #[derive(Debug, Clone)]
 pub struct Sharing {
@@ -29,6 +26,8 @@ pub struct Sharing {
     key: crate::keys::SigningKey,
     /// Routes demands and decisions to other brokers.
     fed: Fed,
+    /// Most fields one demand or decision may name (`[limits] max_demand_fields`).
+    max_fields: usize,
 }
 
 /// Fills the fields computed at read time: a demand's `overdue`.
@@ -45,10 +44,10 @@ fn with_expiry(mut g: Grant, now: i64) -> Grant {
     g
 }
 
-fn check_fields(fields: &[String]) -> Result<()> {
-    if fields.len() > MAX_FIELDS {
+fn check_fields(fields: &[String], max_fields: usize) -> Result<()> {
+    if fields.len() > max_fields {
         return Err(BrokerError::invalid(format!(
-            "{} fields given; at most {MAX_FIELDS} are allowed",
+            "{} fields given; at most {max_fields} are allowed ([limits] max_demand_fields)",
             fields.len()
         )));
     }
@@ -64,12 +63,19 @@ fn check_fields(fields: &[String]) -> Result<()> {
 
 impl Sharing {
     /// Sharing over the store, with the configured rules.
-    pub fn new(store: Store, cfg: SharingSection, key: crate::keys::SigningKey, fed: Fed) -> Self {
+    pub fn new(
+        store: Store,
+        cfg: SharingSection,
+        key: crate::keys::SigningKey,
+        fed: Fed,
+        max_fields: usize,
+    ) -> Self {
         Self {
             store,
             cfg,
             key,
             fed,
+            max_fields,
         }
     }
 
@@ -82,7 +88,7 @@ impl Sharing {
                 "fields: name at least one information item",
             ));
         }
-        check_fields(&req.fields)?;
+        check_fields(&req.fields, self.max_fields)?;
         ids::check_text("purpose", &req.purpose, true, 1000)?;
         ids::check_text("legal_basis", &req.legal_basis, false, 1000)?;
         let period = match req.period_days {
@@ -652,7 +658,7 @@ impl Sharing {
         req: &ApproveDemandRequest,
     ) -> Result<ApproveDemandResponse> {
         ids::check_opaque_id("demand id", &req.id)?;
-        check_fields(&req.fields)?;
+        check_fields(&req.fields, self.max_fields)?;
         ids::check_text("note", &req.note, false, 1000)?;
         let now = now_ms();
         let back = self.route_of(&req.id, |d| &d.consumer)?;

@@ -193,3 +193,81 @@ async fn a_message_over_the_size_limit_is_refused() -> Result<()> {
     civil.whoami().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn catalog_and_demand_sizes_follow_the_configured_limits_here_and_over_links() -> Result<()> {
+    use govshare_tests::cascade::{item, publish, sees, WAIT};
+    // The hub takes at most 2 items per dataset; its child keeps the defaults.
+    let hub = TestBroker::start_with("000000/hub", |c| {
+        c.limits.max_dataset_items = 2;
+        c.limits.max_dataset_tags = 1;
+        c.limits.max_demand_fields = 1;
+    })
+    .await?;
+    let zj =
+        TestBroker::start_child("330000/hub", &hub, &[], govshare_tests::cascade::quick).await?;
+    let local = hub.client_for("000000/mca").await?;
+    let dataset = |items: &[&str], tags: &[&str]| Dataset {
+        code: "records".into(),
+        name: "records".into(),
+        share_type: ShareType::Unconditional as i32,
+        items: items.iter().map(|n| item(n)).collect(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    };
+    govshare_tests::expect_status(
+        local.publish_dataset(dataset(&["a", "b", "c"], &[])).await,
+        tonic::Code::InvalidArgument,
+        "max_dataset_items",
+    )?;
+    govshare_tests::expect_status(
+        local.publish_dataset(dataset(&["a"], &["x", "y"])).await,
+        tonic::Code::InvalidArgument,
+        "max_dataset_tags",
+    )?;
+    let ok = local
+        .publish_dataset(dataset(&["a", "b"], &["x"]))
+        .await?
+        .dataset
+        .context("dataset")?;
+    let asker = hub.client_for("000000/asker").await?;
+    govshare_tests::expect_status(
+        asker
+            .file_demand(FileDemandRequest {
+                dataset_id: ok.id.clone(),
+                fields: vec!["a".into(), "b".into()],
+                purpose: "checking".into(),
+                ..Default::default()
+            })
+            .await,
+        tonic::Code::InvalidArgument,
+        "max_demand_fields",
+    )?;
+
+    // Over the link: the child's three-item entry is refused (and audited) at the hub, its
+    // two-item entry is taken.
+    let civil = zj.client_for("330000/civil").await?;
+    let big = publish(&civil, "death-registration", ShareType::Unconditional).await?;
+    let small = civil
+        .publish_dataset(Dataset {
+            code: "small".into(),
+            name: "small".into(),
+            share_type: ShareType::Unconditional as i32,
+            items: vec![item("id_number"), item("status")],
+            ..Default::default()
+        })
+        .await?
+        .dataset
+        .context("dataset")?;
+    sees(&asker, &small.id).await?;
+    let refused = govshare_tests::wait_until(WAIT, "the big entry to be refused", || async {
+        let all = govshare_tests::cascade::audited(&hub, "catalog_refused").await?;
+        Ok(all
+            .into_iter()
+            .find(|e| e.reason.contains(&big) && e.reason.contains("larger than")))
+    })
+    .await?;
+    ensure!(refused.reason.contains("at most 2"), "{refused:?}");
+    govshare_tests::expect_status(asker.get_dataset(&big).await, tonic::Code::NotFound, "")?;
+    Ok(())
+}

@@ -686,6 +686,9 @@ fn handle(app: &App, peer: &Peer, body: Body) -> Result<Vec<Effect>> {
                     ),
                 );
             }
+            if let Err(e) = app.catalog.check_remote_size(&d) {
+                return refuse(app, peer, "catalog_refused", e.to_string());
+            }
             // An entry is taken only from the side its provider is reached through.
             if app.fed.route(&d.provider)? != Some(Route::Via(peer.key.clone())) {
                 return refuse(

@@ -50,7 +50,10 @@ impl App {
         store: Store,
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self> {
-        let catalog = Catalog::new(store.clone());
+        let catalog = Catalog::new(
+            store.clone(),
+            crate::catalog::CatalogLimits::from_config(&cfg.limits),
+        );
         // This broker's signing key, created on first start; announced in its own key table.
         let key = crate::keys::SigningKey::load_or_create(&cfg.data_dir, &cfg.broker.id)?;
         let own = key.announcement();
@@ -68,7 +71,13 @@ impl App {
         Ok(Self {
             registry: Registry::new(store.clone()),
             catalog,
-            sharing: Sharing::new(store.clone(), cfg.sharing.clone(), key, fed.clone()),
+            sharing: Sharing::new(
+                store.clone(),
+                cfg.sharing.clone(),
+                key,
+                fed.clone(),
+                usize::try_from(cfg.limits.max_demand_fields).unwrap_or(usize::MAX),
+            ),
             fed,
             limiter: rate_limiter(&cfg.limits),
             engine,
