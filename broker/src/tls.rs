@@ -481,8 +481,8 @@ fn refused(reason: &'static str) {
     metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }
 
-/// Counts calls per connection (so idle means no call open) and answers every call on a
-/// connection over its node's cap with `RESOURCE_EXHAUSTED`.
+/// Counts calls per connection (so idle means no call open), answers every call on a
+/// connection over its node's cap with `RESOURCE_EXHAUSTED`, and caps status messages.
 #[derive(Debug, Clone)]
 pub struct ConnLayer {
     conns: Arc<Conns>,
@@ -538,18 +538,14 @@ where
         if let Some(why) = state.as_ref().and_then(|s| s.refused.clone()) {
             return Box::pin(async move { Ok(tonic::Status::resource_exhausted(why).into_http()) });
         }
-        let open = state.map(OpenCall::new);
+        let _open = state.map(OpenCall::new);
         // The clone polled ready is the one called; a fresh clone waits for its next turn.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let resp = inner.call(req).await?;
-            Ok(match open {
-                Some(open) => {
-                    resp.map(|body| tonic::body::Body::new(CallBody { body, _open: open }))
-                }
-                None => resp,
-            })
+            let mut resp = inner.call(req).await?;
+            cap_status_message(resp.headers_mut());
+            Ok(resp.map(|body| tonic::body::Body::new(CallBody { body, _open })))
         })
     }
 }
@@ -571,10 +567,49 @@ impl Drop for OpenCall {
     }
 }
 
-/// A response body that keeps its call counted open.
+/// Longest status message sent, in bytes before percent-encoding.
+const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
+/// Cuts a long `grpc-message`. Messages quote what the caller sent, and a header list over the
+/// peer's limit (16 KiB in tonic, 8 KiB in grpc-java) fails the call with a protocol error,
+/// or makes the client drop the whole connection and every call on it.
+fn cap_status_message(headers: &mut http::HeaderMap) {
+    let Some(value) = headers.get("grpc-message") else {
+        return;
+    };
+    // Percent-encoding at most triples a byte: shorter values are short enough decoded.
+    if value.len() <= 3 * MAX_STATUS_MESSAGE_BYTES {
+        return;
+    }
+    let message = percent_encoding::percent_decode(value.as_bytes())
+        .decode_utf8_lossy()
+        .into_owned();
+    if message.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return;
+    }
+    let mut cut = MAX_STATUS_MESSAGE_BYTES;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let code = headers
+        .get("grpc-status")
+        .map(|c| tonic::Code::from_bytes(c.as_bytes()))
+        .unwrap_or(tonic::Code::Unknown);
+    let short = format!(
+        "{}… (cut to {cut} of {} bytes)",
+        &message[..cut],
+        message.len()
+    );
+    // Replaces grpc-status (the same) and grpc-message; the shortened text always encodes.
+    if tonic::Status::new(code, short).add_header(headers).is_err() {
+        headers.remove("grpc-message");
+    }
+}
+
+/// A response body that keeps its call counted open, and caps the status in its trailers.
 struct CallBody {
     body: tonic::body::Body,
-    _open: OpenCall,
+    _open: Option<OpenCall>,
 }
 
 impl http_body::Body for CallBody {
@@ -585,7 +620,16 @@ impl http_body::Body for CallBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<std::result::Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let frame = Pin::new(&mut self.get_mut().body).poll_frame(cx);
+        match frame {
+            Poll::Ready(Some(Ok(mut f))) => {
+                if let Some(t) = f.trailers_mut() {
+                    cap_status_message(t);
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
