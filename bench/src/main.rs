@@ -3,6 +3,11 @@
 
 use clap::Parser;
 
+/// mimalloc instead of the system allocator: sled, prost and tonic allocate many small,
+/// short-lived buffers per exchange, and glibc's malloc was a fifth of the broker's CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = govshare_bench::cli::Cli::parse();
     govshare_bench::init_logging();
