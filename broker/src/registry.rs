@@ -94,6 +94,33 @@ impl Registry {
         Ok(node)
     }
 
+    /// Checks a child broker's link certificate. A child need not be registered here; one that
+    /// is (role broker) obeys suspension and a pinned certificate like any node, which is how
+    /// an operator shuts out a stolen link identity.
+    pub fn check_link(&self, cert: &crate::pki::CertIdentity) -> Result<()> {
+        let Some(node) = self.store.get::<Node>(T::Nodes, cert.node_id.as_str())? else {
+            return Ok(());
+        };
+        let id = &cert.node_id;
+        if node.role() != NodeRole::Broker {
+            return Err(BrokerError::denied(format!(
+                "{id} is registered here as a {}, not a broker; it cannot open a link",
+                role_name(node.role())
+            )));
+        }
+        if node.state() == NodeState::Suspended {
+            return Err(BrokerError::denied(format!(
+                "child broker {id} is suspended here"
+            )));
+        }
+        if !node.certificate_sha256.is_empty() && node.certificate_sha256 != cert.sha256 {
+            return Err(BrokerError::Unauthenticated(format!(
+                "this link certificate for {id} has been replaced (re-issued); only the certificate pinned by an admin is accepted"
+            )));
+        }
+        Ok(())
+    }
+
     /// Registers a node (admin only).
     pub fn register(
         &self,

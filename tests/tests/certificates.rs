@@ -400,3 +400,84 @@ async fn a_reissued_identity_replaces_the_old_certificate_and_keeps_its_grants()
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_registered_child_broker_is_suspended_and_re_pinned_like_a_node() -> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let hub = TestBroker::start_with_id("000000/hub").await?;
+    let zj = TestBroker::start_child("330000/hub", &hub, &[], quick).await?;
+    let health = HealthClient::new(zj.admin().await?.channel());
+    let link_is = |want: ServingStatus| {
+        let mut h = health.clone();
+        async move {
+            let got = h
+                .check(HealthCheckRequest {
+                    service: "govshare.v1.FederationService".into(),
+                })
+                .await?
+                .into_inner()
+                .status();
+            Ok::<_, anyhow::Error>((got == want).then_some(()))
+        }
+    };
+    wait_until(WAIT, "the link to come up", || {
+        link_is(ServingStatus::Serving)
+    })
+    .await?;
+    let admin = hub.admin().await?;
+    admin
+        .register_node(RegisterNodeRequest {
+            id: "330000/hub".into(),
+            name: "Zhejiang platform".into(),
+            role: NodeRole::Broker as i32,
+            ..Default::default()
+        })
+        .await?;
+    admin.suspend_node("330000/hub", "link key leaked").await?;
+    wait_until(WAIT, "the suspended child's link to drop", || {
+        link_is(ServingStatus::NotServing)
+    })
+    .await?;
+
+    // A new link identity, pinned; the old one is refused even once the child is resumed.
+    let renewed = hub.scratch("zj-link-2");
+    pki::issue_identity(&hub.data_dir, "330000/hub", NodeRole::Broker, &renewed, &[])?;
+    let pem = std::fs::read_to_string(renewed.join("node.pem"))?;
+    admin
+        .pin_certificate("330000/hub", pem, "link key leaked")
+        .await?;
+    admin.resume_node("330000/hub").await?;
+    let old_link = zj.data_dir.join("link");
+    let old = hub.connect(&old_link).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(LinkFrame {
+        seq: 0,
+        body: Some(link_frame::Body::Hello(LinkHello {
+            broker_id: "330000/hub".into(),
+            protocol: "govshare.v1".into(),
+            scope: vec![],
+        })),
+    })
+    .await?;
+    let refused = federation_service_client::FederationServiceClient::new(old.channel())
+        .link(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    match refused {
+        Err(s) => ensure!(
+            s.code() == tonic::Code::Unauthenticated && s.message().contains("replaced"),
+            "the old link certificate is refused as replaced: {s:?}"
+        ),
+        Ok(_) => anyhow::bail!("the old link certificate opened a link after the re-pin"),
+    }
+
+    // The child gets the new identity (its link files are read at every dial) and is back.
+    for f in ["node.pem", "node.key", "ca.pem"] {
+        std::fs::copy(renewed.join(f), old_link.join(f))?;
+    }
+    wait_until(WAIT, "the link to come back with the new identity", || {
+        link_is(ServingStatus::Serving)
+    })
+    .await?;
+    Ok(())
+}

@@ -416,6 +416,18 @@ impl Fed {
         }
     }
 
+    /// Closes the link to a child broker, if open (it was suspended, or its certificate
+    /// replaced: its next attempt is checked again).
+    pub fn close_child(&self, child_id: &str) {
+        let links = lock(&self.inner.links);
+        for (k, h) in links.iter() {
+            if k != PARENT && h.peer_id == child_id {
+                tracing::info!(peer = %child_id, "closing the link of a suspended or re-pinned child");
+                h.abort.abort();
+            }
+        }
+    }
+
     /// Closes every link (at shutdown).
     pub fn close_all(&self) {
         for (_, h) in lock(&self.inner.links).drain() {

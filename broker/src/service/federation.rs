@@ -20,8 +20,9 @@ impl FederationService for FederationSvc {
         &self,
         req: Request<Streaming<LinkFrame>>,
     ) -> Result<Response<Self::LinkStream>, Status> {
-        // A child broker is not a registered node here: its certificate, signed by this
-        // broker's CA with the broker role, is what admits it (and its scope).
+        // A child broker's certificate, signed by this broker's CA with the broker role, is
+        // what admits it (and its scope); registering the child as a node adds suspension
+        // and certificate pinning.
         let cert = crate::auth::cert_identity(&req)?;
         if cert.role != NodeRole::Broker {
             return Err(BrokerError::denied(format!(
@@ -31,6 +32,9 @@ impl FederationService for FederationSvc {
             ))
             .into());
         }
+        let registry = self.0.registry.clone();
+        let checked = cert.clone();
+        crate::store::blocking(move || registry.check_link(&checked)).await?;
         let out =
             crate::federation::link::accept_child(self.0.clone(), cert, req.into_inner()).await?;
         Ok(Response::new(Box::pin(out.map(Ok))))

@@ -70,6 +70,9 @@ impl NodeService for NodeSvc {
         })
         .await?;
         self.0.fed.advertise_local(&out);
+        if out.role() == NodeRole::Broker {
+            self.0.fed.close_child(&out.id);
+        }
         Ok(Response::new(out))
     }
 
@@ -103,6 +106,9 @@ impl NodeService for NodeSvc {
                 .pin_certificate(&c, &r.id, &r.certificate_pem, &ca, &r.reason)
         })
         .await?;
+        if out.role() == NodeRole::Broker {
+            self.0.fed.close_child(&out.id);
+        }
         Ok(Response::new(out))
     }
 
