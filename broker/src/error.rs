@@ -1,5 +1,6 @@
 //! The broker's error type and the one place where errors become gRPC statuses.
 
+use std::path::Path;
 use tonic::{Code, Status};
 
 /// Everything that can go wrong in the broker's domain code.
@@ -64,9 +65,26 @@ impl From<sled::Error> for BrokerError {
     fn from(e: sled::Error) -> Self {
         match e {
             // A full or failing disk is the operator's to fix; callers should retry later.
-            sled::Error::Io(io) => Self::Unavailable(format!("storage unavailable: {io}")),
+            sled::Error::Io(_) => Self::Unavailable(storage_failed(&e, Path::new("the database"))),
             other => Self::Internal(format!("storage: {other}")),
         }
+    }
+}
+
+/// The message for a storage failure at `path`: what broke, in words an operator acts on, and
+/// that the broker needs a restart (sled refuses all writes after its first I/O error).
+pub fn storage_failed(e: &sled::Error, path: &Path) -> String {
+    let path = path.display();
+    match e {
+        // sled wraps the OS error in a custom one whose text is a Debug dump; say it plainly.
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => format!(
+            "storage failed: no space left on the disk holding {path} (ENOSPC); \
+             restart the broker once space is free"
+        ),
+        sled::Error::Io(io) => format!(
+            "storage failed: I/O error on {path}: {io}; restart the broker once the disk is fixed"
+        ),
+        other => format!("storage failed: {path}: {other}; restart the broker"),
     }
 }
 

@@ -4,11 +4,13 @@
 use crate::audit::{self, AuditHead};
 use crate::error::{BrokerError, Result};
 use govshare_proto::v1::AuditEntry;
-use sled::transaction::{ConflictableTransactionError, Transactional, TransactionalTree};
-use std::path::Path;
+use sled::transaction::{
+    ConflictableTransactionError, Transactional, TransactionalTree, UnabortableTransactionError,
+};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// The trees the broker keeps, in the order of [`Store::all`]; the index is the position.
 #[derive(Debug, Clone, Copy)]
@@ -110,7 +112,7 @@ impl Tx<'_> {
         match self.t(t).get(key.as_bytes()) {
             Ok(Some(v)) => Ok(Some(M::decode(v.as_ref())?)),
             Ok(None) => Ok(None),
-            Err(e) => Err(BrokerError::internal(format!("transaction read: {e}"))),
+            Err(e) => Err(tx_error("transaction read", e)),
         }
     }
 
@@ -119,7 +121,7 @@ impl Tx<'_> {
         self.t(t)
             .insert(key.as_bytes(), m.encode_to_vec())
             .map(|_| ())
-            .map_err(|e| BrokerError::internal(format!("transaction write: {e}")))
+            .map_err(|e| tx_error("transaction write", e))
     }
 
     /// Writes raw bytes.
@@ -127,14 +129,14 @@ impl Tx<'_> {
         self.t(t)
             .insert(key, v)
             .map(|_| ())
-            .map_err(|e| BrokerError::internal(format!("transaction write: {e}")))
+            .map_err(|e| tx_error("transaction write", e))
     }
 
     /// Reads raw bytes.
     pub fn get_raw(&self, t: T, key: &[u8]) -> Result<Option<sled::IVec>> {
         self.t(t)
             .get(key)
-            .map_err(|e| BrokerError::internal(format!("transaction read: {e}")))
+            .map_err(|e| tx_error("transaction read", e))
     }
 
     /// Writes an index key with an empty value.
@@ -142,7 +144,7 @@ impl Tx<'_> {
         self.t(t)
             .insert(key, &[][..])
             .map(|_| ())
-            .map_err(|e| BrokerError::internal(format!("transaction write: {e}")))
+            .map_err(|e| tx_error("transaction write", e))
     }
 
     /// Removes a key.
@@ -150,7 +152,16 @@ impl Tx<'_> {
         self.t(t)
             .remove(key)
             .map(|_| ())
-            .map_err(|e| BrokerError::internal(format!("transaction write: {e}")))
+            .map_err(|e| tx_error("transaction write", e))
+    }
+}
+
+/// An error inside a transaction: a storage fault stays one (UNAVAILABLE, naming the disk),
+/// rather than passing for a bug.
+fn tx_error(what: &str, e: UnabortableTransactionError) -> BrokerError {
+    match e {
+        UnabortableTransactionError::Storage(s) => s.into(),
+        other => BrokerError::internal(format!("{what}: {other}")),
     }
 }
 
@@ -189,17 +200,76 @@ struct Inner {
     /// The `keys` tree in memory, loaded on first use. A std RwLock: never held across an await.
     keys: std::sync::RwLock<Option<Arc<Vec<govshare_proto::v1::KeyAnnouncement>>>>,
     /// Taken (dropped) in `Drop` to stop the flusher; always Some before that.
-    flush_tx: Option<mpsc::Sender<oneshot::Sender<std::result::Result<(), String>>>>,
+    flush_tx: Option<mpsc::Sender<Waiter>>,
     /// Joined in `Drop`, so that sled's file lock is released once the last handle is gone
     /// and the same data dir can be opened again (a restart in a test, or `audit verify`).
     flusher: Option<std::thread::JoinHandle<()>>,
+    /// Stops the flush watchdog when dropped (see [`watchdog`]); joined like the flusher.
+    watchdog_stop: Option<std::sync::mpsc::Sender<()>>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
     stats: Arc<FlushStats>,
+    /// Set once by the first storage I/O failure; see [`Failure`].
+    failure: Arc<Failure>,
+}
+
+/// Fail-stop after a storage I/O error (a full disk, above all). sled 0.34.7 cannot go on
+/// after one, even once the disk has room again: it records the first I/O error of a buffer
+/// write and refuses every later write and flush with it until the database is reopened; and
+/// when the write that fails is of a large page (a "blob", over a quarter of a 512 KiB
+/// segment), it returns the error to that one writer and leaves its log buffer unwritable,
+/// so every later flush waits forever. What it holds in memory may include writes that never
+/// reached the disk. So the broker does not carry on: it stops taking work, answers
+/// UNAVAILABLE naming the failure, reports NOT_SERVING, and needs a restart (of the process:
+/// a wedged sled keeps its threads and file lock), which recovers everything that was made
+/// durable; nothing else was ever acknowledged.
+#[derive(Debug)]
+struct Failure {
+    /// The database directory, named in the message so the operator knows which disk.
+    path: PathBuf,
+    /// The message callers get; None while storage is healthy.
+    tx: watch::Sender<Option<String>>,
+}
+
+impl Failure {
+    /// Records a sled error as the failure (see [`Failure::record`]).
+    fn set(&self, e: &sled::Error) -> BrokerError {
+        self.record(crate::error::storage_failed(e, &self.path))
+    }
+
+    /// Records the first failure (later ones only repeat it) and returns the caller's error.
+    fn record(&self, msg: String) -> BrokerError {
+        let first = self.tx.send_if_modified(|cur| {
+            if cur.is_none() {
+                *cur = Some(msg.clone());
+                true
+            } else {
+                false
+            }
+        });
+        if first {
+            tracing::error!(error = %msg, "storage failed; refusing work until the broker is restarted");
+        }
+        self.error().unwrap_or(BrokerError::Unavailable(msg))
+    }
+
+    /// The error to answer with, once storage has failed.
+    fn error(&self) -> Option<BrokerError> {
+        self.tx.borrow().clone().map(BrokerError::Unavailable)
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         drop(self.flush_tx.take());
         if let Some(h) = self.flusher.take() {
+            // After a failure the flusher may wait in sled forever (see `Failure`); the process
+            // is to be restarted anyway, so it is left behind rather than hang the shutdown.
+            if self.failure.error().is_none() || h.is_finished() {
+                let _ = h.join();
+            }
+        }
+        drop(self.watchdog_stop.take());
+        if let Some(h) = self.watchdog.take() {
             let _ = h.join();
         }
     }
@@ -217,14 +287,21 @@ pub struct FlushStats {
 impl Store {
     /// Opens (or creates) the database and starts the flusher thread.
     pub fn open(path: &Path, cache_bytes: u64, broker_id: &str) -> Result<Self> {
-        let db = sled::Config::new()
+        let sled_cfg = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
             // Durability is ours to decide (group commit in `durable`); sled's own timer would
             // only blur which writes a crash can lose.
-            .flush_every_ms(None)
+            .flush_every_ms(None);
+        let db = sled_cfg
             .open()
             .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+                    BrokerError::Unavailable(format!(
+                        "cannot open the database at {}: no space left on its disk; free some and start again",
+                        path.display()
+                    ))
+                }
                 sled::Error::Io(io) => BrokerError::Unavailable(format!(
                     "cannot open the database at {}: {io} (is another broker using this data dir?)",
                     path.display()
@@ -239,12 +316,33 @@ impl Store {
         let stats = Arc::new(FlushStats::default());
         // Bounded: a writer that outruns the disk waits for room instead of growing memory.
         let (flush_tx, flush_rx) = mpsc::channel(4096);
+        let failure = Arc::new(Failure {
+            path: path.to_path_buf(),
+            tx: watch::channel(None).0,
+        });
+        let flushing = Arc::new(Mutex::new(Flushing::default()));
         let flusher_db = db.clone();
         let flusher_stats = stats.clone();
+        let flusher_failure = failure.clone();
+        let flusher_flushing = flushing.clone();
         let flusher = std::thread::Builder::new()
             .name("govshare-flusher".into())
-            .spawn(move || flusher(flusher_db, flush_rx, flusher_stats))
+            .spawn(move || {
+                flusher(
+                    flusher_db,
+                    flush_rx,
+                    flusher_stats,
+                    flusher_failure,
+                    flusher_flushing,
+                )
+            })
             .map_err(|e| BrokerError::internal(format!("cannot start flusher thread: {e}")))?;
+        let (watchdog_stop, stopped) = std::sync::mpsc::channel();
+        let watchdog_failure = failure.clone();
+        let watchdog = std::thread::Builder::new()
+            .name("govshare-flushdog".into())
+            .spawn(move || watchdog(sled_cfg, stopped, flushing, watchdog_failure))
+            .map_err(|e| BrokerError::internal(format!("cannot start flush watchdog: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -254,7 +352,10 @@ impl Store {
                 keys: std::sync::RwLock::new(None),
                 flush_tx: Some(flush_tx),
                 flusher: Some(flusher),
+                watchdog_stop: Some(watchdog_stop),
+                watchdog: Some(watchdog),
                 stats,
+                failure,
             }),
         })
     }
@@ -266,7 +367,15 @@ impl Store {
 
     /// Reads and decodes a protobuf record.
     pub fn get<M: prost::Message + Default>(&self, t: T, key: &str) -> Result<Option<M>> {
-        match self.tree(t).get(key.as_bytes())? {
+        // After a failure sled may block readers for good (see `Failure`): answer at once.
+        self.check()?;
+        // sled can fail a read with its recorded I/O error too (a read may write): the same
+        // fail-stop as for a failed write.
+        let got = self.tree(t).get(key.as_bytes()).map_err(|e| match e {
+            sled::Error::Io(_) => self.inner.failure.set(&e),
+            other => other.into(),
+        })?;
+        match got {
             Some(v) => Ok(Some(M::decode(v.as_ref())?)),
             None => Ok(None),
         }
@@ -275,6 +384,7 @@ impl Store {
     /// Runs `f` as one atomic transaction over every tree, appending the audit entries it
     /// returns to the hash chain in the same transaction. Blocking: call from a blocking thread.
     pub fn write<R>(&self, f: impl Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)>) -> Result<R> {
+        self.check()?;
         let mut head = self
             .inner
             .write_lock
@@ -282,7 +392,7 @@ impl Store {
             .map_err(|_| BrokerError::internal("audit lock poisoned"))?;
         let start = head.clone();
         let broker = self.inner.broker_id.clone();
-        let (r, new_head) = <[sled::Tree] as Transactional<BrokerError>>::transaction(
+        let written = <[sled::Tree] as Transactional<BrokerError>>::transaction(
             &self.inner.trees[..],
             |txs| {
                 let tx = Tx(txs);
@@ -297,7 +407,14 @@ impl Store {
                 }
                 Ok((r, h))
             },
-        )?;
+        );
+        let (r, new_head) = match written {
+            Ok(v) => v,
+            Err(sled::transaction::TransactionError::Storage(e)) => {
+                return Err(self.inner.failure.set(&e))
+            }
+            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
+        };
         metrics::counter!(crate::metrics::AUDIT_APPENDS).increment(new_head.seq - start.seq);
         *head = new_head;
         Ok(r)
@@ -305,6 +422,7 @@ impl Store {
 
     /// Waits until everything written before the call is on disk. Many callers share one flush.
     pub async fn durable(&self) -> Result<()> {
+        self.check()?;
         let (tx, rx) = oneshot::channel();
         let sender = self
             .inner
@@ -317,17 +435,38 @@ impl Store {
             .map_err(|_| BrokerError::Unavailable("storage is shutting down".into()))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BrokerError::Unavailable(format!(
-                "storage flush failed: {e}"
-            ))),
+            // The flusher has recorded the failure; `e` is its message.
+            Ok(Err(e)) => Err(BrokerError::Unavailable(e)),
             Err(_) => Err(BrokerError::Unavailable("storage is shutting down".into())),
         }
     }
 
     /// Flushes now, on the calling (blocking) thread; used at shutdown.
     pub fn flush_blocking(&self) -> Result<()> {
-        self.inner.db.flush()?;
+        self.check()?;
+        self.inner
+            .db
+            .flush()
+            .map_err(|e| self.inner.failure.set(&e))?;
         Ok(())
+    }
+
+    /// UNAVAILABLE, naming the failure, once storage has failed (see `Failure` in this module).
+    pub fn check(&self) -> Result<()> {
+        match self.inner.failure.error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The storage failure, once there has been one: the broker needs a restart.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure.tx.borrow().clone()
+    }
+
+    /// Changes to [`Store::failure`], for the health service. Holding it keeps no store handle.
+    pub fn failure_watch(&self) -> watch::Receiver<Option<String>> {
+        self.inner.failure.tx.subscribe()
     }
 
     /// Every broker signing key known here (this broker's and those announced to it).
@@ -392,11 +531,31 @@ impl Store {
     }
 }
 
+/// A waiter for durability: told Ok once a flush covers its writes, or the failure.
+type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+
+/// The flush in progress, shared by the flusher and the [`watchdog`].
+#[derive(Debug, Default)]
+struct Flushing {
+    /// When the flush started; None between flushes.
+    since: Option<std::time::Instant>,
+    /// Its waiters, answered by the flusher when it ends, or by the watchdog once storage
+    /// has failed (the flush may then never end).
+    waiters: Vec<Waiter>,
+}
+
+fn flushing_lock(f: &Mutex<Flushing>) -> std::sync::MutexGuard<'_, Flushing> {
+    // Plain data, consistent at every step: a panic elsewhere does not make it unusable.
+    f.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The group-commit loop: take every waiting request, flush once, answer them all.
 fn flusher(
     db: sled::Db,
-    mut rx: mpsc::Receiver<oneshot::Sender<std::result::Result<(), String>>>,
+    mut rx: mpsc::Receiver<Waiter>,
     stats: Arc<FlushStats>,
+    failure: Arc<Failure>,
+    flushing: Arc<Mutex<Flushing>>,
 ) {
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.blocking_recv() {
@@ -405,18 +564,80 @@ fn flusher(
             batch.push(more);
         }
         let started = std::time::Instant::now();
-        let res = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        let n = batch.len();
+        let res = match failure.error() {
+            // sled refuses every flush after its first I/O error; no need to ask it again.
+            Some(e) => Err(e.to_string()),
+            None => {
+                {
+                    let mut f = flushing_lock(&flushing);
+                    f.since = Some(started);
+                    f.waiters.append(&mut batch);
+                }
+                let r = db.flush();
+                r.map(|_| ()).map_err(|e| failure.set(&e).to_string())
+            }
+        };
+        {
+            let mut f = flushing_lock(&flushing);
+            f.since = None;
+            batch.append(&mut f.waiters);
+        }
         metrics::histogram!(crate::metrics::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
-        metrics::histogram!(crate::metrics::FLUSH_BATCH).record(batch.len() as f64);
+        metrics::histogram!(crate::metrics::FLUSH_BATCH).record(n as f64);
         metrics::counter!(crate::metrics::FLUSHES).increment(1);
-        metrics::counter!(crate::metrics::DURABLE_WRITES).increment(batch.len() as u64);
+        metrics::counter!(crate::metrics::DURABLE_WRITES).increment(n as u64);
         stats.flushes.fetch_add(1, Ordering::Relaxed);
-        stats
-            .requests
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.requests.fetch_add(n as u64, Ordering::Relaxed);
         for waiter in batch.drain(..) {
             // A waiter that gave up (its call was cancelled) is no loss.
             let _ = waiter.send(res.clone());
+        }
+    }
+}
+
+/// How often the watchdog looks at the flush in progress.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// A flush running this long with no error anywhere is taken for a wedged disk.
+const FLUSH_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Keeps durability waiters from waiting forever on a sled that has failed (see `Failure`).
+/// While a flush runs, it checks sled's recorded I/O error (a buffer write that failed on
+/// another thread; sled 0.34.7 does not always wake the flush waiting for it); once storage
+/// has failed by any account, it answers the flush's waiters with the failure, since that
+/// flush may never end; and a flush that makes no progress for [`FLUSH_STALL`] fails storage
+/// itself. It never calls into sled in a way that can block.
+fn watchdog(
+    sled_cfg: sled::Config,
+    stop: std::sync::mpsc::Receiver<()>,
+    flushing: Arc<Mutex<Flushing>>,
+    failure: Arc<Failure>,
+) {
+    // Ends when the store drops the sender.
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_EVERY) {
+        let mut f = flushing_lock(&flushing);
+        let Some(since) = f.since else { continue };
+        if since.elapsed() < WATCH_EVERY {
+            continue;
+        }
+        // `Config::global_error` is doc-hidden but public in sled 0.34.7, which is pinned;
+        // the config shares the open database's error cell.
+        if let Err(e) = sled_cfg.global_error() {
+            failure.set(&e);
+        }
+        if failure.error().is_none() && since.elapsed() >= FLUSH_STALL {
+            failure.record(format!(
+                "storage failed: a flush of {} has not finished in {} s (a full or failing \
+                 disk?); restart the broker once the disk is fixed",
+                failure.path.display(),
+                FLUSH_STALL.as_secs()
+            ));
+        }
+        if let Some(e) = failure.error() {
+            let e = e.to_string();
+            for w in f.waiters.drain(..) {
+                let _ = w.send(Err(e.clone()));
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A TCP fault proxy for tests: it sits between two parties (a child broker and its parent,
 //! or a node and its broker) and can pass traffic, delay it, black-hole it (connections stay
-//! open, nothing moves), or reset every connection, on command and mid-stream.
+//! open, nothing moves), or reset every connection, on command and mid-stream. And a small
+//! tmpfs, for a broker whose disk fills.
 
 use anyhow::Result;
 use std::net::SocketAddr;
@@ -136,5 +137,81 @@ async fn pump(
             }
         }
         to.write_all(&buf[..n]).await?;
+    }
+}
+
+/// A small tmpfs: a disk that fills, for a broker's database. Unmounted (lazily, so that a
+/// broker still holding files cannot stop it) when dropped, even when the test fails.
+#[derive(Debug)]
+pub struct Tmpfs {
+    /// The mount point.
+    path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `mib` MiB on `path` (made if missing). Mounting needs root
+    /// (CAP_SYS_ADMIN): without it, None after a loud skip message naming `test`, or an error
+    /// when `GOVSHARE_REQUIRE_EXTERNAL=1`.
+    pub fn mount_at(path: &std::path::Path, mib: u64, test: &str) -> Result<Option<Self>> {
+        use std::io::Write;
+        std::fs::create_dir_all(path)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .output();
+        let why = match out {
+            Ok(o) if o.status.success() => {
+                return Ok(Some(Self {
+                    path: path.to_path_buf(),
+                }))
+            }
+            Ok(o) => format!(
+                "`mount -t tmpfs` failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => format!("cannot run `mount`: {e}"),
+        };
+        let why = format!("{why}; this test mounts a small tmpfs and must run as root");
+        if std::env::var("GOVSHARE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+            anyhow::bail!("{test}: {why}; GOVSHARE_REQUIRE_EXTERNAL=1 makes this a failure");
+        }
+        let bar = "=".repeat(100);
+        // Straight to the process's stderr: the harness captures `eprintln!` of passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n{bar}\nSKIPPED {test}: {why}.\n\
+             Set GOVSHARE_REQUIRE_EXTERNAL=1 to make this a failure (CI does).\n{bar}\n"
+        );
+        Ok(None)
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Grows (or shrinks) the filesystem in place: space returns without touching its files.
+    pub fn resize(&self, mib: u64) -> Result<()> {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m"), "tmpfs"])
+            .arg(&self.path)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "remount of {} failed: {}",
+            self.path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
     }
 }

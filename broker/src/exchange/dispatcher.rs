@@ -402,7 +402,14 @@ impl Actor {
                 }
                 Err(e) => {
                     // Dropping `after_flush` makes the waiting links resend their results.
-                    tracing::warn!(error = %e, "flush failed; results are told at the next one");
+                    // Consumers are not told of ends that may not be on disk: a restart would
+                    // deliver those exchanges again, and they would be answered twice. Storage
+                    // that fails to flush stays failed until the restart (`store::Failure`).
+                    tracing::warn!(error = %e, "flush failed; the ends of this batch are told after the restart");
+                    for (_, result, _) in &done {
+                        engine.abandon_waiters(&result.exchange_id);
+                    }
+                    return;
                 }
             }
             for (consumer, result, sync) in done {
@@ -418,9 +425,18 @@ impl Actor {
     /// grant is checked once more here (fail closed): a revocation that arrived first wins.
     fn remote(&mut self, result: ExchangeResult, done: oneshot::Sender<()>) {
         let id = result.exchange_id.clone();
-        let Some(rec) = self.load(&id) else {
-            let _ = done.send(()); // acknowledged and gone: nothing to keep
-            return;
+        // A read that fails is not an exchange that is gone: acknowledging it would let the
+        // link drop a result that was never kept. Dropping `done` makes the link resend it.
+        let rec = match self.engine.store().get::<StoredExchange>(T::Exchanges, &id) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => {
+                let _ = done.send(()); // acknowledged and gone: nothing to keep
+                return;
+            }
+            Err(e) => {
+                tracing::error!(exchange = %id, error = %e, "cannot read exchange; its result will be sent again");
+                return;
+            }
         };
         let ours = rec.envelope.as_ref().map(|e| e.origin_broker.as_str())
             == Some(self.engine.store().broker_id());
@@ -579,6 +595,9 @@ impl Actor {
 
     /// Delivers as much of a destination's queue as its instances have credit for.
     fn dispatch(&mut self, dest: &str) {
+        if self.engine.store().failure().is_some() {
+            return; // nothing can be recorded as delivered until the restart
+        }
         loop {
             let Some(dq) = self.dests.get_mut(dest) else {
                 return;
@@ -1279,6 +1298,11 @@ impl Actor {
     }
 
     fn tick(&mut self) {
+        if self.engine.store().failure().is_some() {
+            // No expiry or redelivery can be written after a storage failure; the restart
+            // recovers every open exchange from disk and carries on from there.
+            return;
+        }
         let now = now_ms();
         // Ending an exchange removes its deadline; one that cannot end now (storage trouble)
         // keeps it and is tried again at the next tick.

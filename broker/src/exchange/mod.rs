@@ -227,7 +227,16 @@ impl Engine {
                 return;
             }
             // The command may have found the channel full; keep asking until it stops.
+            let asked = std::time::Instant::now();
             while !h.is_finished() {
+                // After a storage failure the dispatcher may be stuck in sled for good (see
+                // `store::Failure`); the process is to be restarted, so do not wait for it.
+                if self.inner.store.failure().is_some()
+                    && asked.elapsed() > std::time::Duration::from_secs(2)
+                {
+                    tracing::warn!("the dispatcher is stuck in failed storage; leaving it");
+                    return;
+                }
                 let _ = self.inner.cmd.try_send(Cmd::Shutdown);
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
@@ -373,6 +382,12 @@ impl Engine {
             });
         }
         self.notify_for(consumer).notify_waiters();
+    }
+
+    /// Drops the Request callers waiting for an exchange whose end could not be made durable;
+    /// they answer UNAVAILABLE instead of an answer that a restart would not remember.
+    pub(crate) fn abandon_waiters(&self, exchange_id: &str) {
+        lock(&self.inner.waiters).remove(exchange_id);
     }
 
     /// Releases a destination's queue reservation.
@@ -784,6 +799,8 @@ impl Engine {
         sync: bool,
         call_deadline_ms: Option<i64>,
     ) -> Result<(Accepted, Option<oneshot::Receiver<ExchangeResult>>)> {
+        // Failed storage takes nothing new (see `store::Failure`); say why at once.
+        self.inner.store.check()?;
         let me = self.clone();
         let started = now_ms();
         let mut req = req;
@@ -834,8 +851,19 @@ impl Engine {
             },
             span,
         ));
-        task.await
-            .map_err(|e| BrokerError::internal(format!("accept task failed: {e}")))?
+        // A write under way when storage fails may never return (see `store::Failure`): answer
+        // UNAVAILABLE then rather than hang. Not success: it was not acknowledged durable (if
+        // it is on disk after all, a retry with its idempotency key finds it).
+        let mut failed = self.inner.store.failure_watch();
+        tokio::select! {
+            r = task => r.map_err(|e| BrokerError::internal(format!("accept task failed: {e}")))?,
+            Ok(_) = failed.wait_for(Option::is_some) => Err(self
+                .inner
+                .store
+                .check()
+                .err()
+                .unwrap_or_else(|| BrokerError::Unavailable("storage failed".into()))),
+        }
     }
 
     /// Accepts an exchange durably and answers at once (async).
@@ -972,9 +1000,13 @@ impl Engine {
         };
         match outcome {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => Err(BrokerError::Unavailable(format!(
-                "the broker is shutting down; exchange {id} is kept: take its result with Get"
-            ))),
+            // Dropped: storage failed (its end could not be made durable; the exchange is kept
+            // for after the restart), or the broker is stopping.
+            Ok(Err(_)) => Err(self.inner.store.check().err().unwrap_or_else(|| {
+                BrokerError::Unavailable(format!(
+                    "the broker is shutting down; exchange {id} is kept: take its result with Get"
+                ))
+            })),
             Err(_) => {
                 self.prune_waiters(id);
                 Err(BrokerError::DeadlineExceeded(format!(
@@ -1037,6 +1069,9 @@ impl Engine {
         ids::check_opaque_id("exchange id", &id)?;
         let consumer = caller.id.to_string();
         let notify = self.notify_for(&consumer);
+        // After a storage failure the store may hold ends that never reached the disk; showing
+        // one could show an exchange answered twice (again after the restart).
+        self.inner.store.check()?;
         loop {
             let notified = notify.notified();
             tokio::pin!(notified);
@@ -1082,6 +1117,8 @@ impl Engine {
         for id in &ids {
             ids::check_opaque_id("exchange id", id)?;
         }
+        // Refused up front after a storage failure, so that an Ack of nothing cannot succeed.
+        self.inner.store.check()?;
         let store = self.inner.store.clone();
         let n = store::blocking(move || {
             store.write(|tx| {
@@ -1121,6 +1158,8 @@ impl Engine {
         if !dataset.is_empty() {
             DatasetId::parse(&dataset)?;
         }
+        // As for `get`: nothing that may not be durable is shown after a storage failure.
+        self.inner.store.check()?;
         let (tx, rx) = mpsc::channel(64);
         let me = self.clone();
         let consumer = caller.id.to_string();
@@ -1132,7 +1171,11 @@ impl Engine {
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 let (m, c, ds) = (me.clone(), consumer.clone(), dataset.clone());
-                let batch = store::blocking(move || m.results_after(&c, cursor, &ds, 256)).await;
+                let batch = store::blocking(move || {
+                    m.inner.store.check()?;
+                    m.results_after(&c, cursor, &ds, 256)
+                })
+                .await;
                 let batch = match batch {
                     Ok(b) => b,
                     Err(e) => {
@@ -1199,6 +1242,8 @@ impl Engine {
 
     /// Connects a provider instance; returns the stream the broker pushes requests on.
     pub async fn connect_provider(&self, spec: InstanceSpec) -> Result<u64> {
+        // Nothing can be delivered until a restart; the provider should retry then.
+        self.inner.store.check()?;
         let (tx, rx) = oneshot::channel();
         self.inner
             .cmd
