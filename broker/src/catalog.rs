@@ -195,6 +195,7 @@ impl Catalog {
     /// Publishes a dataset of the caller's, or a new version of it.
     pub fn publish(&self, caller: &Caller, d: Option<Dataset>) -> Result<PublishDatasetResponse> {
         caller.require_department("publish datasets")?;
+        self.store.check_room()?;
         let d = d.ok_or_else(|| BrokerError::invalid("dataset is required"))?;
         let mut d = validate(caller, d, &self.limits)?;
         d.home_broker = self.store.broker_id().to_string();

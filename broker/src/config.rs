@@ -71,6 +71,9 @@ pub struct StorageSection {
     pub path: PathBuf,
     /// sled's page cache, in bytes.
     pub cache_capacity_bytes: u64,
+    /// Free bytes the database's disk must keep: below them new work is refused with
+    /// RESOURCE_EXHAUSTED while work already accepted goes on; 0 turns the check off.
+    pub min_free_bytes: u64,
 }
 
 /// `[sharing]`.
@@ -349,6 +352,7 @@ impl Default for StorageSection {
         Self {
             path: "db".into(),
             cache_capacity_bytes: 256 * 1024 * 1024,
+            min_free_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -610,13 +614,13 @@ admin_id = "{admin}"
 
 [tls]
 # The broker's certificate and key (PEM). Default tls/broker.pem, tls/broker.key.
-cert = "tls/broker.pem"
-key = "tls/broker.key"
+cert = {t_cert}
+key = {t_key}
 # CA bundle trusted for client certificates. Default tls/ca.pem.
-client_ca = "tls/ca.pem"
+client_ca = {t_client_ca}
 # The CA used by `govshare-broker issue`. Default ca/ca.pem, ca/ca.key.
-ca_cert = "ca/ca.pem"
-ca_key = "ca/ca.key"
+ca_cert = {t_ca_cert}
+ca_key = {t_ca_key}
 # Seconds between checks of cert, key and client_ca for changes: a change is loaded without a
 # restart (so is SIGHUP), and connections already open keep going. 0 leaves it to SIGHUP.
 # Default 10.
@@ -624,9 +628,13 @@ reload_check_secs = {t_reload}
 
 [storage]
 # The sled database directory. Default "db".
-path = "db"
+path = {s_path}
 # sled page cache in bytes. Default 268435456 (256 MiB).
 cache_capacity_bytes = {cache}
+# Free bytes the database's disk must keep. Below them new work (submits, requests, demands,
+# publishing) is refused with RESOURCE_EXHAUSTED while work already accepted still completes,
+# and it is taken again once space is freed. 0 turns the check off. Default 268435456 (256 MiB).
+min_free_bytes = {s_min_free}
 
 [sharing]
 # Days a provider has to decide a CONDITIONAL demand before it is overdue. Default 5.
@@ -728,6 +736,13 @@ ping_secs = {f_ping}
 # scope = ["3301"]
 {f_children}"#,
             t_reload = self.tls.reload_check_secs,
+            t_cert = toml_str(&self.tls.cert.to_string_lossy()),
+            t_key = toml_str(&self.tls.key.to_string_lossy()),
+            t_client_ca = toml_str(&self.tls.client_ca.to_string_lossy()),
+            t_ca_cert = toml_str(&self.tls.ca_cert.to_string_lossy()),
+            t_ca_key = toml_str(&self.tls.ca_key.to_string_lossy()),
+            s_path = toml_str(&self.storage.path.to_string_lossy()),
+            s_min_free = self.storage.min_free_bytes,
             l_rps = self.limits.requests_per_second,
             l_burst = self.limits.burst,
             l_streams = self.limits.max_concurrent_streams,

@@ -480,11 +480,11 @@ fn run(
         .context("cannot start the async runtime")?;
     // Logs, and OTLP span export when [log] otlp_endpoint is set (its gRPC channel lives on
     // `rt`). Declared after `rt`, so it is dropped first: the buffered spans go out on exit.
-    let _telemetry = {
+    let telemetry = {
         let _in_rt = rt.enter();
         govshare_broker::telemetry::init(&cfg.log)?
     };
-    rt.block_on(async move {
+    let outcome = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.broker.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.broker.listen))?;
@@ -498,6 +498,7 @@ fn run(
         tokio::pin!(signal);
         let mut hangups = Hangups::install()?;
         let mut broker = server::start(cfg, listener).await?;
+        let mut storage = broker.storage_failure_watch();
         println!(
             "govshare broker {broker_id} listening on https://{} (mutual TLS)",
             broker.local_addr
@@ -518,6 +519,22 @@ fn run(
             tokio::select! {
                 r = broker.wait() => { r?; bail!("the server stopped unexpectedly") }
                 s = &mut signal => break s,
+                failed = storage.wait_for(Option::is_some) => {
+                    // sled cannot go on after a storage I/O error; only a new process recovers
+                    // (see `store::Failure`). Exit non-zero, so a supervisor restarts us.
+                    let why = match failed {
+                        Ok(v) => v.clone().unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    // No graceful shutdown: nothing more can be made durable, and sled's memory
+                    // may hold writes that never reached the disk, so nothing may run on them.
+                    eprintln!("error: {why}");
+                    println!("storage failed: exiting with 1 to be restarted");
+                    // A moment for calls already failing to get their UNAVAILABLE (naming the
+                    // disk) instead of a cut connection; everything new is refused meanwhile.
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    std::process::exit(1);
+                }
                 _ = hangups.next() => {
                     // Errors are logged and counted inside; the old identity keeps serving.
                     if let Ok(changed) = broker.reload_tls() {
@@ -530,7 +547,12 @@ fn run(
         broker.shutdown().await?;
         println!("stopped cleanly");
         Ok(std::process::ExitCode::SUCCESS)
-    })
+    });
+    // Spans out first (their exporter runs on `rt`), then the runtime, without waiting for
+    // ever on a blocking thread stuck in a failed disk.
+    drop(telemetry);
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    outcome
 }
 
 /// SIGHUP, the conventional "reload your certificates" signal.

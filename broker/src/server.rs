@@ -72,10 +72,12 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
 
     let db_path = cfg.path(&cfg.storage.path);
     let cache = cfg.storage.cache_capacity_bytes;
+    let min_free = cfg.storage.min_free_bytes;
     let id = cfg.broker.id.clone();
     let admin = cfg.broker.admin_id.clone();
     let store = store::blocking(move || {
         let s = Store::open(&db_path, cache, &id)?;
+        s.set_min_free(min_free);
         crate::registry::Registry::new(s.clone()).bootstrap(&id, &admin)?;
         Ok(s)
     })
@@ -295,6 +297,15 @@ impl RunningBroker {
     /// New connections use them; open connections keep theirs. On error the old ones stay.
     pub fn reload_tls(&self) -> Result<bool> {
         self.tls.reload_logged("reload request")
+    }
+
+    /// Watches for a storage failure: `Some(message)` once storage has failed and the process
+    /// should be restarted (see `store::Failure`); never while stopped.
+    pub fn storage_failure_watch(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        match &self.store {
+            Some(s) => s.failure_watch(),
+            None => tokio::sync::watch::channel(None).1,
+        }
     }
 
     /// Connections `node` holds open to this broker now.

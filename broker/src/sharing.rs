@@ -82,6 +82,7 @@ impl Sharing {
     /// Files a demand; decides it at once for UNCONDITIONAL and NOT_SHARED datasets.
     pub fn file(&self, caller: &Caller, req: FileDemandRequest) -> Result<FileDemandResponse> {
         caller.require_department("file demands")?;
+        self.store.check_room()?;
         let did = DatasetId::parse(&req.dataset_id)?;
         if req.fields.is_empty() {
             return Err(BrokerError::invalid(

@@ -191,6 +191,8 @@ pub struct Store {
 
 #[derive(Debug)]
 struct Inner {
+    /// Free space against `[storage] min_free_bytes`.
+    space: Arc<Space>,
     db: sled::Db,
     trees: Vec<sled::Tree>,
     /// Serialises writes that append to the audit chain. A std Mutex, not a tokio one: it is
@@ -339,9 +341,23 @@ impl Store {
             .map_err(|e| BrokerError::internal(format!("cannot start flusher thread: {e}")))?;
         let (watchdog_stop, stopped) = std::sync::mpsc::channel();
         let watchdog_failure = failure.clone();
+        let space = Arc::new(Space {
+            path: path.to_path_buf(),
+            min_free: AtomicU64::new(0),
+            free: AtomicU64::new(u64::MAX),
+        });
+        let watchdog_space = space.clone();
         let watchdog = std::thread::Builder::new()
             .name("govshare-flushdog".into())
-            .spawn(move || watchdog(sled_cfg, stopped, flushing, watchdog_failure))
+            .spawn(move || {
+                watchdog(
+                    sled_cfg,
+                    stopped,
+                    flushing,
+                    watchdog_failure,
+                    watchdog_space,
+                )
+            })
             .map_err(|e| BrokerError::internal(format!("cannot start flush watchdog: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -356,8 +372,32 @@ impl Store {
                 watchdog: Some(watchdog),
                 stats,
                 failure,
+                space,
             }),
         })
+    }
+
+    /// Sets `[storage] min_free_bytes` (0: no check) and checks the disk now.
+    pub fn set_min_free(&self, bytes: u64) {
+        self.inner.space.min_free.store(bytes, Ordering::Relaxed);
+        self.inner.space.refresh();
+    }
+
+    /// Refuses new work (not work already accepted) while the database's disk is below
+    /// `[storage] min_free_bytes`, and after a storage failure.
+    pub fn check_room(&self) -> Result<()> {
+        self.check()?;
+        let s = &self.inner.space;
+        if s.low() {
+            let mib = |b: u64| b / (1024 * 1024);
+            return Err(BrokerError::ResourceExhausted(format!(
+                "the disk holding {} has {} MiB free, below [storage] min_free_bytes ({} MiB): new work is refused until space is freed; work already accepted goes on",
+                s.path.display(),
+                mib(s.free.load(Ordering::Relaxed)),
+                mib(s.min_free.load(Ordering::Relaxed))
+            )));
+        }
+        Ok(())
     }
 
     /// A tree, for reads and scans.
@@ -612,9 +652,11 @@ fn watchdog(
     stop: std::sync::mpsc::Receiver<()>,
     flushing: Arc<Mutex<Flushing>>,
     failure: Arc<Failure>,
+    space: Arc<Space>,
 ) {
     // Ends when the store drops the sender.
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_EVERY) {
+        space.refresh();
         let mut f = flushing_lock(&flushing);
         let Some(since) = f.since else { continue };
         if since.elapsed() < WATCH_EVERY {
@@ -638,6 +680,53 @@ fn watchdog(
             for w in f.waiters.drain(..) {
                 let _ = w.send(Err(e.clone()));
             }
+        }
+    }
+}
+
+/// Free space on the database's disk. sled cannot carry on after a write fails for want of
+/// space (see [`Failure`]), so the broker keeps a reserve: below it, new work is refused with
+/// RESOURCE_EXHAUSTED while accepted work completes into the reserve, and new work is taken
+/// again as soon as space is freed, with no restart.
+#[derive(Debug)]
+struct Space {
+    path: PathBuf,
+    /// `[storage] min_free_bytes`; 0 turns the check off.
+    min_free: AtomicU64,
+    /// Free bytes at the last check (every [`WATCH_EVERY`]).
+    free: AtomicU64,
+}
+
+impl Space {
+    fn low(&self) -> bool {
+        let min = self.min_free.load(Ordering::Relaxed);
+        min > 0 && self.free.load(Ordering::Relaxed) < min
+    }
+
+    fn refresh(&self) {
+        if self.min_free.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let was_low = self.low();
+        match fs4::available_space(&self.path) {
+            Ok(free) => self.free.store(free, Ordering::Relaxed),
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "cannot read free space");
+                return;
+            }
+        }
+        match (was_low, self.low()) {
+            (false, true) => tracing::warn!(
+                path = %self.path.display(),
+                free = self.free.load(Ordering::Relaxed),
+                min_free = self.min_free.load(Ordering::Relaxed),
+                "disk below [storage] min_free_bytes: refusing new work"
+            ),
+            (true, false) => tracing::info!(
+                path = %self.path.display(),
+                "disk above [storage] min_free_bytes again: taking new work"
+            ),
+            _ => {}
         }
     }
 }

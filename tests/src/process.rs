@@ -89,6 +89,14 @@ impl BrokerProcess {
         Ok(self.child.wait().await?.code())
     }
 
+    /// Waits (at most `timeout`) for it to exit by itself; returns its exit code.
+    pub async fn exited(mut self, timeout: std::time::Duration) -> Result<Option<i32>> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => Ok(status?.code()),
+            Err(_) => bail!("the broker did not exit within {timeout:?}"),
+        }
+    }
+
     /// Sends SIGHUP (reload the TLS identity and trust bundle).
     pub async fn hangup(&self) -> Result<()> {
         let pid = self.child.id().context("already exited")?;

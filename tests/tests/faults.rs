@@ -532,6 +532,9 @@ async fn a_full_disk_fails_stop_and_a_restart_loses_nothing() -> Result<()> {
     })?;
     let mut config = govshare_broker::Config::load(&data)?;
     config.storage.cache_capacity_bytes = 16 * 1024 * 1024;
+    // No reserve: this test drives sled itself into ENOSPC, the case the reserve exists to
+    // avoid (`a_disk_below_its_reserve_refuses_new_work_and_recovers_without_restart`).
+    config.storage.min_free_bytes = 0;
     std::fs::write(data.join("config.toml"), config.render_template())?;
     // The database on a small disk of its own, as an operator would mount one.
     let Some(disk) = Tmpfs::mount_at(&data.join("db"), DISK_MIB, TEST)? else {
@@ -601,37 +604,28 @@ async fn full_disk(data: &Path, log: &Path, disk: &Tmpfs, scratch: &Path) -> Res
         refused[0].2
     );
 
-    // Fail-stop: up and answering, but NOT_SERVING and refusing work, naming the disk.
-    wait_until(WAIT, "NOT_SERVING", || async {
-        Ok((health(&admin).await? == ServingStatus::NotServing).then_some(()))
-    })
-    .await?;
+    // Fail-stop: the process exits with 1 by itself, naming the disk, for its supervisor
+    // (systemd `Restart=on-failure`, Kubernetes) to start it again; until it has exited,
+    // anything asked gets UNAVAILABLE (not INTERNAL, not a hang).
     let (key, _, _) = &refused[0];
-    expect_status(
-        civil.submit(big(&ds, key)).await,
-        Code::Unavailable,
-        "no space left on the disk holding",
-    )?;
-    if let Some((_, id)) = accepted.iter().next() {
-        expect_status(
-            civil.get_exchange(id, false).await,
-            Code::Unavailable,
-            "restart the broker",
-        )?;
+    if let Err(e) = civil.submit(big(&ds, key)).await {
+        let code = e.status().map(tonic::Status::code);
+        ensure!(
+            matches!(code, Some(Code::Unavailable) | None),
+            "after the failure: {e}"
+        );
     }
-    // Space returns, but sled does not recover from its failure in the same process: the
-    // broker still refuses, and says a restart is what it needs.
-    disk.resize(DISK_MIB * 16)?;
-    expect_status(
-        civil.submit(big(&ds, key)).await,
-        Code::Unavailable,
-        "restart the broker",
-    )?;
-    ensure!(health(&admin).await? == ServingStatus::NotServing);
-
-    // The supervisor's restart.
+    let log_path = broker.log.clone();
+    let code = broker.exited(WAIT).await?;
+    let text = std::fs::read_to_string(&log_path)?;
+    ensure!(code == Some(1), "exit code {code:?}; log:\n{text}");
+    ensure!(
+        text.contains("no space left on the disk holding"),
+        "the log names the disk:\n{text}"
+    );
+    // The supervisor's restart, once space is back.
     provider.kill();
-    broker.kill9().await?;
+    disk.resize(DISK_MIB * 16)?;
     // Offline, the database opens and its audit chain is whole.
     let verify = tokio::process::Command::new(govshare_tests::bin_path("govshare-broker")?)
         .args(["audit", "verify", "--data-dir"])
@@ -708,3 +702,105 @@ async fn full_disk(data: &Path, log: &Path, disk: &Tmpfs, scratch: &Path) -> Res
 const DISK_MIB: u64 = 8;
 /// Submits before the full-disk test gives up waiting for the disk to fill.
 const MAX_SUBMITS: usize = 4000;
+
+/// With `[storage] min_free_bytes`, a filling disk never reaches sled: below the reserve new
+/// work is refused with RESOURCE_EXHAUSTED (the broker stays SERVING), what was accepted is
+/// still delivered and answered into the reserve, and new work is taken again as soon as
+/// space returns, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_below_its_reserve_refuses_new_work_and_recovers_without_restart() -> Result<()> {
+    const TEST: &str = "a_disk_below_its_reserve_refuses_new_work_and_recovers_without_restart";
+    const MIB: u64 = 1024 * 1024;
+    let mounts = tempfile::tempdir()?;
+    // sled writes every change anew to its log (a delivery and an end rewrite the exchange),
+    // so draining what queued takes a few times its size: the reserve is sized for that.
+    let Some(disk) = Tmpfs::mount_at(&mounts.path().join("db"), 80, TEST)? else {
+        return Ok(());
+    };
+    let db = disk.path().to_path_buf();
+    let broker = TestBroker::start_with("330000/hub", |c| {
+        c.storage.path = db.clone();
+        c.storage.min_free_bytes = 64 * MIB;
+        c.storage.cache_capacity_bytes = 8 * MIB;
+    })
+    .await?;
+    let admin = broker.admin().await?;
+    let civil = broker.client_for("330000/civil").await?;
+    let pension = broker.client_for("330000/pension").await?;
+    let ds = publish(&civil, "death-registration", ShareType::Unconditional).await?;
+    granted(&pension, &ds).await?;
+
+    // The provider is offline: submits queue until the disk nears its reserve.
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        ensure!(accepted.len() < 5000, "the reserve never took effect");
+        match pension
+            .submit(big(&ds, &format!("k{}", accepted.len())))
+            .await
+        {
+            Ok(r) => accepted.push(r.exchange_id),
+            Err(e) => break e,
+        }
+    };
+    let status = refusal.status().cloned();
+    ensure!(
+        status.as_ref().is_some_and(
+            |s| s.code() == Code::ResourceExhausted && s.message().contains("min_free_bytes")
+        ),
+        "refused for the reserve, after {} accepted: {refusal}",
+        accepted.len()
+    );
+    ensure!(
+        accepted.len() >= 10,
+        "some work was taken first: {}",
+        accepted.len()
+    );
+    ensure!(
+        health(&admin).await? == ServingStatus::Serving,
+        "below the reserve the broker still serves"
+    );
+    expect_status(
+        civil
+            .file_demand(FileDemandRequest {
+                dataset_id: ds.clone(),
+                fields: vec!["status".into()],
+                purpose: "p".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::ResourceExhausted,
+        "min_free_bytes",
+    )?;
+
+    // Accepted work still completes, into the reserve.
+    let _provider = TestProvider::start(&civil, &[&ds], 16, "p", alive_rows()).await?;
+    for id in &accepted {
+        let r = outcome(&pension, id).await?;
+        ensure!(
+            r.state() == ExchangeState::Answered,
+            "{id}: {:?}",
+            r.state()
+        );
+    }
+
+    // Space returns: new work is taken again without a restart.
+    disk.resize(256)?;
+    let again = wait_until(WAIT, "new work to be taken once space returns", || async {
+        match pension.submit(big(&ds, "after")).await {
+            Ok(r) => Ok(Some(r.exchange_id)),
+            Err(e)
+                if e.status()
+                    .is_some_and(|s| s.code() == Code::ResourceExhausted) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await?;
+    ensure!(
+        outcome(&pension, &again).await?.state() == ExchangeState::Answered,
+        "answered after space returned"
+    );
+    broker.shutdown().await
+}

@@ -799,8 +799,8 @@ impl Engine {
         sync: bool,
         call_deadline_ms: Option<i64>,
     ) -> Result<(Accepted, Option<oneshot::Receiver<ExchangeResult>>)> {
-        // Failed storage takes nothing new (see `store::Failure`); say why at once.
-        self.inner.store.check()?;
+        // Failed storage, or a disk below its reserve, takes nothing new; say why at once.
+        self.inner.store.check_room()?;
         let me = self.clone();
         let started = now_ms();
         let mut req = req;
