@@ -389,11 +389,7 @@ pub fn issue_identity(
             ))
         })
     };
-    let ca_pem = read(cfg.path(&cfg.tls.ca_cert))?;
-    let ca_key = KeyPair::from_pem(&read(cfg.path(&cfg.tls.ca_key))?)
-        .map_err(|e| BrokerError::invalid(format!("CA key does not parse: {e}")))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
-        .map_err(|e| BrokerError::invalid(format!("CA certificate does not parse: {e}")))?;
+    let issuer = data_dir_issuer(&cfg, &read)?;
     let sans = if role == NodeRole::Broker {
         vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()]
     } else {
@@ -402,6 +398,18 @@ pub fn issue_identity(
     let (cert, key) = make_leaf(&issuer, &node, role, &sans, &scope)?;
     let trust = read(cfg.path(&cfg.tls.client_ca))?;
     write_identity(out, &cert, &key, &trust)
+}
+
+/// The data dir's CA as an rcgen issuer; `read` reads a file (and says what needs it).
+fn data_dir_issuer(
+    cfg: &Config,
+    read: &dyn Fn(PathBuf) -> Result<String, BrokerError>,
+) -> Result<Issuer<'static, KeyPair>, BrokerError> {
+    let ca_pem = read(cfg.path(&cfg.tls.ca_cert))?;
+    let ca_key = KeyPair::from_pem(&read(cfg.path(&cfg.tls.ca_key))?)
+        .map_err(|e| BrokerError::invalid(format!("CA key does not parse: {e}")))?;
+    Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+        .map_err(|e| BrokerError::invalid(format!("CA certificate does not parse: {e}")))
 }
 
 /// Re-issues the broker's own TLS certificate and key (`[tls] cert`, `key`) from the data
@@ -449,11 +457,7 @@ pub fn renew_server_identity(
             sans.push(s.clone());
         }
     }
-    let ca_pem = read(cfg.path(&cfg.tls.ca_cert))?;
-    let ca_key = KeyPair::from_pem(&read(cfg.path(&cfg.tls.ca_key))?)
-        .map_err(|e| BrokerError::invalid(format!("CA key does not parse: {e}")))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
-        .map_err(|e| BrokerError::invalid(format!("CA certificate does not parse: {e}")))?;
+    let issuer = data_dir_issuer(&cfg, &read)?;
     let (cert, key) = make_leaf(&issuer, &broker_id, NodeRole::Broker, &sans, &[])?;
     let key_path = cfg.path(&cfg.tls.key);
     for (path, contents, secret) in [(&key_path, &key, true), (&cert_path, &cert, false)] {
@@ -501,23 +505,34 @@ pub fn verify_client_pem(pem: &[u8], client_ca: &[u8]) -> Result<Vec<u8>, Broker
     let (leaf, intermediates) = chain
         .split_first()
         .ok_or_else(|| bad("no certificate in it".into()))?;
+    client_verifier(client_ca)
+        .map_err(|e| BrokerError::internal(format!("client CA bundle: {e}")))?
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .map_err(|e| bad(format!("not a client certificate this broker trusts: {e}")))?;
+    Ok(leaf.as_ref().to_vec())
+}
+
+/// The verifier of client certificates for a PEM CA bundle, as the TLS listener uses it (so
+/// that `verify_client_pem` accepts exactly what a handshake would).
+pub fn client_verifier(
+    client_ca: &[u8],
+) -> Result<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(client_ca) {
-        let c = c.map_err(|e| BrokerError::internal(format!("client CA bundle: {e}")))?;
         roots
-            .add(c)
-            .map_err(|e| BrokerError::internal(format!("client CA bundle: {e}")))?;
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    if roots.is_empty() {
+        return Err("no CA certificate in the bundle".into());
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
         std::sync::Arc::new(roots),
         std::sync::Arc::new(rustls::crypto::ring::default_provider()),
     )
     .build()
-    .map_err(|e| BrokerError::internal(format!("client CA bundle: {e}")))?;
-    verifier
-        .verify_client_cert(leaf, intermediates, UnixTime::now())
-        .map_err(|e| bad(format!("not a client certificate this broker trusts: {e}")))?;
-    Ok(leaf.as_ref().to_vec())
+    .map_err(|e| e.to_string())
 }
 
 /// SHA-256 of a DER certificate, lowercase hex (the form `Node.certificate_sha256` holds).

@@ -141,22 +141,8 @@ impl Files {
             return Err(bad(&self.cert, &"no certificate in the file"));
         }
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(&self.key, &e))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(ca) {
-            roots
-                .add(c.map_err(|e| bad(&self.client_ca, &e))?)
-                .map_err(|e| bad(&self.client_ca, &e))?;
-        }
-        if roots.is_empty() {
-            return Err(bad(&self.client_ca, &"no CA certificate in the file"));
-        }
+        let verifier = crate::pki::client_verifier(ca).map_err(|e| bad(&self.client_ca, &e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| bad(&self.client_ca, &e))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| BrokerError::internal(format!("TLS versions: {e}")))?

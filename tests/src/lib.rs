@@ -189,15 +189,7 @@ impl TestBroker {
     /// Issues, registers in `role` and connects a node.
     pub async fn client_for_role(&self, node: &str, role: NodeRole) -> Result<Client> {
         let dir = self.issue(node, role)?;
-        self.admin()
-            .await?
-            .register_node(RegisterNodeRequest {
-                id: node.into(),
-                name: format!("test node {node}"),
-                role: role as i32,
-                ..Default::default()
-            })
-            .await?;
+        register(&self.admin().await?, node, role).await?;
         Ok(Client::connect(self.client_config(&dir)).await?)
     }
 
@@ -415,6 +407,19 @@ impl CliOutput {
         serde_json::from_str(&self.stdout)
             .with_context(|| format!("stdout is not JSON:\n{}", self.stdout))
     }
+}
+
+/// Registers `node` in `role`, as the admin `admin` (its certificate is made elsewhere).
+pub async fn register(admin: &Client, node: &str, role: NodeRole) -> Result<()> {
+    admin
+        .register_node(RegisterNodeRequest {
+            id: node.into(),
+            name: format!("test node {node}"),
+            role: role as i32,
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
 }
 
 /// Runs the `govshare` CLI against a broker with an identity (off the async workers).

@@ -77,15 +77,7 @@ impl BrokerProcess {
 
     /// Stops it with SIGTERM and returns its exit code.
     pub async fn term(mut self) -> Result<Option<i32>> {
-        let pid = self.child.id().context("already exited")?;
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .await?;
-        if !ok.success() {
-            bail!("kill -TERM {pid} failed");
-        }
+        self.signal("TERM").await?;
         Ok(self.child.wait().await?.code())
     }
 
@@ -99,14 +91,19 @@ impl BrokerProcess {
 
     /// Sends SIGHUP (reload the TLS identity and trust bundle).
     pub async fn hangup(&self) -> Result<()> {
+        self.signal("HUP").await
+    }
+
+    /// Sends the signal `name` (`TERM`, `HUP`) with kill(1).
+    async fn signal(&self, name: &str) -> Result<()> {
         let pid = self.child.id().context("already exited")?;
         let ok = Command::new("kill")
-            .arg("-HUP")
+            .arg(format!("-{name}"))
             .arg(pid.to_string())
             .status()
             .await?;
         if !ok.success() {
-            bail!("kill -HUP {pid} failed");
+            bail!("kill -{name} {pid} failed");
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use govshare_tests::cascade::*;
 use govshare_tests::process::BrokerProcess;
 use govshare_tests::provider::TestProvider;
 use govshare_tests::tlsprobe::{pem_file_der, Probe};
-use govshare_tests::{expect_status, govshare_cli, wait_until, TestBroker};
+use govshare_tests::{expect_status, govshare_cli, register, wait_until, TestBroker};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -127,14 +127,7 @@ async fn the_identity_and_trust_bundle_reload_from_changed_files_while_calls_con
     let hrss = broker.client_for("330000/hrss").await?;
     let admin = broker.admin().await?;
     let foreign = foreign_ca(&broker.data_dir, "330000/visitor")?;
-    admin
-        .register_node(RegisterNodeRequest {
-            id: "330000/visitor".into(),
-            name: "from another CA".into(),
-            role: NodeRole::Department as i32,
-            ..Default::default()
-        })
-        .await?;
+    register(&admin, "330000/visitor", NodeRole::Department).await?;
     let url = broker.url();
     ensure!(
         !can_call(&url, &foreign.identity).await,
@@ -237,14 +230,7 @@ async fn sighup_reloads_the_trust_bundle_of_the_running_binary() -> Result<()> {
     let admin =
         Client::connect(ClientConfig::new(data.join("admin")).with_broker_url(&url)).await?;
     let foreign = foreign_ca(&data, "330000/visitor")?;
-    admin
-        .register_node(RegisterNodeRequest {
-            id: "330000/visitor".into(),
-            name: "from another CA".into(),
-            role: NodeRole::Department as i32,
-            ..Default::default()
-        })
-        .await?;
+    register(&admin, "330000/visitor", NodeRole::Department).await?;
     append(&data.join("tls/ca.pem"), &foreign.ca_pem)?;
     ensure!(
         !can_call(&url, &foreign.identity).await,
@@ -426,14 +412,7 @@ async fn a_registered_child_broker_is_suspended_and_re_pinned_like_a_node() -> R
     })
     .await?;
     let admin = hub.admin().await?;
-    admin
-        .register_node(RegisterNodeRequest {
-            id: "330000/hub".into(),
-            name: "Zhejiang platform".into(),
-            role: NodeRole::Broker as i32,
-            ..Default::default()
-        })
-        .await?;
+    register(&admin, "330000/hub", NodeRole::Broker).await?;
     admin.suspend_node("330000/hub", "link key leaked").await?;
     wait_until(WAIT, "the suspended child's link to drop", || {
         link_is(ServingStatus::NotServing)

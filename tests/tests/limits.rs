@@ -60,16 +60,12 @@ async fn a_node_over_its_connection_cap_is_refused_and_others_are_not() -> Resul
     })
     .await?;
     let dir = broker.issue("330000/greedy", NodeRole::Department)?;
-    broker
-        .admin()
-        .await?
-        .register_node(RegisterNodeRequest {
-            id: "330000/greedy".into(),
-            name: "greedy".into(),
-            role: NodeRole::Department as i32,
-            ..Default::default()
-        })
-        .await?;
+    govshare_tests::register(
+        &broker.admin().await?,
+        "330000/greedy",
+        NodeRole::Department,
+    )
+    .await?;
     // Each SDK client is its own connection.
     let first = broker.connect(&dir).await?;
     let second = broker.connect(&dir).await?;
