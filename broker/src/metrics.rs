@@ -39,6 +39,8 @@ pub const FLUSHES: &str = "govshare_storage_flushes_total";
 pub const DURABLE_WRITES: &str = "govshare_storage_durable_writes_total";
 /// Requests answered by one flush.
 pub const FLUSH_BATCH: &str = "govshare_storage_flush_batch_size";
+/// Writes committed in one transaction by the committer (see `Store::write_grouped`).
+pub const WRITE_GROUP: &str = "govshare_storage_write_group_size";
 /// Time of one flush.
 pub const FLUSH_SECONDS: &str = "govshare_storage_flush_seconds";
 /// Audit entries appended.
@@ -96,6 +98,7 @@ pub const ALL: &[&str] = &[
     FLUSHES,
     DURABLE_WRITES,
     FLUSH_BATCH,
+    WRITE_GROUP,
     FLUSH_SECONDS,
     AUDIT_APPENDS,
     UPTIME,
@@ -129,6 +132,12 @@ pub fn handle() -> &'static PrometheusHandle {
                 metrics_exporter_prometheus::Matcher::Full(FLUSH_BATCH.to_string()),
                 &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(WRITE_GROUP.to_string()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+                )
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new())
             .build_recorder();
         let handle = recorder.handle();
@@ -278,6 +287,10 @@ fn describe() {
     );
     describe_counter!(DURABLE_WRITES, "Writes that waited for a flush.");
     describe_histogram!(FLUSH_BATCH, "Durable writes answered by one flush.");
+    describe_histogram!(
+        WRITE_GROUP,
+        "Writes committed together in one storage transaction."
+    );
     describe_histogram!(FLUSH_SECONDS, Unit::Seconds, "Time of one storage flush.");
     describe_counter!(AUDIT_APPENDS, "Audit log entries appended.");
     describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the broker started.");

@@ -655,24 +655,41 @@ impl Engine {
         };
         let mut outgoing = env.clone();
         outgoing.grant = grant.token.clone();
-        let outcome = store.write(|tx| {
-            if let Some(k) = &dedup_key {
+        let window_ms = self.window_ms();
+        let fed = self.inner.fed.clone();
+        let (consumer_w, exchange_id_w, next_hop_w, dedup_key_w, dest_w) = (
+            consumer.clone(),
+            exchange_id.clone(),
+            next_hop.clone(),
+            dedup_key.clone(),
+            dest.clone(),
+        );
+        // Grouped with other accepts: one sled transaction for many exchanges.
+        let outcome = store.write_grouped_blocking(move |tx| {
+            let (consumer, exchange_id, next_hop, dedup_key, dest) = (
+                &consumer_w,
+                &exchange_id_w,
+                &next_hop_w,
+                &dedup_key_w,
+                &dest_w,
+            );
+            if let Some(k) = dedup_key {
                 if let Some(raw) = tx.get_raw(T::Dedup, k)? {
                     let d = DedupRecord::decode(raw.as_ref())?;
-                    if now - d.at_ms <= self.window_ms() {
+                    if now - d.at_ms <= window_ms {
                         return Ok((Err(d.exchange_id), vec![]));
                     }
                 }
             }
             if own_quota {
                 if let Some(d) = take_quota(tx, &grant, &quota_key)? {
-                    let mut e = exchange_entry("exchange_denied", &consumer, &env);
+                    let mut e = exchange_entry("exchange_denied", consumer, &env);
                     e.reason = format!("{}: {}", d.rule, d.detail);
                     return Ok((Ok(Some(d)), vec![e]));
                 }
             }
-            if let Some(peer) = &next_hop {
-                self.inner.fed.put_outbox(
+            if let Some(peer) = next_hop {
+                fed.put_outbox(
                     tx,
                     peer,
                     govshare_proto::v1::link_frame::Body::Exchange(outgoing.clone()),
@@ -680,21 +697,21 @@ impl Engine {
             }
             let mut rec = record.clone();
             rec.bytes = bytes;
-            tx.put(T::Exchanges, &exchange_id, &rec)?;
+            tx.put(T::Exchanges, exchange_id, &rec)?;
             tx.put_raw(
                 T::Queue,
-                &seq_key(&dest, rec.queue_seq),
+                &seq_key(dest, rec.queue_seq),
                 exchange_id.as_bytes(),
             )?;
-            if let Some(k) = &dedup_key {
+            if let Some(k) = dedup_key {
                 let d = DedupRecord {
                     exchange_id: exchange_id.clone(),
                     at_ms: now,
                 };
                 tx.put_raw(T::Dedup, k, &d.encode_to_vec())?;
             }
-            let mut e = exchange_entry("exchange_accepted", &consumer, &env);
-            e.reason = match (&next_hop, sync) {
+            let mut e = exchange_entry("exchange_accepted", consumer, &env);
+            e.reason = match (next_hop, sync) {
                 (None, true) => "request".into(),
                 (None, false) => "submit".into(),
                 (Some(p), s) => format!(
@@ -1119,9 +1136,10 @@ impl Engine {
         }
         // Refused up front after a storage failure, so that an Ack of nothing cannot succeed.
         self.inner.store.check()?;
-        let store = self.inner.store.clone();
-        let n = store::blocking(move || {
-            store.write(|tx| {
+        // Grouped with other releases and accepts: one sled transaction for many.
+        self.inner
+            .store
+            .write_grouped(move |tx| {
                 let mut n = 0;
                 for id in &ids {
                     let Some(r) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
@@ -1142,9 +1160,7 @@ impl Engine {
                 }
                 Ok((n, vec![]))
             })
-        })
-        .await?;
-        Ok(n)
+            .await
     }
 
     /// Streams the caller's ended, unacknowledged exchanges: those waiting, then as they end,
