@@ -52,6 +52,9 @@ struct Ledger {
     shown: HashMap<String, Vec<String>>,
     /// Exchange ids whose Ack succeeded.
     acked: HashSet<String>,
+    /// Exchange ids whose Ack failed because the broker died under it: the release may still
+    /// have reached the disk before the reply was lost, so they may never be shown again.
+    ack_failed: HashSet<String>,
     /// Results shown after their Ack had succeeded: must stay empty.
     reshown_after_ack: Vec<String>,
     /// Results that were not ANSWERED, or answered someone else's query.
@@ -257,7 +260,12 @@ async fn run(
                                     l.acked.insert(id);
                                 }
                             }
-                            Err(_) => break, // not acked: these may be shown again, which is allowed
+                            Err(_) => {
+                                // Not acked, as far as we know: these may be shown again,
+                                // which is allowed, or may have been released.
+                                lock(&ledger).ack_failed.extend(batch.drain(..));
+                                break;
+                            }
                         }
                     }
                 }
@@ -326,13 +334,43 @@ async fn run(
     }
     gate_tx.send(true)?;
     let l2 = ledger.clone();
+    let mut urls = url_rx.clone();
+    let checker = connect(&mut urls, civil_dir).await;
     wait_until(
         Duration::from_secs(120),
         "every accepted exchange to be answered and acked",
         || {
-            let l = lock(&l2);
-            let done = l.accepted.values().all(|id| l.acked.contains(id));
-            async move { Ok(done.then_some(())) }
+            let (pending, unsure): (Vec<String>, bool) = {
+                let l = lock(&l2);
+                let pending: Vec<String> = l
+                    .accepted
+                    .values()
+                    .filter(|id| !l.acked.contains(*id))
+                    .cloned()
+                    .collect();
+                let unsure = pending
+                    .iter()
+                    .all(|id| l.ack_failed.contains(id) && l.shown.contains_key(id));
+                (pending, unsure)
+            };
+            let c = &checker;
+            async move {
+                if pending.is_empty() {
+                    return Ok(Some(()));
+                }
+                if !unsure {
+                    return Ok(None);
+                }
+                // Each one left was shown, and its Ack was cut off by a kill: done if the
+                // broker no longer holds it (the release was written before the kill).
+                for id in &pending {
+                    match c.get_exchange(id.clone(), false).await {
+                        Err(e) if e.code() == Some(tonic::Code::NotFound) => {}
+                        _ => return Ok(None),
+                    }
+                }
+                Ok(Some(()))
+            }
         },
     )
     .await

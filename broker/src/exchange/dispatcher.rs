@@ -823,32 +823,44 @@ impl Actor {
 
     /// Writes the deliveries staged in this batch in one transaction, then sends their
     /// requests. If the write fails, they go back to the front of their queues.
+    /// The batch's ends are written in the same transaction, after its deliveries: every sled
+    /// transaction seals and writes an I/O buffer of its own, so one per batch, not two.
     fn commit(&mut self) {
-        self.commit_deliveries();
-        self.commit_ends();
-    }
-
-    /// Writes the staged deliveries (see [`Actor::commit`]).
-    fn commit_deliveries(&mut self) {
-        if self.staged.is_empty() {
+        if self.staged.is_empty() && self.ending.is_empty() {
             return;
         }
         let staged = std::mem::take(&mut self.staged);
+        let ending = std::mem::take(&mut self.ending);
         let store = self.engine.store().clone();
+        let now = now_ms();
         let written = store.write(|tx| {
+            let mut entries: Vec<_> = staged.iter().map(|s| s.audit.clone()).collect();
             for s in &staged {
                 tx.put(T::Exchanges, &s.id, &s.rec)?;
                 tx.put(T::InFlight, &s.id, &s.in_flight)?;
             }
-            Ok(((), staged.iter().map(|s| s.audit.clone()).collect()))
+            let mut outs = Vec::with_capacity(ending.len());
+            for x in &ending {
+                let (o, mut e) = self.end_one(tx, x, now)?;
+                outs.push(o);
+                entries.append(&mut e);
+            }
+            Ok((outs, entries))
         });
-        match written {
-            Ok(()) => {
+        let failed = written.as_ref().err().cloned();
+        self.deliveries_written(staged, failed.clone());
+        self.ends_written(ending, written, now);
+    }
+
+    /// Sends the requests of written deliveries, or puts them back if the write failed.
+    fn deliveries_written(&mut self, staged: Vec<Staged>, failed: Option<BrokerError>) {
+        match failed {
+            None => {
                 for s in staged {
                     s.permit.send(Ok(s.msg));
                 }
             }
-            Err(e) => {
+            Some(e) => {
                 tracing::error!(error = %e, deliveries = staged.len(), "cannot record deliveries; will retry");
                 for s in staged {
                     drop(s.permit);
@@ -996,9 +1008,8 @@ impl Actor {
 
     /// Ends an exchange durably (written now, flushed with the batch) and releases it.
     fn end(&mut self, id: &str, end: End) {
-        // Staged deliveries first: one of them may be this exchange, and its write must not
-        // land after the end's.
-        self.commit_deliveries();
+        // A staged delivery of this exchange is written before its end: `commit` writes the
+        // batch's deliveries first, in the same transaction.
         if self.ending.iter().any(|e| e.id == id) {
             return; // already ending in this batch
         }
@@ -1036,16 +1047,15 @@ impl Actor {
     }
 
     /// Writes every end staged in this batch in one transaction, then releases them.
-    fn commit_ends(&mut self) {
-        if self.ending.is_empty() {
-            return;
-        }
-        let ending = std::mem::take(&mut self.ending);
-        let store = self.engine.store().clone();
-        let now = now_ms();
-        let one = |tx: &crate::store::Tx<'_>,
-                   x: &Ending|
-         -> Result<(Released, Vec<govshare_proto::v1::AuditEntry>)> {
+    /// Writes one end inside the batch's transaction (see [`Actor::commit`]).
+    fn end_one(
+        &self,
+        tx: &crate::store::Tx<'_>,
+        x: &Ending,
+        now: i64,
+    ) -> Result<(Released, Vec<govshare_proto::v1::AuditEntry>)> {
+        let store = self.engine.store();
+        {
             let (id, end, result_seq, back) = (x.id.as_str(), &x.end, x.result_seq, &x.back);
             let Some(mut rec) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
                 return Ok((None, vec![]));
@@ -1175,17 +1185,14 @@ impl Actor {
                 )),
                 vec![e],
             ))
-        };
-        let written = store.write(|tx| {
-            let mut outs = Vec::with_capacity(ending.len());
-            let mut entries = Vec::new();
-            for x in &ending {
-                let (o, mut e) = one(tx, x)?;
-                outs.push(o);
-                entries.append(&mut e);
-            }
-            Ok((outs, entries))
-        });
+        }
+    }
+
+    /// After the batch's transaction: tells of the ends written, or puts them back.
+    fn ends_written(&mut self, ending: Vec<Ending>, written: Result<Vec<Released>>, now: i64) {
+        if ending.is_empty() {
+            return;
+        }
         let outs = match written {
             Ok(o) => {
                 let waiting = std::mem::take(&mut self.after_commit);
