@@ -725,21 +725,138 @@ fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Box<dyn Job>>) {
             }
         }
         metrics::histogram!(crate::metrics::WRITE_GROUP).record(batch.len() as f64);
-        match core.transact_group(&mut batch) {
-            Ok(()) => batch.drain(..).for_each(|j| j.finish(Ok(()))),
-            // A failed disk fails them all; so does the one write's own refusal.
-            Err(e) if batch.len() == 1 || core.failure.error().is_some() => {
-                batch.drain(..).for_each(|j| j.finish(Err(e.clone())))
-            }
-            // One write refused itself (a denial, a conflict it checks for): the group was
-            // undone, so each runs alone and the others are not refused with it.
-            Err(_) => {
-                for mut j in batch.drain(..) {
-                    let r = core.transact_group(std::slice::from_mut(&mut j));
-                    j.finish(r);
-                }
+        commit_group(&core, &mut batch);
+    }
+}
+
+/// Commits a group of writes in one transaction and answers each of them.
+fn commit_group(core: &Core, batch: &mut Vec<Box<dyn Job>>) {
+    match core.transact_group(batch) {
+        Ok(()) => batch.drain(..).for_each(|j| j.finish(Ok(()))),
+        // A failed disk fails them all; so does the one write's own refusal.
+        Err(e) if batch.len() == 1 || core.failure.error().is_some() => {
+            batch.drain(..).for_each(|j| j.finish(Err(e.clone())))
+        }
+        // One write refused itself (a denial, a conflict it checks for): the group was
+        // undone, so each runs alone and the others are not refused with it.
+        Err(_) => {
+            for mut j in batch.drain(..) {
+                let r = core.transact_group(std::slice::from_mut(&mut j));
+                j.finish(r);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(reason: &str) -> AuditEntry {
+        let mut e = audit::entry("test_write", "330000/hub");
+        e.reason = reason.to_string();
+        e
+    }
+
+    /// A grouped write that puts `key` and, when `refuse`, then refuses itself.
+    fn job(
+        key: &'static str,
+        refuse: bool,
+    ) -> (Box<dyn Job>, oneshot::Receiver<Result<&'static str>>) {
+        let (reply, rx) = oneshot::channel();
+        let f = move |tx: &Tx<'_>| {
+            tx.put_raw(T::Meta, key.as_bytes(), b"v")?;
+            if refuse {
+                return Err(BrokerError::invalid(format!("{key} refused")));
+            }
+            Ok((key, vec![entry(key)]))
+        };
+        (
+            Box::new(Grouped {
+                f,
+                out: None,
+                reply,
+            }),
+            rx,
+        )
+    }
+
+    #[test]
+    fn one_refused_write_undoes_only_itself_and_the_chain_stays_whole() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
+        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let core = store.inner.core.clone();
+        let (a, ra) = job("a", false);
+        let (b, rb) = job("b", true);
+        let (c, rc) = job("c", false);
+        let mut batch = vec![a, b, c];
+        commit_group(&core, &mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(ra.blocking_recv().ok(), Some(Ok("a")));
+        assert_eq!(
+            rb.blocking_recv().ok(),
+            Some(Err(BrokerError::invalid("b refused")))
+        );
+        assert_eq!(rc.blocking_recv().ok(), Some(Ok("c")));
+        let meta = store.tree(T::Meta);
+        assert!(meta.get("a")?.is_some() && meta.get("c")?.is_some());
+        // The refused write's own put was undone with it.
+        assert!(meta.get("b")?.is_none());
+        // Two entries, one per committed write, chained without a gap.
+        assert_eq!(
+            audit::verify(store.tree(T::Audit))?,
+            audit::VerifyOutcome::Ok(2)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_group_commits_as_one_and_each_write_sees_those_before_it() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
+        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let core = store.inner.core.clone();
+        let (a, ra) = job("a", false);
+        let (reply, rseen) = oneshot::channel();
+        let seen: Box<dyn Job> = Box::new(Grouped {
+            f: |tx: &Tx<'_>| Ok((tx.get_raw(T::Meta, b"a")?.is_some(), vec![])),
+            out: None,
+            reply,
+        });
+        let mut batch = vec![a, seen];
+        commit_group(&core, &mut batch);
+        assert_eq!(ra.blocking_recv().ok(), Some(Ok("a")));
+        assert_eq!(rseen.blocking_recv().ok(), Some(Ok(true)));
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grouped_writes_from_many_tasks_all_commit() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
+        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.write_grouped(move |tx| {
+                    tx.put_raw(T::Meta, format!("k{i}").as_bytes(), b"v")?;
+                    Ok((i, vec![entry("grouped")]))
+                })
+                .await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            let got = t
+                .await
+                .map_err(|e| BrokerError::internal(e.to_string()))??;
+            assert_eq!(got as usize, i);
+        }
+        store.durable().await?;
+        assert_eq!(store.tree(T::Meta).len(), 200);
+        assert_eq!(
+            audit::verify(store.tree(T::Audit))?,
+            audit::VerifyOutcome::Ok(200)
+        );
+        Ok(())
     }
 }
 
