@@ -700,7 +700,6 @@ impl Actor {
         Ok(grant)
     }
 
-    /// Hands one exchange to one instance.
     /// Hands one exchange to one instance; false when storage failed and dispatch should pause.
     fn deliver(&mut self, id: &str, instance: u64) -> bool {
         let Some(mut rec) = self.load(id) else {
@@ -821,10 +820,10 @@ impl Actor {
         true
     }
 
-    /// Writes the deliveries staged in this batch in one transaction, then sends their
-    /// requests. If the write fails, they go back to the front of their queues.
-    /// The batch's ends are written in the same transaction, after its deliveries: every sled
-    /// transaction seals and writes an I/O buffer of its own, so one per batch, not two.
+    /// Writes the deliveries and then the ends staged in this batch in one transaction (every
+    /// sled transaction seals and writes an I/O buffer of its own, so one per batch), then
+    /// sends the deliveries' requests and releases the ends. If the write fails, both go back
+    /// to the front of their queues.
     fn commit(&mut self) {
         if self.staged.is_empty() && self.ending.is_empty() {
             return;
@@ -1046,7 +1045,6 @@ impl Actor {
         });
     }
 
-    /// Writes every end staged in this batch in one transaction, then releases them.
     /// Writes one end inside the batch's transaction (see [`Actor::commit`]).
     fn end_one(
         &self,
@@ -1055,137 +1053,135 @@ impl Actor {
         now: i64,
     ) -> Result<(Released, Vec<govshare_proto::v1::AuditEntry>)> {
         let store = self.engine.store();
-        {
-            let (id, end, result_seq, back) = (x.id.as_str(), &x.end, x.result_seq, &x.back);
-            let Some(mut rec) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
-                return Ok((None, vec![]));
-            };
-            if rec.finished() {
-                return Ok((None, vec![]));
-            }
-            let env = rec.envelope.clone().unwrap_or_default();
-            let req = env.request.clone().unwrap_or_default();
-            let result = ExchangeResult {
-                exchange_id: id.to_string(),
-                state: end.state as i32,
-                rows: end.rows.clone(),
-                error: (end.code != 0).then(|| ErrorStatus {
-                    code: end.code,
-                    message: end.message.clone(),
-                }),
-                dataset_id: req.dataset_id.clone(),
-                grant_id: req.grant_id.clone(),
-                trace_id: req.trace_id.clone(),
-                accepted_at: env.accepted_at,
-                finished_at: Some(ts(now)),
-                masked_fields: end.masked.clone(),
-                dropped_fields: end.dropped.clone(),
-                trail: {
-                    let mut t = end.trail.clone().unwrap_or_else(|| env.trail.clone());
-                    // This broker's own hop number (0 at the consumer's home broker).
-                    let hop = t
-                        .iter()
-                        .find(|r| r.broker == store.broker_id())
-                        .or(t.last())
-                        .map(|r| r.hop)
-                        .unwrap_or(0);
-                    t.push(self.engine.key().receipt(
-                        id,
-                        hop,
-                        end.decision.trim_start_matches("exchange_"),
-                        now,
-                    ));
-                    t
-                },
-                truncated: end.truncated,
-            };
-            rec.state = end.state as i32;
-            rec.result = Some(result.clone());
-            rec.result_seq = result_seq;
-            tx.unmark(T::Queue, &seq_key(&rec.dest, rec.queue_seq))?;
-            tx.unmark(T::InFlight, id.as_bytes())?;
-            if env.origin_broker != store.broker_id() {
-                // The consumer is on another broker: the result travels back over the links,
-                // and this broker lets go of the exchange (its id stays marked as handled).
-                if let Some(crate::federation::Route::Via(peer)) = &back {
-                    self.engine.fed().put_outbox(
-                        tx,
-                        peer,
-                        govshare_proto::v1::link_frame::Body::Result(
-                            govshare_proto::v1::ResultEnvelope {
-                                result: Some(result.clone()),
-                                origin_broker: env.origin_broker.clone(),
-                                consumer: env.consumer.clone(),
-                            },
-                        ),
-                    )?;
-                    tx.unmark(T::Exchanges, id.as_bytes())?;
-                    let seen = super::record::DedupRecord {
-                        exchange_id: id.to_string(),
-                        at_ms: now,
-                    };
-                    tx.put_raw(
-                        T::Dedup,
-                        &crate::store::index_key("#hop", id),
-                        &seen.encode_to_vec(),
-                    )?;
-                    let mut e = exchange_entry(end.decision, store.broker_id(), &env);
-                    e.reason = if end.message.is_empty() {
-                        format!(
-                            "rows: {}; result sent toward {}",
-                            end.rows.len(),
-                            env.origin_broker
-                        )
-                    } else {
-                        end.message.clone()
-                    };
-                    return Ok((
-                        Some((
-                            env.consumer.clone(),
-                            rec.dest.clone(),
-                            rec.bytes,
-                            result,
-                            false,
-                            Some(peer.clone()),
-                        )),
-                        vec![e],
-                    ));
-                }
-                tracing::error!(exchange = id, consumer = %env.consumer, "no route back to the consumer's broker; the result stays here");
-            }
-            tx.put_raw(
-                T::Results,
-                &seq_key(&env.consumer, result_seq),
-                id.as_bytes(),
-            )?;
-            if let Some(reason) = &end.dead_letter {
-                let dl = DeadLetter {
-                    exchange: Some(env.clone()),
-                    reason: reason.clone(),
-                    at: Some(ts(now)),
-                    deliveries: rec.deliveries,
-                };
-                tx.put(T::DeadLetters, id, &dl)?;
-            }
-            tx.put(T::Exchanges, id, &rec)?;
-            let mut e = exchange_entry(end.decision, store.broker_id(), &env);
-            e.reason = if end.message.is_empty() {
-                format!("rows: {}", end.rows.len())
-            } else {
-                end.message.clone()
-            };
-            Ok((
-                Some((
-                    env.consumer.clone(),
-                    rec.dest.clone(),
-                    rec.bytes,
-                    result,
-                    rec.sync,
-                    None,
-                )),
-                vec![e],
-            ))
+        let (id, end, result_seq, back) = (x.id.as_str(), &x.end, x.result_seq, &x.back);
+        let Some(mut rec) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
+            return Ok((None, vec![]));
+        };
+        if rec.finished() {
+            return Ok((None, vec![]));
         }
+        let env = rec.envelope.clone().unwrap_or_default();
+        let req = env.request.clone().unwrap_or_default();
+        let result = ExchangeResult {
+            exchange_id: id.to_string(),
+            state: end.state as i32,
+            rows: end.rows.clone(),
+            error: (end.code != 0).then(|| ErrorStatus {
+                code: end.code,
+                message: end.message.clone(),
+            }),
+            dataset_id: req.dataset_id.clone(),
+            grant_id: req.grant_id.clone(),
+            trace_id: req.trace_id.clone(),
+            accepted_at: env.accepted_at,
+            finished_at: Some(ts(now)),
+            masked_fields: end.masked.clone(),
+            dropped_fields: end.dropped.clone(),
+            trail: {
+                let mut t = end.trail.clone().unwrap_or_else(|| env.trail.clone());
+                // This broker's own hop number (0 at the consumer's home broker).
+                let hop = t
+                    .iter()
+                    .find(|r| r.broker == store.broker_id())
+                    .or(t.last())
+                    .map(|r| r.hop)
+                    .unwrap_or(0);
+                t.push(self.engine.key().receipt(
+                    id,
+                    hop,
+                    end.decision.trim_start_matches("exchange_"),
+                    now,
+                ));
+                t
+            },
+            truncated: end.truncated,
+        };
+        rec.state = end.state as i32;
+        rec.result = Some(result.clone());
+        rec.result_seq = result_seq;
+        tx.unmark(T::Queue, &seq_key(&rec.dest, rec.queue_seq))?;
+        tx.unmark(T::InFlight, id.as_bytes())?;
+        if env.origin_broker != store.broker_id() {
+            // The consumer is on another broker: the result travels back over the links,
+            // and this broker lets go of the exchange (its id stays marked as handled).
+            if let Some(crate::federation::Route::Via(peer)) = &back {
+                self.engine.fed().put_outbox(
+                    tx,
+                    peer,
+                    govshare_proto::v1::link_frame::Body::Result(
+                        govshare_proto::v1::ResultEnvelope {
+                            result: Some(result.clone()),
+                            origin_broker: env.origin_broker.clone(),
+                            consumer: env.consumer.clone(),
+                        },
+                    ),
+                )?;
+                tx.unmark(T::Exchanges, id.as_bytes())?;
+                let seen = super::record::DedupRecord {
+                    exchange_id: id.to_string(),
+                    at_ms: now,
+                };
+                tx.put_raw(
+                    T::Dedup,
+                    &crate::store::index_key("#hop", id),
+                    &seen.encode_to_vec(),
+                )?;
+                let mut e = exchange_entry(end.decision, store.broker_id(), &env);
+                e.reason = if end.message.is_empty() {
+                    format!(
+                        "rows: {}; result sent toward {}",
+                        end.rows.len(),
+                        env.origin_broker
+                    )
+                } else {
+                    end.message.clone()
+                };
+                return Ok((
+                    Some((
+                        env.consumer.clone(),
+                        rec.dest.clone(),
+                        rec.bytes,
+                        result,
+                        false,
+                        Some(peer.clone()),
+                    )),
+                    vec![e],
+                ));
+            }
+            tracing::error!(exchange = id, consumer = %env.consumer, "no route back to the consumer's broker; the result stays here");
+        }
+        tx.put_raw(
+            T::Results,
+            &seq_key(&env.consumer, result_seq),
+            id.as_bytes(),
+        )?;
+        if let Some(reason) = &end.dead_letter {
+            let dl = DeadLetter {
+                exchange: Some(env.clone()),
+                reason: reason.clone(),
+                at: Some(ts(now)),
+                deliveries: rec.deliveries,
+            };
+            tx.put(T::DeadLetters, id, &dl)?;
+        }
+        tx.put(T::Exchanges, id, &rec)?;
+        let mut e = exchange_entry(end.decision, store.broker_id(), &env);
+        e.reason = if end.message.is_empty() {
+            format!("rows: {}", end.rows.len())
+        } else {
+            end.message.clone()
+        };
+        Ok((
+            Some((
+                env.consumer.clone(),
+                rec.dest.clone(),
+                rec.bytes,
+                result,
+                rec.sync,
+                None,
+            )),
+            vec![e],
+        ))
     }
 
     /// After the batch's transaction: tells of the ends written, or puts them back.
