@@ -265,8 +265,12 @@ impl Drop for Inner {
     fn drop(&mut self) {
         drop(self.commit_tx.take());
         if let Some(h) = self.committer.take() {
-            // Like the flusher below: after a failure sled may never return to it.
-            if self.failure.error().is_none() || h.is_finished() {
+            // Like the flusher below: after a failure sled may never return to it. And a
+            // grouped write may hold a store handle (through `Fed`), so the last handle can
+            // be dropped on the committer itself, which must not join itself (that panics);
+            // its loop ends by itself once the channel is closed.
+            let own = h.thread().id() == std::thread::current().id();
+            if !own && (self.failure.error().is_none() || h.is_finished()) {
                 let _ = h.join();
             }
         }
@@ -826,6 +830,61 @@ mod tests {
         commit_group(&core, &mut batch);
         assert_eq!(ra.blocking_recv().ok(), Some(Ok("a")));
         assert_eq!(rseen.blocking_recv().ok(), Some(Ok(true)));
+        Ok(())
+    }
+
+    #[test]
+    fn the_last_handle_may_be_dropped_by_the_committer_itself() -> Result<()> {
+        use std::sync::atomic::AtomicBool;
+        static COMMITTER_PANICKED: AtomicBool = AtomicBool::new(false);
+        let previous = Arc::new(std::panic::take_hook());
+        let chained = previous.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() == Some("govshare-commit") {
+                COMMITTER_PANICKED.store(true, Ordering::SeqCst);
+            }
+            chained(info);
+        }));
+        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
+        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        // Hands a write to the committer (one poll sends it), then lets go of the caller.
+        let hand_over =
+            |f: std::pin::Pin<&mut (dyn std::future::Future<Output = Result<()>> + '_)>| {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                assert!(f.poll(&mut cx).is_pending());
+            };
+        // The first write holds the committer until the test has let go of its handle.
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let g = gate.clone();
+        hand_over(std::pin::pin!(store.write_grouped(move |_| {
+            g.wait();
+            Ok(((), vec![]))
+        })));
+        // The second holds a handle, as an accept does through `Fed`: the last one, once the
+        // test drops its own, so the committer drops the store when it is done with it.
+        let held = store.clone();
+        hand_over(std::pin::pin!(store.write_grouped(move |_| {
+            let _keep = &held;
+            Ok(((), vec![]))
+        })));
+        drop(store);
+        gate.wait();
+        // The store is gone once its file lock is free.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut reopened = None;
+        while reopened.is_none() && std::time::Instant::now() < deadline {
+            reopened = Store::open(dir.path(), 1 << 20, "330000/hub").ok();
+            if reopened.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        let _ = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| previous(info)));
+        assert!(reopened.is_some(), "the store was never released");
+        assert!(
+            !COMMITTER_PANICKED.load(Ordering::SeqCst),
+            "the committer panicked dropping the last handle"
+        );
         Ok(())
     }
 
