@@ -464,13 +464,9 @@ impl Store {
         f: impl Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
     ) -> Result<R> {
         self.check()?;
-        let (reply, rx) = oneshot::channel();
+        let (job, rx) = Grouped::job(f);
         self.committer()?
-            .send(Box::new(Grouped {
-                f,
-                out: None,
-                reply,
-            }))
+            .send(job)
             .await
             .map_err(|_| shutting_down())?;
         rx.await.map_err(|_| shutting_down())?
@@ -482,13 +478,9 @@ impl Store {
         f: impl Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
     ) -> Result<R> {
         self.check()?;
-        let (reply, rx) = oneshot::channel();
+        let (job, rx) = Grouped::job(f);
         self.committer()?
-            .blocking_send(Box::new(Grouped {
-                f,
-                out: None,
-                reply,
-            }))
+            .blocking_send(job)
             .map_err(|_| shutting_down())?;
         rx.blocking_recv().map_err(|_| shutting_down())?
     }
@@ -691,6 +683,23 @@ struct Grouped<R, F> {
     reply: oneshot::Sender<Result<R>>,
 }
 
+impl<R, F> Grouped<R, F>
+where
+    R: Send + 'static,
+    F: Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
+{
+    /// The job for the committer, and where its result will come.
+    fn job(f: F) -> (Box<dyn Job>, oneshot::Receiver<Result<R>>) {
+        let (reply, rx) = oneshot::channel();
+        let job = Box::new(Self {
+            f,
+            out: None,
+            reply,
+        });
+        (job, rx)
+    }
+}
+
 impl<R, F> Job for Grouped<R, F>
 where
     R: Send,
@@ -767,22 +776,13 @@ mod tests {
         key: &'static str,
         refuse: bool,
     ) -> (Box<dyn Job>, oneshot::Receiver<Result<&'static str>>) {
-        let (reply, rx) = oneshot::channel();
-        let f = move |tx: &Tx<'_>| {
+        Grouped::job(move |tx: &Tx<'_>| {
             tx.put_raw(T::Meta, key.as_bytes(), b"v")?;
             if refuse {
                 return Err(BrokerError::invalid(format!("{key} refused")));
             }
             Ok((key, vec![entry(key)]))
-        };
-        (
-            Box::new(Grouped {
-                f,
-                out: None,
-                reply,
-            }),
-            rx,
-        )
+        })
     }
 
     #[test]
@@ -820,12 +820,8 @@ mod tests {
         let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
         let core = store.inner.core.clone();
         let (a, ra) = job("a", false);
-        let (reply, rseen) = oneshot::channel();
-        let seen: Box<dyn Job> = Box::new(Grouped {
-            f: |tx: &Tx<'_>| Ok((tx.get_raw(T::Meta, b"a")?.is_some(), vec![])),
-            out: None,
-            reply,
-        });
+        let (seen, rseen) =
+            Grouped::job(|tx: &Tx<'_>| Ok((tx.get_raw(T::Meta, b"a")?.is_some(), vec![])));
         let mut batch = vec![a, seen];
         commit_group(&core, &mut batch);
         assert_eq!(ra.blocking_recv().ok(), Some(Ok("a")));

@@ -847,7 +847,7 @@ impl Actor {
             Ok((outs, entries))
         });
         let failed = written.as_ref().err().cloned();
-        self.deliveries_written(staged, failed.clone());
+        self.deliveries_written(staged, failed);
         self.ends_written(ending, written, now);
     }
 
