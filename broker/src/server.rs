@@ -77,6 +77,9 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     let admin = cfg.broker.admin_id.clone();
     let store = store::blocking(move || {
         let s = Store::open(&db_path, cache, &id)?;
+        if s.begin_run()? {
+            tracing::warn!("the last run did not stop cleanly; checking the exchange indexes");
+        }
         s.set_min_free(min_free);
         crate::registry::Registry::new(s.clone()).bootstrap(&id, &admin)?;
         Ok(s)
@@ -385,7 +388,7 @@ impl RunningBroker {
             }
             // The last handle: flushing and dropping it on a blocking thread joins the flusher.
             store::blocking(move || {
-                store.flush_blocking()?;
+                store.end_run_blocking()?;
                 drop(store);
                 Ok(())
             })

@@ -213,6 +213,8 @@ struct Inner {
     stats: Arc<FlushStats>,
     /// Set once by the first storage I/O failure; see [`Failure`].
     failure: Arc<Failure>,
+    /// True when [`Store::begin_run`] found that the last run did not stop cleanly.
+    unclean: std::sync::atomic::AtomicBool,
 }
 
 /// Fail-stop after a storage I/O error (a full disk, above all). sled 0.34.7 cannot go on
@@ -398,6 +400,7 @@ impl Store {
                 stats,
                 failure,
                 space,
+                unclean: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -465,11 +468,19 @@ impl Store {
     ) -> Result<R> {
         self.check()?;
         let (job, rx) = Grouped::job(f);
-        self.committer()?
-            .send(job)
-            .await
-            .map_err(|_| shutting_down())?;
-        rx.await.map_err(|_| shutting_down())?
+        let committer = self.committer()?;
+        // After a failure sled may hold the committer for good (see `Failure`): a write waiting
+        // for it, to hand over or for its answer, is refused then rather than left hanging.
+        let mut failed = self.inner.failure.tx.subscribe();
+        let handed = async {
+            committer.send(job).await.map_err(|_| shutting_down())?;
+            rx.await.map_err(|_| shutting_down())?
+        };
+        tokio::select! {
+            biased;
+            r = handed => r,
+            _ = failed.wait_for(Option::is_some) => Err(self.check().err().unwrap_or_else(shutting_down)),
+        }
     }
 
     /// [`Store::write_grouped`] from a blocking thread (never from an async task).
@@ -477,12 +488,7 @@ impl Store {
         &self,
         f: impl Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
     ) -> Result<R> {
-        self.check()?;
-        let (job, rx) = Grouped::job(f);
-        self.committer()?
-            .blocking_send(job)
-            .map_err(|_| shutting_down())?;
-        rx.blocking_recv().map_err(|_| shutting_down())?
+        futures::executor::block_on(self.write_grouped(f))
     }
 
     fn committer(&self) -> Result<&mpsc::Sender<Box<dyn Job>>> {
@@ -579,6 +585,30 @@ impl Store {
         Ok(())
     }
 
+    /// Marks the database as in use by a running broker (blocking; durable with the next
+    /// flush). Answers, and remembers for [`Store::unclean_start`], whether the previous run
+    /// ended without [`Store::end_run_blocking`]: a crash, a kill, or a storage failure.
+    pub fn begin_run(&self) -> Result<bool> {
+        self.check()?;
+        let unclean = self.tree(T::Meta).insert(RUNNING, &b"1"[..])?.is_some();
+        self.inner.unclean.store(unclean, Ordering::Relaxed);
+        Ok(unclean)
+    }
+
+    /// True when the previous run did not stop cleanly (see [`Store::begin_run`]): a sled
+    /// write that failed half-way (a full disk) can have left one tree written and not the
+    /// next, so recovery checks the exchange indexes against their records.
+    pub fn unclean_start(&self) -> bool {
+        self.inner.unclean.load(Ordering::Relaxed)
+    }
+
+    /// Marks a clean stop and flushes (blocking): the last thing a broker does with the store.
+    pub fn end_run_blocking(&self) -> Result<()> {
+        self.check()?;
+        self.tree(T::Meta).remove(RUNNING)?;
+        self.flush_blocking()
+    }
+
     /// A new id, unique and increasing across restarts (for queue and result order).
     pub fn next_id(&self) -> Result<u64> {
         Ok(self.inner.db.generate_id()?)
@@ -599,6 +629,9 @@ impl Store {
         &self.inner.core.broker_id
     }
 }
+
+/// The `meta` key present while a broker runs on the database (see [`Store::begin_run`]).
+const RUNNING: &[u8] = b"running";
 
 fn shutting_down() -> BrokerError {
     BrokerError::Unavailable("storage is shutting down".into())
@@ -911,6 +944,64 @@ mod tests {
             audit::verify(store.tree(T::Audit))?,
             audit::VerifyOutcome::Ok(200)
         );
+        Ok(())
+    }
+
+    // After a failure sled may keep the committer inside a transaction for good (see
+    // `Failure`); a write waiting behind it is refused with the failure, not left hanging.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_behind_a_stuck_committer_is_refused_once_storage_fails() -> Result<()> {
+        let wait = std::time::Duration::from_secs(10);
+        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
+        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let (entered_tx, entered_rx) = oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new((Some(entered_tx), release_rx)));
+        let stuck = {
+            let s = store.clone();
+            tokio::spawn(async move {
+                s.write_grouped(move |_tx| {
+                    let mut g = gate.lock().map_err(|_| BrokerError::internal("gate"))?;
+                    if let Some(t) = g.0.take() {
+                        let _ = t.send(());
+                    }
+                    let _ = g.1.recv_timeout(std::time::Duration::from_secs(30));
+                    Ok(((), vec![]))
+                })
+                .await
+            })
+        };
+        tokio::time::timeout(wait, entered_rx)
+            .await
+            .map_err(|_| BrokerError::internal("the committer never ran the first write"))?
+            .map_err(|_| BrokerError::internal("the first write was dropped"))?;
+        let behind = {
+            let s = store.clone();
+            tokio::spawn(async move { s.write_grouped(|_tx| Ok(((), vec![]))).await })
+        };
+        // Handed over: it waits in the committer's channel.
+        let channel = store.committer()?.clone();
+        let since = std::time::Instant::now();
+        while channel.capacity() == channel.max_capacity() {
+            assert!(
+                since.elapsed() < wait,
+                "the second write was never handed over"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        store.inner.failure.record("test: the disk failed".into());
+        let refused = tokio::time::timeout(wait, behind)
+            .await
+            .map_err(|_| BrokerError::internal("the write behind the stuck one hung"))?
+            .map_err(|e| BrokerError::internal(e.to_string()))?;
+        assert!(
+            matches!(&refused, Err(BrokerError::Unavailable(m)) if m.contains("the disk failed")),
+            "{refused:?}"
+        );
+        // Lets the committer go, so that the store can be dropped.
+        drop(channel);
+        let _ = release_tx.send(());
+        let _ = stuck.await;
         Ok(())
     }
 }

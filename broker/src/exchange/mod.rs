@@ -197,7 +197,7 @@ impl Engine {
             thread: Mutex::new(None),
         });
         let engine = Engine { inner };
-        let recovered = dispatcher::recover(&store)?;
+        let recovered = dispatcher::recover(&store, engine.window_ms())?;
         {
             let mut depth = lock(&engine.inner.depth);
             for r in &recovered {
