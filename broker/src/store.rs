@@ -341,6 +341,7 @@ impl Store {
             write_lock: Mutex::new(head),
             broker_id: broker_id.to_string(),
             failure: failure.clone(),
+            committing: Arc::new(Mutex::new(None)),
         });
         // Bounded like the flusher's channel: writers wait for room rather than grow memory.
         let (commit_tx, commit_rx) = mpsc::channel(4096);
@@ -374,13 +375,17 @@ impl Store {
             free: AtomicU64::new(u64::MAX),
         });
         let watchdog_space = space.clone();
+        let watchdog_committing = core.committing.clone();
         let watchdog = std::thread::Builder::new()
             .name("govshare-flushdog".into())
             .spawn(move || {
                 watchdog(
                     sled_cfg,
                     stopped,
-                    flushing,
+                    Watched {
+                        flushing,
+                        committing: watchdog_committing,
+                    },
                     watchdog_failure,
                     watchdog_space,
                 )
@@ -647,6 +652,9 @@ struct Core {
     write_lock: Mutex<AuditHead>,
     broker_id: String,
     failure: Arc<Failure>,
+    /// When the committer's group transaction in progress started; None between groups.
+    /// Watched like a flush (see [`watchdog`]), since sled may never return from it.
+    committing: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl Core {
@@ -771,8 +779,16 @@ fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Box<dyn Job>>) {
             }
         }
         metrics::histogram!(crate::metrics::WRITE_GROUP).record(batch.len() as f64);
+        set_since(&core.committing, Some(std::time::Instant::now()));
         commit_group(&core, &mut batch);
+        set_since(&core.committing, None);
     }
+}
+
+fn set_since(cell: &Mutex<Option<std::time::Instant>>, v: Option<std::time::Instant>) {
+    *cell
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = v;
 }
 
 /// Commits a group of writes in one transaction and answers each of them.
@@ -1076,39 +1092,52 @@ const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// A flush running this long with no error anywhere is taken for a wedged disk.
 const FLUSH_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Keeps durability waiters from waiting forever on a sled that has failed (see `Failure`).
-/// While a flush runs, it checks sled's recorded I/O error (a buffer write that failed on
-/// another thread; sled 0.34.7 does not always wake the flush waiting for it); once storage
-/// has failed by any account, it answers the flush's waiters with the failure, since that
-/// flush may never end; and a flush that makes no progress for [`FLUSH_STALL`] fails storage
-/// itself. It never calls into sled in a way that can block.
+/// What the [`watchdog`] watches: the flush and the group transaction in progress.
+struct Watched {
+    flushing: Arc<Mutex<Flushing>>,
+    committing: Arc<Mutex<Option<std::time::Instant>>>,
+}
+
+/// Keeps writers and durability waiters from waiting forever on a sled that has failed (see
+/// `Failure`). It checks sled's recorded I/O error (a buffer write that failed on another
+/// thread; sled 0.34.7 does not always wake the flush or the transaction waiting for it);
+/// once storage has failed by any account, it answers the flush's waiters with the failure,
+/// since that flush may never end (grouped writers see the failure themselves); and a flush
+/// or a group transaction that makes no progress for [`FLUSH_STALL`] fails storage itself.
+/// It never calls into sled in a way that can block.
 fn watchdog(
     sled_cfg: sled::Config,
     stop: std::sync::mpsc::Receiver<()>,
-    flushing: Arc<Mutex<Flushing>>,
+    watched: Watched,
     failure: Arc<Failure>,
     space: Arc<Space>,
 ) {
     // Ends when the store drops the sender.
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_EVERY) {
         space.refresh();
-        let mut f = flushing_lock(&flushing);
-        let Some(since) = f.since else { continue };
-        if since.elapsed() < WATCH_EVERY {
-            continue;
-        }
         // `Config::global_error` is doc-hidden but public in sled 0.34.7, which is pinned;
-        // the config shares the open database's error cell.
+        // the config shares the open database's error cell. Looked at whether or not a flush
+        // runs: a transaction can wait in sled for a buffer whose write failed.
         if let Err(e) = sled_cfg.global_error() {
             failure.set(&e);
         }
-        if failure.error().is_none() && since.elapsed() >= FLUSH_STALL {
-            failure.record(format!(
-                "storage failed: a flush of {} has not finished in {} s (a full or failing \
-                 disk?); restart the broker once the disk is fixed",
-                failure.path.display(),
-                FLUSH_STALL.as_secs()
-            ));
+        let committing = *watched
+            .committing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut f = flushing_lock(&watched.flushing);
+        for (what, since) in [("a flush", f.since), ("a write", committing)] {
+            if failure.error().is_none() && since.is_some_and(|t| t.elapsed() >= FLUSH_STALL) {
+                failure.record(format!(
+                    "storage failed: {what} to {} has not finished in {} s (a full or failing \
+                     disk?); restart the broker once the disk is fixed",
+                    failure.path.display(),
+                    FLUSH_STALL.as_secs()
+                ));
+            }
+        }
+        if f.since.is_none() {
+            continue;
         }
         if let Some(e) = failure.error() {
             let e = e.to_string();
