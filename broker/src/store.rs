@@ -667,6 +667,12 @@ impl Core {
             .write_lock
             .lock()
             .map_err(|_| BrokerError::internal("audit lock poisoned"))?;
+        // Again under the lock: a transaction that failed while this one waited for it may
+        // have left part of its writes in sled (it applies a transaction tree by tree), and
+        // nothing may be chained onto that.
+        if let Some(e) = self.failure.error() {
+            return Err(e);
+        }
         let start = head.clone();
         let broker = self.broker_id.clone();
         let written =
