@@ -496,6 +496,18 @@ impl Store {
         futures::executor::block_on(self.write_grouped(f))
     }
 
+    /// Many [`Store::write_grouped`] writes handed over together (so that they share a
+    /// transaction where they can), from a blocking thread; answers each, in order.
+    pub fn write_grouped_all_blocking<R, F>(&self, fs: Vec<F>) -> Vec<Result<R>>
+    where
+        R: Send + 'static,
+        F: Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
+    {
+        futures::executor::block_on(futures::future::join_all(
+            fs.into_iter().map(|f| self.write_grouped(f)),
+        ))
+    }
+
     fn committer(&self) -> Result<&mpsc::Sender<Box<dyn Job>>> {
         self.inner.commit_tx.as_ref().ok_or_else(shutting_down)
     }

@@ -688,3 +688,74 @@ async fn health_reports_the_parent_link() -> Result<()> {
     .await?;
     Ok(())
 }
+
+// A child that resends frames (its ack was lost) may put the same exchange twice in one
+// batch; the hop writes a batch's exchanges in one grouped transaction, and must still take
+// and forward the exchange once.
+#[tokio::test]
+async fn an_exchange_sent_twice_in_one_batch_is_forwarded_once() -> Result<()> {
+    let c = cascade().await?;
+    // The link of the consumer's broker, opened again by hand: it replaces the real one.
+    let dir = c.hub.scratch("link-330000");
+    govshare_broker::pki::issue_identity(
+        &c.hub.data_dir,
+        "330000/hub",
+        NodeRole::Broker,
+        &dir,
+        &[],
+    )?;
+    let mut link = RawLink::open(&c.hub, &dir, "330000/hub").await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let at = |secs: u64| prost_types::Timestamp {
+        seconds: secs as i64,
+        nanos: 0,
+    };
+    let id = "01a21e00-0000-7000-8000-000000000021";
+    let env = ExchangeEnvelope {
+        exchange_id: id.into(),
+        consumer: "330000/pension".into(),
+        provider: "440000/civil".into(),
+        request: Some(ExchangeRequest {
+            grant_id: c.grant.id.clone(),
+            ..ask(&c.ds, "1")
+        }),
+        grant: c.grant.token.clone(),
+        hops_left: 8,
+        accepted_at: Some(at(now.as_secs())),
+        deadline: Some(at(now.as_secs() + 60)),
+        origin_broker: "330000/hub".into(),
+        trail: vec![],
+    };
+    // Queued together, so that the hub reads them in one batch.
+    for seq in 1..=3 {
+        link.send(seq, link_frame::Body::Exchange(env.clone()))
+            .await?;
+    }
+    let r = link.next_result().await?;
+    ensure!(
+        r.exchange_id == id && r.state() == ExchangeState::Answered,
+        "{r:?}"
+    );
+    let decisions = |entries: Vec<AuditEntry>| {
+        entries
+            .into_iter()
+            .filter(|e| e.exchange_id == id)
+            .map(|e| e.decision)
+            .collect::<Vec<_>>()
+    };
+    let by_id = ListAuditRequest {
+        exchange_id: id.into(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    let at_hub = decisions(c.hub.admin().await?.list_all_audit(by_id.clone()).await?);
+    let forwarded = at_hub.iter().filter(|d| *d == "exchange_forwarded").count();
+    ensure!(forwarded == 1, "forwarded {forwarded} times: {at_hub:?}");
+    let at_gd = decisions(c.gd.admin().await?.list_all_audit(by_id).await?);
+    let accepted = at_gd.iter().filter(|d| *d == "exchange_accepted").count();
+    ensure!(
+        accepted == 1,
+        "accepted {accepted} times at the provider's broker: {at_gd:?}"
+    );
+    Ok(())
+}

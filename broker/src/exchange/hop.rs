@@ -12,8 +12,9 @@ use super::{exchange_entry, Engine};
 use crate::error::Result;
 use crate::federation::{in_scope, Effect, Route};
 use crate::ids::DatasetId;
-use crate::store::{index_key, seq_key, T};
+use crate::store::{index_key, seq_key, Tx, T};
 use crate::time::{ms, now_ms, ts};
+use govshare_proto::v1::AuditEntry;
 use govshare_proto::v1::{
     link_frame, DatasetState, ErrorStatus, ExchangeEnvelope, ExchangeResult, ExchangeState, Grant,
     GrantRevocation, GrantState, ResultEnvelope,
@@ -51,6 +52,63 @@ fn deny(rule: &'static str, detail: String, code: tonic::Code) -> HopDenial {
         },
         code,
     }
+}
+
+/// What a hop makes of an exchange or a result from a link: its effects at once, or a write
+/// grouped with those of the link's other frames (one transaction for many) and what follows.
+pub(crate) enum Hop {
+    /// Nothing (more) to write: these effects follow.
+    Done(Vec<Effect>),
+    /// A write to group with others, then what follows from it.
+    Write(HopWrite),
+}
+
+/// A hop's write: run in a grouped transaction, perhaps more than once, so it only writes.
+pub(crate) type HopTx = Box<dyn Fn(&Tx<'_>) -> Result<(Written, Vec<AuditEntry>)> + Send>;
+
+/// What follows a hop's write once it has committed (blocking).
+pub(crate) type HopThen = Box<dyn FnOnce(&Engine, Written) -> Result<Vec<Effect>> + Send>;
+
+/// A write run in a grouped transaction and what follows once it has committed.
+pub(crate) struct HopWrite {
+    /// The write; its outcome goes to `then`.
+    pub write: HopTx,
+    /// What follows once the write has committed.
+    pub then: HopThen,
+}
+
+/// What a grouped hop write did.
+pub(crate) enum Written {
+    /// Written: these effects follow.
+    Effects(Vec<Effect>),
+    /// Nothing written: an earlier frame of the same exchange was taken first.
+    Duplicate,
+    /// Nothing written: the grant's quota is spent, so the exchange is refused.
+    QuotaSpent(Denial),
+}
+
+impl HopWrite {
+    /// A write whose effects need nothing more once committed.
+    fn plain(
+        write: impl Fn(&Tx<'_>) -> Result<(Written, Vec<AuditEntry>)> + Send + 'static,
+    ) -> Hop {
+        Hop::Write(HopWrite {
+            write: Box::new(write),
+            then: Box::new(|_, w| {
+                Ok(match w {
+                    Written::Effects(e) => e,
+                    Written::Duplicate | Written::QuotaSpent(_) => vec![],
+                })
+            }),
+        })
+    }
+}
+
+/// True when this hop has taken the exchange already, as seen inside a transaction: two
+/// frames of one exchange in one grouped transaction are written once.
+fn taken(tx: &Tx<'_>, id: &str) -> Result<bool> {
+    Ok(tx.get_raw(T::Dedup, &seen_key(id))?.is_some()
+        || tx.get_raw(T::Exchanges, id.as_bytes())?.is_some())
 }
 
 impl Engine {
@@ -138,14 +196,14 @@ impl Engine {
         from: &str,
         scope: Option<&[String]>,
         mut env: ExchangeEnvelope,
-    ) -> Result<Vec<Effect>> {
+    ) -> Result<Hop> {
         let id = env.exchange_id.clone();
         if crate::ids::check_opaque_id("exchange_id", &id).is_err() {
             tracing::warn!(peer = %from, "exchange frame with a malformed id dropped");
-            return Ok(vec![]);
+            return Ok(Hop::Done(vec![]));
         }
         if self.seen(&id)? {
-            return Ok(vec![]);
+            return Ok(Hop::Done(vec![]));
         }
         // The consumer's trace id follows the exchange: every hop's logs carry it.
         let trace_id = env
@@ -171,7 +229,7 @@ impl Engine {
                 mark_seen(tx, &id, now)?;
                 Ok(((), vec![e.clone()]))
             })?;
-            return Ok(vec![]);
+            return Ok(Hop::Done(vec![]));
         }
         let checked = self.hop_checks(from, scope, &env, now);
         let route = match &checked {
@@ -202,26 +260,28 @@ impl Engine {
                     grant.id,
                     crate::federation::peer_label(&peer)
                 );
-                self.store().write(|tx| {
-                    mark_seen(tx, &id, now)?;
-                    self.fed()
-                        .put_outbox(tx, &peer, link_frame::Body::Exchange(env.clone()))?;
-                    Ok(((), vec![e.clone()]))
-                })?;
+                let fed = self.fed().clone();
                 tracing::debug!(next = %peer, "exchange forwarded");
-                return Ok(vec![Effect::Wake(peer)]);
+                return Ok(HopWrite::plain(move |tx| {
+                    if taken(tx, &id)? {
+                        return Ok((Written::Duplicate, vec![]));
+                    }
+                    mark_seen(tx, &id, now)?;
+                    fed.put_outbox(tx, &peer, link_frame::Body::Exchange(env.clone()))?;
+                    Ok((
+                        Written::Effects(vec![Effect::Wake(peer.clone())]),
+                        vec![e.clone()],
+                    ))
+                }));
             }
             (Ok(_), Ok(Route::Local)) => match self.accept_forwarded(from, &mut env, now)? {
-                Ok(effect) => return Ok(vec![effect]),
+                Ok(hop) => return Ok(hop),
                 Err(d) => Some(d),
             },
         };
         match refusal {
-            Some(d) => {
-                tracing::info!(rule = d.denial.rule, detail = %d.denial.detail, "exchange refused at this hop");
-                self.refuse_at_hop(from, env, d, now)
-            }
-            None => Ok(vec![]),
+            Some(d) => self.refuse_at_hop(from, env, d, now).map(Hop::Done),
+            None => Ok(Hop::Done(vec![])),
         }
     }
 
@@ -271,7 +331,7 @@ impl Engine {
         from: &str,
         env: &mut ExchangeEnvelope,
         now: i64,
-    ) -> Result<std::result::Result<Effect, HopDenial>> {
+    ) -> Result<std::result::Result<Hop, HopDenial>> {
         let store = self.store();
         let me = store.broker_id().to_string();
         let id = env.exchange_id.clone();
@@ -326,30 +386,49 @@ impl Engine {
         record.bytes = record.encoded_len() as u64;
         let bytes = record.bytes;
         let quota_key = super::quota_key(&grant.id, now);
-        let outcome = store.write(|tx| {
+        let mut accepted = exchange_entry("exchange_accepted", &me, env);
+        accepted.reason = format!(
+            "from {from}: grant {} checked at the provider's home broker: ok",
+            grant.id
+        );
+        let enqueue = Effect::Enqueue {
+            id: id.clone(),
+            dest: dest.clone(),
+            dataset: req.dataset_id.clone(),
+            deadline_ms: ms(&env.deadline),
+        };
+        let write = move |tx: &Tx<'_>| {
+            if taken(tx, &id)? {
+                return Ok((Written::Duplicate, vec![]));
+            }
             if let Some(d) = super::take_quota(tx, &grant, &quota_key)? {
-                return Ok((Some(d), vec![]));
+                return Ok((Written::QuotaSpent(d), vec![]));
             }
             tx.put(T::Exchanges, &id, &record)?;
             tx.put_raw(T::Queue, &seq_key(&dest, record.queue_seq), id.as_bytes())?;
-            let mut e = exchange_entry("exchange_accepted", &me, env);
-            e.reason = format!(
-                "from {from}: grant {} checked at the provider's home broker: ok",
-                grant.id
-            );
-            Ok((None, vec![e]))
-        })?;
-        if let Some(d) = outcome {
-            return Ok(Err(d.into()));
-        }
-        self.force_reserve(&dest, bytes);
-        self.record_outcome(&req.dataset_id, "accepted");
-        Ok(Ok(Effect::Enqueue {
-            id,
-            dest,
-            dataset: req.dataset_id,
-            deadline_ms: ms(&env.deadline),
-        }))
+            Ok((
+                Written::Effects(vec![enqueue.clone()]),
+                vec![accepted.clone()],
+            ))
+        };
+        let (from, env, dest, dataset) = (
+            from.to_string(),
+            env.clone(),
+            env.provider.clone(),
+            req.dataset_id,
+        );
+        Ok(Ok(Hop::Write(HopWrite {
+            write: Box::new(write),
+            then: Box::new(move |engine, w| match w {
+                Written::Effects(e) => {
+                    engine.force_reserve(&dest, bytes);
+                    engine.record_outcome(&dataset, "accepted");
+                    Ok(e)
+                }
+                Written::Duplicate => Ok(vec![]),
+                Written::QuotaSpent(d) => engine.refuse_at_hop(&from, env, d.into(), now),
+            }),
+        })))
     }
 
     /// Refuses an exchange at this hop: audits the rule, and sends the refusal back toward
@@ -361,6 +440,7 @@ impl Engine {
         d: HopDenial,
         now: i64,
     ) -> Result<Vec<Effect>> {
+        tracing::info!(rule = d.denial.rule, detail = %d.denial.detail, "exchange refused at this hop");
         let me = self.store().broker_id().to_string();
         let id = env.exchange_id.clone();
         let req = env.request.clone().unwrap_or_default();
@@ -421,9 +501,9 @@ impl Engine {
         from: &str,
         scope: Option<&[String]>,
         env: ResultEnvelope,
-    ) -> Result<Vec<Effect>> {
+    ) -> Result<Hop> {
         let Some(result) = env.result.clone() else {
-            return Ok(vec![]);
+            return Ok(Hop::Done(vec![]));
         };
         let me = self.store().broker_id().to_string();
         if let Some(scope) = scope {
@@ -440,11 +520,11 @@ impl Engine {
                     scope.join(", ")
                 );
                 self.store().write(|_| Ok(((), vec![e.clone()])))?;
-                return Ok(vec![]);
+                return Ok(Hop::Done(vec![]));
             }
         }
         match self.fed().route(&env.consumer)? {
-            Some(Route::Local) => Ok(vec![Effect::Result(result)]),
+            Some(Route::Local) => Ok(Hop::Done(vec![Effect::Result(result)])),
             Some(Route::Via(peer)) if peer != from => {
                 let mut e = crate::audit::entry("result_forwarded", &me);
                 e.exchange_id = result.exchange_id.clone();
@@ -454,12 +534,14 @@ impl Engine {
                     "from {from} toward {}",
                     crate::federation::peer_label(&peer)
                 );
-                self.store().write(|tx| {
-                    self.fed()
-                        .put_outbox(tx, &peer, link_frame::Body::Result(env.clone()))?;
-                    Ok(((), vec![e.clone()]))
-                })?;
-                Ok(vec![Effect::Wake(peer)])
+                let fed = self.fed().clone();
+                Ok(HopWrite::plain(move |tx| {
+                    fed.put_outbox(tx, &peer, link_frame::Body::Result(env.clone()))?;
+                    Ok((
+                        Written::Effects(vec![Effect::Wake(peer.clone())]),
+                        vec![e.clone()],
+                    ))
+                }))
             }
             _ => {
                 tracing::warn!(exchange = %result.exchange_id, consumer = %env.consumer, "result for a consumer this broker cannot route to; dropped");
@@ -472,7 +554,7 @@ impl Engine {
                     env.consumer
                 );
                 self.store().write(|_| Ok(((), vec![e.clone()])))?;
-                Ok(vec![])
+                Ok(Hop::Done(vec![]))
             }
         }
     }

@@ -7,6 +7,7 @@
 
 use super::{in_scope, Effect, Fed, Route, RouteRecord, PARENT, PROTOCOL};
 use crate::error::{BrokerError, Result};
+use crate::exchange::hop::{Hop, HopWrite};
 use crate::ids::NodeId;
 use crate::service::App;
 use crate::store::{self, seq_key, T};
@@ -421,16 +422,31 @@ async fn on_ack(app: &Arc<App>, key: &str, up_to: u64, acked: &AtomicU64, notify
     }
     let store = app.store.clone();
     let key = key.to_string();
-    let removed = store::blocking(move || {
-        let tree = store.tree(T::Outbox);
-        let mut batch = sled::Batch::default();
-        for kv in tree.range(seq_key(&key, 0)..=seq_key(&key, up_to)) {
-            batch.remove(kv?.0);
-        }
-        tree.apply_batch(batch)?;
-        Ok(())
+    let s = store.clone();
+    let keys = store::blocking(move || {
+        s.tree(T::Outbox)
+            .range(seq_key(&key, 0)..=seq_key(&key, up_to))
+            .keys()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(BrokerError::from)
     })
     .await;
+    // Grouped with other writes: a sled batch of its own would cost a transaction's I/O
+    // buffer (see `Store::write_grouped`).
+    let removed = match keys {
+        Ok(keys) if keys.is_empty() => Ok(()),
+        Ok(keys) => {
+            store
+                .write_grouped(move |tx| {
+                    for k in &keys {
+                        tx.unmark(T::Outbox, k)?;
+                    }
+                    Ok(((), vec![]))
+                })
+                .await
+        }
+        Err(e) => Err(e),
+    };
     if let Err(e) = removed {
         // Harmless: the frames are sent again on the next session, and the peer drops them.
         tracing::warn!(error = %e, "cannot remove acknowledged frames from the outbox");
@@ -500,10 +516,34 @@ async fn pump(
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        for (okey, frame) in entries {
-            if let Some(Body::Exchange(env)) = &frame.body {
-                let (a, k, env) = (app.clone(), key.clone(), env.clone());
-                let send = store::blocking(move || a.engine.before_send(&k, &env)).await;
+        // The last check of each exchange, all in one blocking call: a decision per frame, up to
+        // the first that cannot be made.
+        let (a, k) = (app.clone(), key.clone());
+        let exchanges: Vec<Option<govshare_proto::v1::ExchangeEnvelope>> = entries
+            .iter()
+            .map(|(_, f)| match &f.body {
+                Some(Body::Exchange(env)) => Some(env.clone()),
+                _ => None,
+            })
+            .collect();
+        let decided = store::blocking(move || {
+            let mut out = Vec::with_capacity(exchanges.len());
+            for env in &exchanges {
+                let d = env
+                    .as_ref()
+                    .map_or(Ok(true), |env| a.engine.before_send(&k, env));
+                let failed = d.is_err();
+                out.push(d);
+                if failed {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .unwrap_or_else(|e| vec![Err(e)]);
+        for ((okey, frame), send) in entries.into_iter().zip(decided) {
+            if matches!(frame.body, Some(Body::Exchange(_))) {
                 match send {
                     Ok(true) => {}
                     Ok(false) => {
@@ -621,18 +661,56 @@ fn reachable(app: &App) -> Result<RouteAdvertisement> {
 fn handle_frames(app: &App, peer: &Peer, frames: Vec<(u64, Body)>) -> Result<(u64, Vec<Effect>)> {
     let mut up_to = 0;
     let mut effects = Vec::new();
+    // Exchanges and results write in one grouped transaction for the run of them; any other
+    // frame waits until that run is written, so that writes land in the frames' order.
+    let mut pending = Vec::new();
     for (seq, body) in frames {
         tracing::debug!(peer = %peer.id, seq, frame = frame_kind(&body), "link frame");
+        if !matches!(body, Body::Exchange(_) | Body::Result(_)) {
+            settle(app, peer, &mut pending, &mut effects)?;
+        }
         match handle(app, peer, body) {
-            Ok(mut e) => effects.append(&mut e),
-            Err(e @ (BrokerError::Internal(_) | BrokerError::Unavailable(_))) => return Err(e),
-            Err(e) => {
-                tracing::warn!(peer = %peer.id, error = %e, "link frame refused");
-            }
+            Ok(Hop::Done(mut e)) => effects.append(&mut e),
+            Ok(Hop::Write(w)) => pending.push(w),
+            Err(e) => refused(peer, e)?,
         }
         up_to = up_to.max(seq);
     }
+    settle(app, peer, &mut pending, &mut effects)?;
     Ok((up_to, effects))
+}
+
+/// Writes the pending hop writes in one grouped transaction, then carries on with each.
+fn settle(
+    app: &App,
+    peer: &Peer,
+    pending: &mut Vec<HopWrite>,
+    effects: &mut Vec<Effect>,
+) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let (writes, thens): (Vec<_>, Vec<_>) = pending.drain(..).map(|w| (w.write, w.then)).unzip();
+    let written = app.store.write_grouped_all_blocking(writes);
+    for (w, then) in written.into_iter().zip(thens) {
+        match w.and_then(|w| then(&app.engine, w)) {
+            Ok(mut e) => effects.append(&mut e),
+            Err(e) => refused(peer, e)?,
+        }
+    }
+    Ok(())
+}
+
+/// A frame that failed: storage trouble fails the batch (the peer sends it again); a refusal
+/// by policy is logged, and the frame is acknowledged.
+fn refused(peer: &Peer, e: BrokerError) -> Result<()> {
+    match e {
+        BrokerError::Internal(_) | BrokerError::Unavailable(_) => Err(e),
+        e => {
+            tracing::warn!(peer = %peer.id, error = %e, "link frame refused");
+            Ok(())
+        }
+    }
 }
 
 /// A frame's kind, for logs.
@@ -662,7 +740,17 @@ fn refuse(app: &App, peer: &Peer, decision: &str, reason: String) -> Result<Vec<
     Ok(vec![])
 }
 
-fn handle(app: &App, peer: &Peer, body: Body) -> Result<Vec<Effect>> {
+fn handle(app: &App, peer: &Peer, body: Body) -> Result<Hop> {
+    let scope = peer.scope.as_deref();
+    match body {
+        Body::Exchange(env) => app.engine.receive_exchange(&peer.key, scope, env),
+        Body::Result(r) => app.engine.receive_result(&peer.key, scope, r),
+        body => handle_state(app, peer, body).map(Hop::Done),
+    }
+}
+
+/// Handles a frame other than an exchange or a result (blocking).
+fn handle_state(app: &App, peer: &Peer, body: Body) -> Result<Vec<Effect>> {
     let scope = peer.scope.as_deref();
     let outside = |node: &str| scope.is_some_and(|s| !in_scope(s, node));
     match body {
@@ -737,9 +825,12 @@ fn handle(app: &App, peer: &Peer, body: Body) -> Result<Vec<Effect>> {
         Body::Revocation(r) => revocation(app, peer, r),
         Body::Demand(d) => app.sharing.receive_demand(&app.fed, peer, d),
         Body::Decision(d) => app.sharing.receive_decision(&app.fed, peer, d),
-        Body::Exchange(env) => app.engine.receive_exchange(&peer.key, scope, env),
-        Body::Result(r) => app.engine.receive_result(&peer.key, scope, r),
-        Body::Hello(_) | Body::Ack(_) | Body::Ping(_) | Body::Pong(_) => Ok(vec![]),
+        Body::Hello(_)
+        | Body::Ack(_)
+        | Body::Ping(_)
+        | Body::Pong(_)
+        | Body::Exchange(_)
+        | Body::Result(_) => Ok(vec![]),
     }
 }
 

@@ -49,7 +49,7 @@ pub enum Route {
 }
 
 /// What handling a frame leads to, done once its writes are durable.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Effect {
     /// Queue an exchange for a local provider.
     Enqueue {
