@@ -200,6 +200,13 @@ struct RawLink {
 }
 
 impl RawLink {
+    /// Opens a link to `broker` as its child broker `id`, with an identity issued by its CA.
+    async fn as_child(broker: &TestBroker, id: &str) -> Result<RawLink> {
+        let dir = broker.scratch(&format!("link-{}", id.replace('/', "-")));
+        govshare_broker::pki::issue_identity(&broker.data_dir, id, NodeRole::Broker, &dir, &[])?;
+        Ok(RawLink::open(broker, &dir, id).await?)
+    }
+
     /// Opens a link with the identity in `dir` and says hello as `id`.
     async fn open(
         broker: &TestBroker,
@@ -569,15 +576,7 @@ async fn demands_decisions_and_catalog_changes_cross_brokers() -> Result<()> {
 #[tokio::test]
 async fn an_exchange_with_no_hops_left_or_for_an_unknown_node_is_refused() -> Result<()> {
     let c = cascade().await?;
-    let dir = c.hub.scratch("link-330100");
-    govshare_broker::pki::issue_identity(
-        &c.hub.data_dir,
-        "330100/hub",
-        NodeRole::Broker,
-        &dir,
-        &[],
-    )?;
-    let mut link = RawLink::open(&c.hub, &dir, "330100/hub").await?;
+    let mut link = RawLink::as_child(&c.hub, "330100/hub").await?;
     link.send(
         0,
         link_frame::Body::Advertise(RouteAdvertisement {
@@ -696,15 +695,7 @@ async fn health_reports_the_parent_link() -> Result<()> {
 async fn an_exchange_sent_twice_in_one_batch_is_forwarded_once() -> Result<()> {
     let c = cascade().await?;
     // The link of the consumer's broker, opened again by hand: it replaces the real one.
-    let dir = c.hub.scratch("link-330000");
-    govshare_broker::pki::issue_identity(
-        &c.hub.data_dir,
-        "330000/hub",
-        NodeRole::Broker,
-        &dir,
-        &[],
-    )?;
-    let mut link = RawLink::open(&c.hub, &dir, "330000/hub").await?;
+    let mut link = RawLink::as_child(&c.hub, "330000/hub").await?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
     let at = |secs: u64| prost_types::Timestamp {
         seconds: secs as i64,
