@@ -99,7 +99,12 @@ pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
         None
     } else {
         sys::reset_peak_rss();
-        Some(fx.restart().await?)
+        if load.unclean_restart {
+            notes.push(
+                "restart as after a crash: the start checked every stored exchange".to_string(),
+            );
+        }
+        Some(fx.restart(load.unclean_restart).await?)
     };
     let rss_recovered = sys::rss(None);
 

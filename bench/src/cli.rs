@@ -168,6 +168,11 @@ pub struct LoadArgs {
     /// small responses then wait for delayed ACKs (about 40 ms). By default the harness sets it.
     #[arg(long)]
     pub plain_listener: bool,
+    /// backlog: restart as after a crash. The database is left marked as in use, so the start
+    /// checks every stored exchange against its indexes (see the README's "After an unclean
+    /// stop") before recovering the queues; the recovery time then includes that check.
+    #[arg(long)]
+    pub unclean_restart: bool,
     /// No progress display.
     #[arg(long, short)]
     pub quiet: bool,

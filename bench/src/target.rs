@@ -187,12 +187,17 @@ impl InProcess {
         (f + self.carried.0, w + self.carried.1)
     }
 
-    async fn stop(&mut self) -> Result<()> {
+    /// Stops the broker; unless `clean`, its database stays marked in use, as after a crash.
+    async fn stop(&mut self, clean: bool) -> Result<()> {
         if let Some(r) = self.running.take() {
             let (f, w) = r.flush_counts();
             self.carried.0 += f;
             self.carried.1 += w;
-            r.shutdown().await?;
+            if clean {
+                r.shutdown().await?;
+            } else {
+                r.shutdown_as_crashed().await?;
+            }
         }
         Ok(())
     }
@@ -504,15 +509,16 @@ impl Fixture {
 
     /// Stops the in-process broker gracefully and starts it again on the same data dir;
     /// reconnects every client. Returns (shutdown time, start time including recovery).
-    pub(crate) async fn restart(&mut self) -> Result<(Duration, Duration)> {
+    /// With `unclean`, the database is then marked as in use again, as a crash leaves it.
+    pub(crate) async fn restart(&mut self, unclean: bool) -> Result<(Duration, Duration)> {
         let Some(b) = self.broker.as_mut() else {
             bail!("an external broker cannot be restarted by the harness");
         };
         let t = Instant::now();
-        b.stop().await?;
+        b.stop(!unclean).await?;
         let down = t.elapsed();
         let t = Instant::now();
-        b.boot().await?;
+        b.boot().await.context("starting the broker again")?;
         let up = t.elapsed();
         self.url = b.url.clone();
         self.provider.client = connect(&self.url, &self.provider.identity).await?;
@@ -525,10 +531,10 @@ impl Fixture {
     /// Stops the in-process brokers, the consumers' first and the hub last.
     pub(crate) async fn shutdown(mut self) -> Result<()> {
         if let Some(b) = self.broker.as_mut() {
-            b.stop().await?;
+            b.stop(true).await?;
         }
         for b in self.others.iter_mut().rev() {
-            b.stop().await?;
+            b.stop(true).await?;
         }
         Ok(())
     }

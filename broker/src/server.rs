@@ -333,10 +333,17 @@ impl RunningBroker {
 
     /// Stops accepting, lets in-flight calls finish, flushes storage and releases the data dir.
     pub async fn shutdown(mut self) -> Result<()> {
-        self.stop().await
+        self.stop(true).await
     }
 
-    async fn stop(&mut self) -> Result<()> {
+    /// Stops like [`RunningBroker::shutdown`] but leaves the database marked as in use, as a
+    /// crash does, so that the next start checks its exchange indexes (the bench harness
+    /// measures that recovery with it).
+    pub async fn shutdown_as_crashed(mut self) -> Result<()> {
+        self.stop(false).await
+    }
+
+    async fn stop(&mut self, clean: bool) -> Result<()> {
         self.health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
@@ -388,7 +395,11 @@ impl RunningBroker {
             }
             // The last handle: flushing and dropping it on a blocking thread joins the flusher.
             store::blocking(move || {
-                store.end_run_blocking()?;
+                if clean {
+                    store.end_run_blocking()?;
+                } else {
+                    store.flush_blocking()?;
+                }
                 drop(store);
                 Ok(())
             })

@@ -126,7 +126,8 @@ pub struct Recovered {
 pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recovered>> {
     store.tree(T::InFlight).clear()?;
     if store.unclean_start() {
-        let fixed = repair(store, window_ms)?;
+        // The check reads every record anyway, so it finds the queued exchanges too.
+        let (queued, fixed) = repair(store, window_ms)?;
         if fixed.any() {
             tracing::warn!(
                 ?fixed,
@@ -135,6 +136,7 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
         } else {
             tracing::info!("exchange indexes checked: consistent");
         }
+        return Ok(queued);
     }
     let mut out = Vec::new();
     for kv in store.tree(T::Queue).iter() {
@@ -182,12 +184,14 @@ impl Repaired {
 }
 
 /// Makes the exchange indexes agree with the exchange records, which are the truth (blocking;
-/// at start, before anything else touches them). Needed after an unclean stop only: sled
-/// 0.34.7 applies a transaction tree by tree, and a write failing half-way (a full disk) can
-/// leave the earlier trees written and not the later ones, e.g. an exchange ended in the
-/// `exchanges` tree with no entry in `results`, which no Watch would ever show.
-/// Idempotency keys are restored for exchanges accepted within `window_ms`.
-pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<Repaired> {
+/// at start, before anything else touches them), and answers the exchanges to queue again, in
+/// queue order, as [`recover`] does. Needed after an unclean stop only: sled 0.34.7 applies a
+/// transaction tree by tree, and a write failing half-way (a full disk) can leave the earlier
+/// trees written and not the later ones, e.g. an exchange ended in the `exchanges` tree with
+/// no entry in `results`, which no Watch would ever show. Idempotency keys are restored for
+/// exchanges accepted within `window_ms`. Reads each tree once, in order (no lookups per
+/// queued exchange), holding the queue's keys in memory meanwhile.
+pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recovered>, Repaired)> {
     let mut fixed = Repaired::default();
     let now = now_ms();
     let (queue, results, dedup) = (
@@ -195,6 +199,13 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<Repaired> {
         store.tree(T::Results),
         store.tree(T::Dedup),
     );
+    // Every queue entry by its sequence number; those no unfinished record claims are stale.
+    let mut entries: HashMap<u64, sled::IVec> = HashMap::new();
+    for k in queue.iter().keys() {
+        let k = k?;
+        entries.insert(key_seq(&k), k);
+    }
+    let mut out = Vec::new();
     for kv in store.tree(T::Exchanges).iter() {
         let (k, v) = kv?;
         let id = k.as_ref();
@@ -210,10 +221,26 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<Repaired> {
             }
         } else {
             let key = seq_key(&rec.dest, rec.queue_seq);
-            if queue.get(&key)?.as_deref() != Some(id) {
+            if entries.get(&rec.queue_seq).is_some_and(|k| *k == key) {
+                entries.remove(&rec.queue_seq);
+            } else {
                 queue.insert(key, id)?;
                 fixed.queued += 1;
             }
+            out.push((
+                rec.queue_seq,
+                Recovered {
+                    id: String::from_utf8_lossy(id).into_owned(),
+                    dest: rec.dest.clone(),
+                    dataset: env
+                        .request
+                        .as_ref()
+                        .map(|r| r.dataset_id.clone())
+                        .unwrap_or_default(),
+                    deadline_ms: ms(&env.deadline),
+                    bytes: rec.bytes,
+                },
+            ));
         }
         let idem = env.request.as_ref().map(|r| r.idempotency_key.as_str());
         if let Some(idem) = idem.filter(|k| !k.is_empty()) {
@@ -230,15 +257,25 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<Repaired> {
             }
         }
     }
-    // Entries whose record is gone, has moved on, or is another's.
-    fixed.stale += drop_stale(store, T::Queue, |r, seq| {
-        !r.finished() && r.queue_seq == seq
-    })?;
+    for k in entries.into_values() {
+        queue.remove(k)?;
+        fixed.stale += 1;
+    }
     fixed.stale += drop_stale(store, T::Results, |r, seq| {
         r.finished() && r.result.is_some() && r.result_seq == seq
     })?;
     store.flush_blocking()?;
-    Ok(fixed)
+    // The queue's order: by destination, then sequence number.
+    out.sort_by(|(a, x), (b, y)| (&x.dest, a).cmp(&(&y.dest, b)));
+    Ok((out.into_iter().map(|(_, r)| r).collect(), fixed))
+}
+
+/// The sequence number at the end of an `owner ‖ 0 ‖ seq` key (0 if it is malformed).
+fn key_seq(k: &[u8]) -> u64 {
+    k.len()
+        .checked_sub(8)
+        .and_then(|at| k[at..].try_into().ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 /// Removes the entries of `t` (owner ‖ 0 ‖ seq → exchange id) whose record does not `hold`
@@ -252,11 +289,7 @@ fn drop_stale(
     let tree = store.tree(t);
     for kv in tree.iter() {
         let (k, id) = kv?;
-        let seq = k
-            .len()
-            .checked_sub(8)
-            .and_then(|at| k[at..].try_into().ok())
-            .map_or(0, u64::from_be_bytes);
+        let seq = key_seq(&k);
         let rec = store.get::<StoredExchange>(T::Exchanges, &String::from_utf8_lossy(&id))?;
         if !rec.is_some_and(|r| holds(&r, seq)) {
             tree.remove(&k)?;
@@ -1691,7 +1724,9 @@ mod tests {
         put(&store, T::Results, &seq_key(CONSUMER, 99), b"gone");
         put(&store, T::Results, &seq_key(CONSUMER, 50), b"accepted");
 
-        let fixed = repair(&store, 60_000)?;
+        let (queued, fixed) = repair(&store, 60_000)?;
+        let queued: Vec<_> = queued.into_iter().map(|r| r.id).collect();
+        assert_eq!(queued, ["accepted", "whole"]);
         assert_eq!(
             fixed,
             Repaired {
@@ -1724,7 +1759,7 @@ mod tests {
             Some("accepted".into())
         );
         // Nothing left to do the second time.
-        assert_eq!(repair(&store, 60_000)?, Repaired::default());
+        assert_eq!(repair(&store, 60_000)?.1, Repaired::default());
         Ok(())
     }
 
@@ -1739,7 +1774,7 @@ mod tests {
         }
         put(&store, T::Exchanges, b"old", &old.encode_to_vec());
         put(&store, T::Queue, &seq_key(PROVIDER, 4), b"old");
-        assert_eq!(repair(&store, 60_000)?, Repaired::default());
+        assert_eq!(repair(&store, 60_000)?.1, Repaired::default());
         assert!(keys(&store, T::Dedup).is_empty());
         Ok(())
     }
