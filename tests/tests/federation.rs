@@ -688,6 +688,37 @@ async fn health_reports_the_parent_link() -> Result<()> {
     Ok(())
 }
 
+/// Exchange `id` of `consumer` under `grant`, for the cascade's provider, as the broker
+/// `origin` sends it over a link: eight hops left, a minute to run.
+fn sent_by(
+    origin: &str,
+    consumer: &str,
+    id: &str,
+    ds: &str,
+    grant: &Grant,
+) -> Result<ExchangeEnvelope> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let at = |secs: u64| prost_types::Timestamp {
+        seconds: secs as i64,
+        nanos: 0,
+    };
+    Ok(ExchangeEnvelope {
+        exchange_id: id.into(),
+        consumer: consumer.into(),
+        provider: "440000/civil".into(),
+        request: Some(ExchangeRequest {
+            grant_id: grant.id.clone(),
+            ..ask(ds, "1")
+        }),
+        grant: grant.token.clone(),
+        hops_left: 8,
+        accepted_at: Some(at(now.as_secs())),
+        deadline: Some(at(now.as_secs() + 60)),
+        origin_broker: origin.into(),
+        trail: vec![],
+    })
+}
+
 // A child that resends frames (its ack was lost) may put the same exchange twice in one
 // batch; the hop writes a batch's exchanges in one grouped transaction, and must still take
 // and forward the exchange once.
@@ -696,27 +727,8 @@ async fn an_exchange_sent_twice_in_one_batch_is_forwarded_once() -> Result<()> {
     let c = cascade().await?;
     // The link of the consumer's broker, opened again by hand: it replaces the real one.
     let mut link = RawLink::as_child(&c.hub, "330000/hub").await?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-    let at = |secs: u64| prost_types::Timestamp {
-        seconds: secs as i64,
-        nanos: 0,
-    };
     let id = "01a21e00-0000-7000-8000-000000000021";
-    let env = ExchangeEnvelope {
-        exchange_id: id.into(),
-        consumer: "330000/pension".into(),
-        provider: "440000/civil".into(),
-        request: Some(ExchangeRequest {
-            grant_id: c.grant.id.clone(),
-            ..ask(&c.ds, "1")
-        }),
-        grant: c.grant.token.clone(),
-        hops_left: 8,
-        accepted_at: Some(at(now.as_secs())),
-        deadline: Some(at(now.as_secs() + 60)),
-        origin_broker: "330000/hub".into(),
-        trail: vec![],
-    };
+    let env = sent_by("330000/hub", "330000/pension", id, &c.ds, &c.grant)?;
     // Queued together, so that the hub reads them in one batch.
     for seq in 1..=3 {
         link.send(seq, link_frame::Body::Exchange(env.clone()))
@@ -748,5 +760,45 @@ async fn an_exchange_sent_twice_in_one_batch_is_forwarded_once() -> Result<()> {
         accepted == 1,
         "accepted {accepted} times at the provider's broker: {at_gd:?}"
     );
+    Ok(())
+}
+
+// The same at the provider's home broker: an exchange from a child link, three times in one
+// batch, is accepted and queued for the provider once.
+#[tokio::test]
+async fn an_exchange_sent_twice_in_one_batch_is_accepted_once_at_the_provider_broker() -> Result<()>
+{
+    let c = cascade().await?;
+    // A consumer below Guangdong, granted there.
+    let tax = c.gd.client_for("440100/tax").await?;
+    let grant = granted(&tax, &c.ds).await?;
+    let link = RawLink::as_child(&c.gd, "440100/hub").await?;
+    let id = "01a21e00-0000-7000-8000-000000000031";
+    let env = sent_by("440100/hub", "440100/tax", id, &c.ds, &grant)?;
+    for seq in 1..=3 {
+        link.send(seq, link_frame::Body::Exchange(env.clone()))
+            .await?;
+    }
+    let admin = c.gd.admin().await?;
+    let by_id = ListAuditRequest {
+        exchange_id: id.into(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    let decisions = wait_until(WAIT, "the exchange to be answered", || async {
+        let d: Vec<String> = admin
+            .list_all_audit(by_id.clone())
+            .await?
+            .into_iter()
+            .map(|e| e.decision)
+            .collect();
+        Ok(d.iter().any(|d| d == "exchange_answered").then_some(d))
+    })
+    .await?;
+    let accepted = decisions
+        .iter()
+        .filter(|d| *d == "exchange_accepted")
+        .count();
+    ensure!(accepted == 1, "accepted {accepted} times: {decisions:?}");
     Ok(())
 }
