@@ -93,18 +93,37 @@ const TREE_NAMES: [&str; 23] = [
 ];
 
 /// A view of every tree inside one transaction.
-pub struct Tx<'a>(&'a [TransactionalTree]);
+pub struct Tx<'a> {
+    trees: &'a [TransactionalTree],
+    /// The first error sled raised inside the transaction. The closure sees it as a
+    /// `BrokerError`; the transaction then hands it back to sled as it was, so that a storage
+    /// fault fails storage (see `Failure`) and a conflict retries, rather than passing for the
+    /// closure's own refusal.
+    raised: std::cell::RefCell<Option<UnabortableTransactionError>>,
+}
 
 impl std::fmt::Debug for Tx<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tx").field("trees", &self.0.len()).finish()
+        f.debug_struct("Tx")
+            .field("trees", &self.trees.len())
+            .finish()
     }
 }
 
 impl Tx<'_> {
     /// One tree of the transaction.
     pub fn t(&self, t: T) -> &TransactionalTree {
-        &self.0[t as usize]
+        &self.trees[t as usize]
+    }
+
+    /// The caller's error for sled's `e`, which is kept to end the transaction with.
+    fn raise(&self, what: &str, e: UnabortableTransactionError) -> BrokerError {
+        let err = tx_error(what, &e);
+        let mut raised = self.raised.borrow_mut();
+        if raised.is_none() {
+            *raised = Some(e);
+        }
+        err
     }
 
     /// Reads and decodes a protobuf record.
@@ -112,7 +131,7 @@ impl Tx<'_> {
         match self.t(t).get(key.as_bytes()) {
             Ok(Some(v)) => Ok(Some(M::decode(v.as_ref())?)),
             Ok(None) => Ok(None),
-            Err(e) => Err(tx_error("transaction read", e)),
+            Err(e) => Err(self.raise("transaction read", e)),
         }
     }
 
@@ -121,7 +140,7 @@ impl Tx<'_> {
         self.t(t)
             .insert(key.as_bytes(), m.encode_to_vec())
             .map(|_| ())
-            .map_err(|e| tx_error("transaction write", e))
+            .map_err(|e| self.raise("transaction write", e))
     }
 
     /// Writes raw bytes.
@@ -129,14 +148,14 @@ impl Tx<'_> {
         self.t(t)
             .insert(key, v)
             .map(|_| ())
-            .map_err(|e| tx_error("transaction write", e))
+            .map_err(|e| self.raise("transaction write", e))
     }
 
     /// Reads raw bytes.
     pub fn get_raw(&self, t: T, key: &[u8]) -> Result<Option<sled::IVec>> {
         self.t(t)
             .get(key)
-            .map_err(|e| tx_error("transaction read", e))
+            .map_err(|e| self.raise("transaction read", e))
     }
 
     /// Writes an index key with an empty value.
@@ -144,7 +163,7 @@ impl Tx<'_> {
         self.t(t)
             .insert(key, &[][..])
             .map(|_| ())
-            .map_err(|e| tx_error("transaction write", e))
+            .map_err(|e| self.raise("transaction write", e))
     }
 
     /// Removes a key.
@@ -152,15 +171,15 @@ impl Tx<'_> {
         self.t(t)
             .remove(key)
             .map(|_| ())
-            .map_err(|e| tx_error("transaction write", e))
+            .map_err(|e| self.raise("transaction write", e))
     }
 }
 
 /// An error inside a transaction: a storage fault stays one (UNAVAILABLE, naming the disk),
 /// rather than passing for a bug.
-fn tx_error(what: &str, e: UnabortableTransactionError) -> BrokerError {
+fn tx_error(what: &str, e: &UnabortableTransactionError) -> BrokerError {
     match e {
-        UnabortableTransactionError::Storage(s) => s.into(),
+        UnabortableTransactionError::Storage(s) => s.clone().into(),
         other => BrokerError::internal(format!("{what}: {other}")),
     }
 }
@@ -689,8 +708,14 @@ impl Core {
         let broker = self.broker_id.clone();
         let written =
             <[sled::Tree] as Transactional<BrokerError>>::transaction(&self.trees[..], |txs| {
-                let tx = Tx(txs);
-                let (r, entries) = f(&tx).map_err(ConflictableTransactionError::Abort)?;
+                let tx = Tx {
+                    trees: txs,
+                    raised: std::cell::RefCell::new(None),
+                };
+                let (r, entries) = f(&tx).map_err(|e| match tx.raised.take() {
+                    Some(raised) => raised.into(),
+                    None => ConflictableTransactionError::Abort(e),
+                })?;
                 let mut h = start.clone();
                 for e in entries {
                     let chained = audit::chain(&mut h, e, &broker);
