@@ -854,8 +854,15 @@ fn commit_group(core: &Core, batch: &mut Vec<Box<dyn Job>>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A store of `330000/hub` in a temp dir of its own (kept alive with it).
+    pub(crate) fn temp_store() -> Result<(tempfile::TempDir, Store)> {
+        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
+        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        Ok((dir, store))
+    }
 
     fn entry(reason: &str) -> AuditEntry {
         let mut e = audit::entry("test_write", "330000/hub");
@@ -879,8 +886,7 @@ mod tests {
 
     #[test]
     fn one_refused_write_undoes_only_itself_and_the_chain_stays_whole() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
-        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let (_dir, store) = temp_store()?;
         let core = store.inner.core.clone();
         let (a, ra) = job("a", false);
         let (b, rb) = job("b", true);
@@ -908,8 +914,7 @@ mod tests {
 
     #[test]
     fn a_group_commits_as_one_and_each_write_sees_those_before_it() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
-        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let (_dir, store) = temp_store()?;
         let core = store.inner.core.clone();
         let (a, ra) = job("a", false);
         let (seen, rseen) =
@@ -933,8 +938,7 @@ mod tests {
             }
             chained(info);
         }));
-        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
-        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let (dir, store) = temp_store()?;
         // Hands a write to the committer (one poll sends it), then lets go of the caller.
         let hand_over =
             |f: std::pin::Pin<&mut (dyn std::future::Future<Output = Result<()>> + '_)>| {
@@ -978,8 +982,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn grouped_writes_from_many_tasks_all_commit() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
-        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let (_dir, store) = temp_store()?;
         let mut tasks = Vec::new();
         for i in 0..200u32 {
             let s = store.clone();
@@ -1011,8 +1014,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_behind_a_stuck_committer_is_refused_once_storage_fails() -> Result<()> {
         let wait = std::time::Duration::from_secs(10);
-        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
-        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let (_dir, store) = temp_store()?;
         let (entered_tx, entered_rx) = oneshot::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let gate = Arc::new(Mutex::new((Some(entered_tx), release_rx)));

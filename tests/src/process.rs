@@ -113,3 +113,26 @@ impl BrokerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// A broker data dir for `330000/hub` with a development PKI, and the path of its log file,
+/// both under `tmp`: what a test of the real binary starts from.
+pub fn hub_data_dir(tmp: &Path) -> Result<(PathBuf, PathBuf)> {
+    let data = tmp.join("data");
+    govshare_broker::pki::init_data_dir(&govshare_broker::pki::InitOptions {
+        data_dir: data.clone(),
+        broker_id: "330000/hub".into(),
+        ..Default::default()
+    })?;
+    Ok((data, tmp.join("broker.log")))
+}
+
+/// Passes `outcome` on; when it failed, prints the broker log at `log` first, for the reader.
+pub fn with_log_on_failure<T>(outcome: Result<T>, log: &Path) -> Result<T> {
+    if outcome.is_err() {
+        eprintln!(
+            "---- broker log ----\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    outcome
+}

@@ -6,7 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use govshare_broker::pki;
 use govshare_client::proto::*;
 use govshare_client::{Client, ClientConfig};
-use govshare_tests::process::BrokerProcess;
+use govshare_tests::process::{hub_data_dir, with_log_on_failure, BrokerProcess};
 use govshare_tests::provider::{filter_value, row, text, Reply, TestProvider};
 use govshare_tests::wait_until;
 use std::collections::{HashMap, HashSet};
@@ -70,17 +70,7 @@ fn lock(l: &Arc<Mutex<Ledger>>) -> std::sync::MutexGuard<'_, Ledger> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_exchange_survives_sigkill_exactly_once() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("data");
-    let log = tmp.path().join("broker.log");
-    pki::init_data_dir(&pki::InitOptions {
-        data_dir: data.clone(),
-        broker_id: "330000/hub".into(),
-        sans: vec![],
-        listen: None,
-        admin_id: None,
-        parent: None,
-        parent_identity: None,
-    })?;
+    let (data, log) = hub_data_dir(tmp.path())?;
     let mut config = govshare_broker::Config::load(&data)?;
     config.exchange.ack_wait_secs = 2;
     config.exchange.max_deliveries = 1000;
@@ -96,13 +86,7 @@ async fn every_accepted_exchange_survives_sigkill_exactly_once() -> Result<()> {
 
     let mut slot = Some(BrokerProcess::start(&data, &log).await?);
     let outcome = run(&mut slot, &data, &log, &hrss_dir, &civil_dir).await;
-    if outcome.is_err() {
-        eprintln!(
-            "---- broker log ----\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-    let result = outcome?;
+    let result = with_log_on_failure(outcome, &log)?;
     let broker = slot.context("no broker running at the end")?;
     let code = broker.term().await?;
     ensure!(code == Some(0), "graceful stop exited {code:?}");

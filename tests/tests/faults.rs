@@ -8,7 +8,7 @@ use govshare_client::proto::*;
 use govshare_client::{Client, ClientConfig};
 use govshare_tests::cascade::*;
 use govshare_tests::faults::{Fault, FaultProxy, Tmpfs};
-use govshare_tests::process::BrokerProcess;
+use govshare_tests::process::{hub_data_dir, with_log_on_failure, BrokerProcess};
 use govshare_tests::provider::{text, Reply, TestProvider};
 use govshare_tests::{expect_status, wait_until, TestBroker};
 use std::collections::{BTreeMap, BTreeSet};
@@ -523,13 +523,7 @@ type Refusal = (String, Option<tonic::Status>, String);
 async fn a_full_disk_fails_stop_and_a_restart_loses_nothing() -> Result<()> {
     const TEST: &str = "a_full_disk_fails_stop_and_a_restart_loses_nothing";
     let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("data");
-    let log = tmp.path().join("broker.log");
-    pki::init_data_dir(&pki::InitOptions {
-        data_dir: data.clone(),
-        broker_id: "330000/hub".into(),
-        ..Default::default()
-    })?;
+    let (data, log) = hub_data_dir(tmp.path())?;
     let mut config = govshare_broker::Config::load(&data)?;
     config.storage.cache_capacity_bytes = 16 * 1024 * 1024;
     // No reserve: this test drives sled itself into ENOSPC, the case the reserve exists to
@@ -540,14 +534,7 @@ async fn a_full_disk_fails_stop_and_a_restart_loses_nothing() -> Result<()> {
     let Some(disk) = Tmpfs::mount_at(&data.join("db"), DISK_MIB, TEST)? else {
         return Ok(());
     };
-    let outcome = full_disk(&data, &log, &disk, tmp.path()).await;
-    if outcome.is_err() {
-        eprintln!(
-            "---- broker log ----\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-    outcome
+    with_log_on_failure(full_disk(&data, &log, &disk, tmp.path()).await, &log)
 }
 
 /// Registers the provider `330000/hrss` and the consumer `330100/civil` on the broker
@@ -717,21 +704,8 @@ async fn full_disk(data: &Path, log: &Path, disk: &Tmpfs, scratch: &Path) -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unclean_stop_is_followed_by_a_repair_of_half_written_ends() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("data");
-    let log = tmp.path().join("broker.log");
-    pki::init_data_dir(&pki::InitOptions {
-        data_dir: data.clone(),
-        broker_id: "330000/hub".into(),
-        ..Default::default()
-    })?;
-    let outcome = half_written(&data, &log, tmp.path()).await;
-    if outcome.is_err() {
-        eprintln!(
-            "---- broker log ----\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-    outcome
+    let (data, log) = hub_data_dir(tmp.path())?;
+    with_log_on_failure(half_written(&data, &log, tmp.path()).await, &log)
 }
 
 async fn half_written(data: &Path, log: &Path, scratch: &Path) -> Result<()> {

@@ -1697,8 +1697,7 @@ mod tests {
     // before `queue`, `results` and `dedup`), and entries left behind by records that moved on.
     #[test]
     fn repair_makes_the_indexes_agree_with_the_records() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
-        let store = Store::open(dir.path(), 1 << 20, BROKER)?;
+        let (_dir, store) = crate::store::tests::temp_store()?;
         // Ended in its record, still queued, and without a result entry: Watch never shows it.
         let ended = record("ended", "", ExchangeState::Answered, 1, 10);
         put(&store, T::Exchanges, b"ended", &ended.encode_to_vec());
@@ -1766,8 +1765,7 @@ mod tests {
     // An idempotency key past its window is not brought back: the sweep would only drop it.
     #[test]
     fn repair_leaves_expired_idempotency_keys_out() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
-        let store = Store::open(dir.path(), 1 << 20, BROKER)?;
+        let (_dir, store) = crate::store::tests::temp_store()?;
         let mut old = record("old", "key-o", ExchangeState::Queued, 4, 0);
         if let Some(env) = old.envelope.as_mut() {
             env.accepted_at = Some(ts(now_ms() - 120_000));
