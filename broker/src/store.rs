@@ -285,13 +285,17 @@ impl Failure {
 impl Drop for Inner {
     fn drop(&mut self) {
         drop(self.commit_tx.take());
+        // A grouped write may hold a store handle (through `Fed`), so the last handle can be
+        // dropped on the committer itself, which must not join itself (that panics); its loop
+        // ends by itself once the channel is closed, and then the flusher's, whose channel
+        // the committer holds a sender of: joining the flusher here would wait for ever.
+        let on_committer = self
+            .committer
+            .as_ref()
+            .is_some_and(|h| h.thread().id() == std::thread::current().id());
         if let Some(h) = self.committer.take() {
-            // Like the flusher below: after a failure sled may never return to it. And a
-            // grouped write may hold a store handle (through `Fed`), so the last handle can
-            // be dropped on the committer itself, which must not join itself (that panics);
-            // its loop ends by itself once the channel is closed.
-            let own = h.thread().id() == std::thread::current().id();
-            if !own && (self.failure.error().is_none() || h.is_finished()) {
+            // Like the flusher below: after a failure sled may never return to it.
+            if !on_committer && (self.failure.error().is_none() || h.is_finished()) {
                 let _ = h.join();
             }
         }
@@ -299,7 +303,7 @@ impl Drop for Inner {
         if let Some(h) = self.flusher.take() {
             // After a failure the flusher may wait in sled forever (see `Failure`); the process
             // is to be restarted anyway, so it is left behind rather than hang the shutdown.
-            if self.failure.error().is_none() || h.is_finished() {
+            if !on_committer && (self.failure.error().is_none() || h.is_finished()) {
                 let _ = h.join();
             }
         }
@@ -365,9 +369,11 @@ impl Store {
         // Bounded like the flusher's channel: writers wait for room rather than grow memory.
         let (commit_tx, commit_rx) = mpsc::channel(4096);
         let committer_core = core.clone();
+        // The committer's own sender: the flusher ends once the committer and the store are gone.
+        let committer_flush = flush_tx.clone();
         let committer = std::thread::Builder::new()
             .name("govshare-commit".into())
-            .spawn(move || committer(committer_core, commit_rx))
+            .spawn(move || committer(committer_core, commit_rx, committer_flush))
             .map_err(|e| BrokerError::internal(format!("cannot start committer thread: {e}")))?;
         let flushing = Arc::new(Mutex::new(Flushing::default()));
         let flusher_db = db.clone();
@@ -490,8 +496,36 @@ impl Store {
         &self,
         f: impl Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
     ) -> Result<R> {
+        self.hand_over(Grouped::job(f, None)).await
+    }
+
+    /// Like [`Store::write_grouped`], and asks for the write to be made durable: the committer
+    /// asks for one flush for all such writes of a group, so that a group's callers share a
+    /// flush rather than each starting one. Answers once the write has committed, with what
+    /// resolves once it is on disk; an error means it was not written.
+    pub async fn write_grouped_durable<R: Send + 'static>(
+        &self,
+        f: impl Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
+    ) -> Result<(R, Flushed)> {
+        let (flushed, reply) = oneshot::channel();
+        let r = self.hand_over(Grouped::job(f, Some(flushed))).await?;
+        Ok((r, self.flushed(reply)))
+    }
+
+    /// [`Store::write_grouped_durable`] from a blocking thread (never from an async task).
+    pub fn write_grouped_durable_blocking<R: Send + 'static>(
+        &self,
+        f: impl Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
+    ) -> Result<(R, Flushed)> {
+        futures::executor::block_on(self.write_grouped_durable(f))
+    }
+
+    /// Hands a write to the committer and waits for its answer.
+    async fn hand_over<R>(
+        &self,
+        (job, rx): (Box<dyn Job>, oneshot::Receiver<Result<R>>),
+    ) -> Result<R> {
         self.check()?;
-        let (job, rx) = Grouped::job(f);
         let committer = self.committer()?;
         // After a failure sled may hold the committer for good (see `Failure`): a write waiting
         // for it, to hand over or for its answer, is refused then rather than left hanging.
@@ -535,20 +569,18 @@ impl Store {
     pub async fn durable(&self) -> Result<()> {
         self.check()?;
         let (tx, rx) = oneshot::channel();
-        let sender = self
-            .inner
-            .flush_tx
-            .as_ref()
-            .ok_or_else(|| BrokerError::Unavailable("storage is shutting down".into()))?;
+        let sender = self.inner.flush_tx.as_ref().ok_or_else(shutting_down)?;
         sender
-            .send(tx)
+            .send(Waiter(vec![tx]))
             .await
-            .map_err(|_| BrokerError::Unavailable("storage is shutting down".into()))?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            // The flusher has recorded the failure; `e` is its message.
-            Ok(Err(e)) => Err(BrokerError::Unavailable(e)),
-            Err(_) => Err(BrokerError::Unavailable("storage is shutting down".into())),
+            .map_err(|_| shutting_down())?;
+        self.flushed(rx).wait().await
+    }
+
+    fn flushed(&self, reply: oneshot::Receiver<std::result::Result<(), String>>) -> Flushed {
+        Flushed {
+            reply,
+            failed: self.inner.failure.tx.subscribe(),
         }
     }
 
@@ -756,6 +788,8 @@ impl Core {
 trait Job: Send {
     /// Runs the write inside the group's transaction, returning its audit entries.
     fn run(&mut self, tx: &Tx<'_>) -> Result<Vec<AuditEntry>>;
+    /// Where to answer once a flush covers the write, if its caller asked for that.
+    fn take_flush(&mut self) -> Option<FlushReply>;
     /// Answers the caller once the group has committed, or with why not.
     fn finish(self: Box<Self>, outcome: Result<()>);
 }
@@ -765,6 +799,8 @@ struct Grouped<R, F> {
     f: F,
     out: Option<R>,
     reply: oneshot::Sender<Result<R>>,
+    /// Set for [`Store::write_grouped_durable`].
+    flush: Option<FlushReply>,
 }
 
 impl<R, F> Grouped<R, F>
@@ -773,12 +809,13 @@ where
     F: Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
 {
     /// The job for the committer, and where its result will come.
-    fn job(f: F) -> (Box<dyn Job>, oneshot::Receiver<Result<R>>) {
+    fn job(f: F, flush: Option<FlushReply>) -> (Box<dyn Job>, oneshot::Receiver<Result<R>>) {
         let (reply, rx) = oneshot::channel();
         let job = Box::new(Self {
             f,
             out: None,
             reply,
+            flush,
         });
         (job, rx)
     }
@@ -793,6 +830,10 @@ where
         let (r, entries) = (self.f)(tx)?;
         self.out = Some(r);
         Ok(entries)
+    }
+
+    fn take_flush(&mut self) -> Option<FlushReply> {
+        self.flush.take()
     }
 
     fn finish(self: Box<Self>, outcome: Result<()>) {
@@ -810,8 +851,9 @@ where
 /// does not hold up the dispatcher's own transactions for long.
 const MAX_GROUP: usize = 128;
 
-/// The committer loop: take every waiting write, commit them in one transaction, answer all.
-fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Box<dyn Job>>) {
+/// The committer loop: take every waiting write, commit them in one transaction, answer all,
+/// and ask the flusher once for those of them that are to be made durable.
+fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Box<dyn Job>>, flush: mpsc::Sender<Waiter>) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -823,8 +865,14 @@ fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Box<dyn Job>>) {
         }
         metrics::histogram!(crate::metrics::WRITE_GROUP).record(batch.len() as f64);
         set_since(&core.committing, Some(std::time::Instant::now()));
-        commit_group(&core, &mut batch);
+        let durable = commit_group(&core, &mut batch);
         set_since(&core.committing, None);
+        if !durable.0.is_empty() {
+            // Blocks only while the flusher's channel is full: writers then wait for the disk.
+            if let Err(mpsc::error::SendError(w)) = flush.blocking_send(durable) {
+                w.answer(&Err("storage is shutting down".into()));
+            }
+        }
     }
 }
 
@@ -834,23 +882,33 @@ fn set_since(cell: &Mutex<Option<std::time::Instant>>, v: Option<std::time::Inst
         .unwrap_or_else(std::sync::PoisonError::into_inner) = v;
 }
 
-/// Commits a group of writes in one transaction and answers each of them.
-fn commit_group(core: &Core, batch: &mut Vec<Box<dyn Job>>) {
+/// Commits a group of writes in one transaction and answers each of them; returns the
+/// durability waiter of those committed that asked for it. A write not committed drops its
+/// flush reply: its caller has its error already.
+fn commit_group(core: &Core, batch: &mut Vec<Box<dyn Job>>) -> Waiter {
+    let mut durable = Vec::new();
+    let mut finish = |mut j: Box<dyn Job>, r: Result<()>| {
+        if let (Ok(()), Some(f)) = (&r, j.take_flush()) {
+            durable.push(f);
+        }
+        j.finish(r);
+    };
     match core.transact_group(batch) {
-        Ok(()) => batch.drain(..).for_each(|j| j.finish(Ok(()))),
+        Ok(()) => batch.drain(..).for_each(|j| finish(j, Ok(()))),
         // A failed disk fails them all; so does the one write's own refusal.
         Err(e) if batch.len() == 1 || core.failure.error().is_some() => {
-            batch.drain(..).for_each(|j| j.finish(Err(e.clone())))
+            batch.drain(..).for_each(|j| finish(j, Err(e.clone())))
         }
         // One write refused itself (a denial, a conflict it checks for): the group was
         // undone, so each runs alone and the others are not refused with it.
         Err(_) => {
             for mut j in batch.drain(..) {
                 let r = core.transact_group(std::slice::from_mut(&mut j));
-                j.finish(r);
+                finish(j, r);
             }
         }
     }
+    Waiter(durable)
 }
 
 #[cfg(test)]
@@ -875,13 +933,17 @@ pub(crate) mod tests {
         key: &'static str,
         refuse: bool,
     ) -> (Box<dyn Job>, oneshot::Receiver<Result<&'static str>>) {
-        Grouped::job(move |tx: &Tx<'_>| {
-            tx.put_raw(T::Meta, key.as_bytes(), b"v")?;
-            if refuse {
-                return Err(BrokerError::invalid(format!("{key} refused")));
-            }
-            Ok((key, vec![entry(key)]))
-        })
+        Grouped::job(
+            move |tx: &Tx<'_>| {
+                tx.put_raw(T::Meta, key.as_bytes(), b"v")?;
+                if refuse {
+                    return Err(BrokerError::invalid(format!("{key} refused")));
+                }
+                Ok((key, vec![entry(key)]))
+            },
+            // Each asks to be made durable, as an accept does.
+            Some(oneshot::channel().0),
+        )
     }
 
     #[test]
@@ -892,8 +954,10 @@ pub(crate) mod tests {
         let (b, rb) = job("b", true);
         let (c, rc) = job("c", false);
         let mut batch = vec![a, b, c];
-        commit_group(&core, &mut batch);
+        let durable = commit_group(&core, &mut batch);
         assert!(batch.is_empty());
+        // The two writes that committed are to be flushed; the refused one is not.
+        assert_eq!(durable.covers(), 2);
         assert_eq!(ra.blocking_recv().ok(), Some(Ok("a")));
         assert_eq!(
             rb.blocking_recv().ok(),
@@ -917,10 +981,12 @@ pub(crate) mod tests {
         let (_dir, store) = temp_store()?;
         let core = store.inner.core.clone();
         let (a, ra) = job("a", false);
-        let (seen, rseen) =
-            Grouped::job(|tx: &Tx<'_>| Ok((tx.get_raw(T::Meta, b"a")?.is_some(), vec![])));
+        let (seen, rseen) = Grouped::job(
+            |tx: &Tx<'_>| Ok((tx.get_raw(T::Meta, b"a")?.is_some(), vec![])),
+            None,
+        );
         let mut batch = vec![a, seen];
-        commit_group(&core, &mut batch);
+        assert_eq!(commit_group(&core, &mut batch).covers(), 1);
         assert_eq!(ra.blocking_recv().ok(), Some(Ok("a")));
         assert_eq!(rseen.blocking_recv().ok(), Some(Ok(true)));
         Ok(())
@@ -1009,6 +1075,25 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    // A flush request still queued when storage fails may never reach a flush: its caller is
+    // answered with the failure, not left waiting for the flusher.
+    #[tokio::test]
+    async fn a_durability_wait_not_yet_flushed_ends_once_storage_fails() -> Result<()> {
+        let (_dir, store) = temp_store()?;
+        let (_unanswered, reply) = oneshot::channel();
+        let waiting = tokio::spawn(store.flushed(reply).wait());
+        store.inner.failure.record("test: the disk failed".into());
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .map_err(|_| BrokerError::internal("the wait hung after the failure"))?
+            .map_err(|e| BrokerError::internal(e.to_string()))?;
+        assert!(
+            matches!(&got, Err(BrokerError::Unavailable(m)) if m.contains("the disk failed")),
+            "{got:?}"
+        );
+        Ok(())
+    }
+
     // After a failure sled may keep the committer inside a transaction for good (see
     // `Failure`); a write waiting behind it is refused with the failure, not left hanging.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1067,8 +1152,58 @@ pub(crate) mod tests {
     }
 }
 
-/// A waiter for durability: told Ok once a flush covers its writes, or the failure.
-type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+/// Where a write's caller is told that a flush covers it: Ok, or the failure's message.
+type FlushReply = oneshot::Sender<std::result::Result<(), String>>;
+
+/// A request for durability: the callers a flush that starts after it answers. One for a
+/// [`Store::durable`] call; one for a committer group's durable writes (so that a group's
+/// callers never split over flushes).
+#[derive(Debug)]
+struct Waiter(Vec<FlushReply>);
+
+impl Waiter {
+    /// How many durable writes (or `durable` calls) it stands for.
+    fn covers(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Tells every caller what the flush came to.
+    fn answer(self, r: &std::result::Result<(), String>) {
+        for reply in self.0 {
+            // A caller that gave up (its call was cancelled) is no loss.
+            let _ = reply.send(r.clone());
+        }
+    }
+}
+
+/// Resolves once a flush covers a write of [`Store::write_grouped_durable`], or with the
+/// storage failure that stopped it.
+#[derive(Debug)]
+pub struct Flushed {
+    reply: oneshot::Receiver<std::result::Result<(), String>>,
+    /// After a failure the flusher may never come back from sled (see `Failure`), and the
+    /// watchdog answers only the flush in progress: a request still queued is answered here.
+    failed: watch::Receiver<Option<String>>,
+}
+
+impl Flushed {
+    /// Waits for the flush.
+    pub async fn wait(mut self) -> Result<()> {
+        tokio::select! {
+            biased;
+            r = self.reply => match r {
+                Ok(Ok(())) => Ok(()),
+                // The flusher has recorded the failure; `e` is its message.
+                Ok(Err(e)) => Err(BrokerError::Unavailable(e)),
+                Err(_) => Err(shutting_down()),
+            },
+            f = self.failed.wait_for(Option::is_some) => Err(match f {
+                Ok(e) => BrokerError::Unavailable(e.clone().unwrap_or_default()),
+                Err(_) => shutting_down(),
+            }),
+        }
+    }
+}
 
 /// The flush in progress, shared by the flusher and the [`watchdog`].
 #[derive(Debug, Default)]
@@ -1100,7 +1235,7 @@ fn flusher(
             batch.push(more);
         }
         let started = std::time::Instant::now();
-        let n = batch.len();
+        let n: usize = batch.iter().map(Waiter::covers).sum();
         let res = match failure.error() {
             // sled refuses every flush after its first I/O error; no need to ask it again.
             Some(e) => Err(e.to_string()),
@@ -1126,8 +1261,7 @@ fn flusher(
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(n as u64, Ordering::Relaxed);
         for waiter in batch.drain(..) {
-            // A waiter that gave up (its call was cancelled) is no loss.
-            let _ = waiter.send(res.clone());
+            waiter.answer(&res);
         }
     }
 }
@@ -1185,9 +1319,9 @@ fn watchdog(
             continue;
         }
         if let Some(e) = failure.error() {
-            let e = e.to_string();
+            let e = Err(e.to_string());
             for w in f.waiters.drain(..) {
-                let _ = w.send(Err(e.clone()));
+                w.answer(&e);
             }
         }
     }

@@ -91,6 +91,8 @@ enum Accepted {
         dest: String,
         dataset: String,
         deadline_ms: i64,
+        /// Resolves once it is on disk; taken by `accept_and_queue`.
+        flushed: Option<store::Flushed>,
     },
     /// The idempotency key matched an earlier exchange.
     Duplicate {
@@ -664,8 +666,8 @@ impl Engine {
             dedup_key.clone(),
             dest.clone(),
         );
-        // Grouped with other accepts: one sled transaction for many exchanges.
-        let outcome = store.write_grouped_blocking(move |tx| {
+        // Grouped with other accepts: one sled transaction and one flush for many exchanges.
+        let outcome = store.write_grouped_durable_blocking(move |tx| {
             let (consumer, exchange_id, next_hop, dedup_key, dest) = (
                 &consumer_w,
                 &exchange_id_w,
@@ -724,7 +726,7 @@ impl Engine {
             Ok((Ok(None), vec![e]))
         });
         match outcome {
-            Ok(Ok(None)) => {
+            Ok((Ok(None), flushed)) => {
                 self.record_outcome(&req.dataset_id, "accepted");
                 Ok(Accepted::New {
                     next_hop,
@@ -733,14 +735,15 @@ impl Engine {
                     dest,
                     dataset: req.dataset_id,
                     deadline_ms: deadline,
+                    flushed: Some(flushed),
                 })
             }
-            Ok(Ok(Some(denial))) => {
+            Ok((Ok(Some(denial)), _)) => {
                 self.release(&dest, bytes);
                 self.record_denial(&denial, &consumer, &req.dataset_id);
                 Err(denial.to_error())
             }
-            Ok(Err(first)) => {
+            Ok((Err(first), _)) => {
                 self.release(&dest, bytes);
                 let (state, trace_id) = self.state_of(&first)?;
                 Ok(Accepted::Duplicate {
@@ -836,7 +839,7 @@ impl Engine {
         let task = tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let m2 = me.clone();
-                let accepted =
+                let mut accepted =
                     store::blocking(move || m2.accept(&caller, req, sync, call_deadline_ms))
                         .await?;
                 let mut rx = None;
@@ -846,13 +849,17 @@ impl Engine {
                     dataset,
                     deadline_ms,
                     next_hop,
+                    flushed,
                     ..
-                } = &accepted
+                } = &mut accepted
                 {
                     if sync {
                         rx = Some(me.waiter(id));
                     }
-                    let flushed = me.inner.store.durable().await;
+                    let flushed = match flushed.take() {
+                        Some(f) => f.wait().await,
+                        None => me.inner.store.durable().await,
+                    };
                     // Queue it whatever the flush said: it is in the store, and the next flush (or
                     // a restart's recovery) covers it. The caller learns of a failed flush and
                     // retries with its idempotency key.
@@ -1119,15 +1126,28 @@ impl Engine {
 
     /// Releases ended exchanges the caller has taken, durably; answers how many were released.
     pub async fn ack(&self, consumer: String, ids: Vec<String>) -> Result<u32> {
-        let n = self.release_now(consumer, ids).await?;
+        let release = self.release_write(consumer, ids)?;
+        // Grouped with other releases and accepts: one sled transaction and flush for many.
+        let (n, flushed) = self.inner.store.write_grouped_durable(release).await?;
         if n > 0 {
-            self.inner.store.durable().await?;
+            flushed.wait().await?;
         }
         Ok(n)
     }
 
     /// Releases ended exchanges without waiting for the flush that makes it durable.
     async fn release_now(&self, consumer: String, ids: Vec<String>) -> Result<u32> {
+        let release = self.release_write(consumer, ids)?;
+        // Grouped with other releases and accepts: one sled transaction for many.
+        self.inner.store.write_grouped(release).await
+    }
+
+    /// The write that releases the caller's ended exchanges among `ids`, answering how many.
+    fn release_write(
+        &self,
+        consumer: String,
+        ids: Vec<String>,
+    ) -> Result<impl Fn(&store::Tx<'_>) -> Result<(u32, Vec<AuditEntry>)> + Send + 'static> {
         if ids.len() > 1000 {
             return Err(BrokerError::invalid("at most 1000 exchange ids per Ack"));
         }
@@ -1136,31 +1156,27 @@ impl Engine {
         }
         // Refused up front after a storage failure, so that an Ack of nothing cannot succeed.
         self.inner.store.check()?;
-        // Grouped with other releases and accepts: one sled transaction for many.
-        self.inner
-            .store
-            .write_grouped(move |tx| {
-                let mut n = 0;
-                for id in &ids {
-                    let Some(r) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
-                        continue;
-                    };
-                    let env = r.envelope.clone().unwrap_or_default();
-                    if env.consumer != consumer {
-                        return Err(BrokerError::not_found(format!(
-                            "exchange {id} is not one of {consumer}'s"
-                        )));
-                    }
-                    if !r.finished() {
-                        continue;
-                    }
-                    tx.unmark(T::Results, &seq_key(&consumer, r.result_seq))?;
-                    tx.unmark(T::Exchanges, id.as_bytes())?;
-                    n += 1;
+        Ok(move |tx: &store::Tx<'_>| {
+            let mut n = 0;
+            for id in &ids {
+                let Some(r) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
+                    continue;
+                };
+                let env = r.envelope.clone().unwrap_or_default();
+                if env.consumer != consumer {
+                    return Err(BrokerError::not_found(format!(
+                        "exchange {id} is not one of {consumer}'s"
+                    )));
                 }
-                Ok((n, vec![]))
-            })
-            .await
+                if !r.finished() {
+                    continue;
+                }
+                tx.unmark(T::Results, &seq_key(&consumer, r.result_seq))?;
+                tx.unmark(T::Exchanges, id.as_bytes())?;
+                n += 1;
+            }
+            Ok((n, vec![]))
+        })
     }
 
     /// Streams the caller's ended, unacknowledged exchanges: those waiting, then as they end,
