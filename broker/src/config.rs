@@ -74,6 +74,9 @@ pub struct StorageSection {
     /// Free bytes the database's disk must keep: below them new work is refused with
     /// RESOURCE_EXHAUSTED while work already accepted goes on; 0 turns the check off.
     pub min_free_bytes: u64,
+    /// Longest a flush waits for accepts still being checked, so that under load one fsync
+    /// covers many of them (an idle broker flushes at once); 0 never waits.
+    pub flush_linger_us: u64,
 }
 
 /// `[sharing]`.
@@ -353,6 +356,7 @@ impl Default for StorageSection {
             path: "db".into(),
             cache_capacity_bytes: 256 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
+            flush_linger_us: 1000,
         }
     }
 }
@@ -635,6 +639,9 @@ cache_capacity_bytes = {cache}
 # publishing) is refused with RESOURCE_EXHAUSTED while work already accepted still completes,
 # and it is taken again once space is freed. 0 turns the check off. Default 268435456 (256 MiB).
 min_free_bytes = {s_min_free}
+# Longest a flush waits, in microseconds, for accepts still being checked, so that under load
+# one fsync covers many of them; an idle broker flushes at once. 0 never waits. Default 1000.
+flush_linger_us = {s_linger}
 
 [sharing]
 # Days a provider has to decide a CONDITIONAL demand before it is overdue. Default 5.
@@ -743,6 +750,7 @@ ping_secs = {f_ping}
             t_ca_key = toml_str(&self.tls.ca_key.to_string_lossy()),
             s_path = toml_str(&self.storage.path.to_string_lossy()),
             s_min_free = self.storage.min_free_bytes,
+            s_linger = self.storage.flush_linger_us,
             l_rps = self.limits.requests_per_second,
             l_burst = self.limits.burst,
             l_streams = self.limits.max_concurrent_streams,

@@ -73,6 +73,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     let db_path = cfg.path(&cfg.storage.path);
     let cache = cfg.storage.cache_capacity_bytes;
     let min_free = cfg.storage.min_free_bytes;
+    let linger = std::time::Duration::from_micros(cfg.storage.flush_linger_us);
     let id = cfg.broker.id.clone();
     let admin = cfg.broker.admin_id.clone();
     let store = store::blocking(move || {
@@ -81,6 +82,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
             tracing::warn!("the last run did not stop cleanly; checking the exchange indexes");
         }
         s.set_min_free(min_free);
+        s.set_flush_linger(linger);
         crate::registry::Registry::new(s.clone()).bootstrap(&id, &admin)?;
         Ok(s)
     })

@@ -234,6 +234,8 @@ struct Inner {
     failure: Arc<Failure>,
     /// True when [`Store::begin_run`] found that the last run did not stop cleanly.
     unclean: std::sync::atomic::AtomicBool,
+    /// Durable writes on their way to the flusher, and how long it waits for them.
+    linger: Arc<Linger>,
 }
 
 /// Fail-stop after a storage I/O error (a full disk, above all). sled 0.34.7 cannot go on
@@ -380,6 +382,8 @@ impl Store {
         let flusher_stats = stats.clone();
         let flusher_failure = failure.clone();
         let flusher_flushing = flushing.clone();
+        let linger = Arc::new(Linger::default());
+        let flusher_linger = linger.clone();
         let flusher = std::thread::Builder::new()
             .name("govshare-flusher".into())
             .spawn(move || {
@@ -389,6 +393,7 @@ impl Store {
                     flusher_stats,
                     flusher_failure,
                     flusher_flushing,
+                    flusher_linger,
                 )
             })
             .map_err(|e| BrokerError::internal(format!("cannot start flusher thread: {e}")))?;
@@ -431,8 +436,26 @@ impl Store {
                 failure,
                 space,
                 unclean: std::sync::atomic::AtomicBool::new(false),
+                linger,
             }),
         })
+    }
+
+    /// Sets `[storage] flush_linger_us`: how long at most a flush waits for durable writes
+    /// that are on their way (see [`Store::durable_intent`]); 0 flushes at once.
+    pub fn set_flush_linger(&self, linger: std::time::Duration) {
+        let us = u64::try_from(linger.as_micros()).unwrap_or(u64::MAX);
+        self.inner.linger.max_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Says that a durable write is coming (an accept being checked, before its
+    /// [`Store::write_grouped_durable`]): while any are, a flush waits for them, up to
+    /// `[storage] flush_linger_us`, so that under load one flush covers many writes and an
+    /// idle broker flushes at once. Dropping it (the write handed to the flusher, or given
+    /// up) says it is no longer coming.
+    pub fn durable_intent(&self) -> Intent {
+        self.inner.linger.add();
+        Intent(self.inner.linger.clone())
     }
 
     /// Sets `[storage] min_free_bytes` (0: no check) and checks the disk now.
@@ -505,19 +528,14 @@ impl Store {
     /// resolves once it is on disk; an error means it was not written.
     pub async fn write_grouped_durable<R: Send + 'static>(
         &self,
+        intent: Intent,
         f: impl Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
     ) -> Result<(R, Flushed)> {
         let (flushed, reply) = oneshot::channel();
-        let r = self.hand_over(Grouped::job(f, Some(flushed))).await?;
+        let r = self
+            .hand_over(Grouped::job(f, Some((flushed, intent))))
+            .await?;
         Ok((r, self.flushed(reply)))
-    }
-
-    /// [`Store::write_grouped_durable`] from a blocking thread (never from an async task).
-    pub fn write_grouped_durable_blocking<R: Send + 'static>(
-        &self,
-        f: impl Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
-    ) -> Result<(R, Flushed)> {
-        futures::executor::block_on(self.write_grouped_durable(f))
     }
 
     /// Hands a write to the committer and waits for its answer.
@@ -788,8 +806,9 @@ impl Core {
 trait Job: Send {
     /// Runs the write inside the group's transaction, returning its audit entries.
     fn run(&mut self, tx: &Tx<'_>) -> Result<Vec<AuditEntry>>;
-    /// Where to answer once a flush covers the write, if its caller asked for that.
-    fn take_flush(&mut self) -> Option<FlushReply>;
+    /// Where to answer once a flush covers the write, if its caller asked for that, and the
+    /// intent to drop once the flusher has the request.
+    fn take_flush(&mut self) -> Option<(FlushReply, Intent)>;
     /// Answers the caller once the group has committed, or with why not.
     fn finish(self: Box<Self>, outcome: Result<()>);
 }
@@ -800,7 +819,7 @@ struct Grouped<R, F> {
     out: Option<R>,
     reply: oneshot::Sender<Result<R>>,
     /// Set for [`Store::write_grouped_durable`].
-    flush: Option<FlushReply>,
+    flush: Option<(FlushReply, Intent)>,
 }
 
 impl<R, F> Grouped<R, F>
@@ -809,7 +828,10 @@ where
     F: Fn(&Tx<'_>) -> Result<(R, Vec<AuditEntry>)> + Send + 'static,
 {
     /// The job for the committer, and where its result will come.
-    fn job(f: F, flush: Option<FlushReply>) -> (Box<dyn Job>, oneshot::Receiver<Result<R>>) {
+    fn job(
+        f: F,
+        flush: Option<(FlushReply, Intent)>,
+    ) -> (Box<dyn Job>, oneshot::Receiver<Result<R>>) {
         let (reply, rx) = oneshot::channel();
         let job = Box::new(Self {
             f,
@@ -832,7 +854,7 @@ where
         Ok(entries)
     }
 
-    fn take_flush(&mut self) -> Option<FlushReply> {
+    fn take_flush(&mut self) -> Option<(FlushReply, Intent)> {
         self.flush.take()
     }
 
@@ -865,7 +887,7 @@ fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Box<dyn Job>>, flush: mpsc:
         }
         metrics::histogram!(crate::metrics::WRITE_GROUP).record(batch.len() as f64);
         set_since(&core.committing, Some(std::time::Instant::now()));
-        let durable = commit_group(&core, &mut batch);
+        let (durable, intents) = commit_group(&core, &mut batch);
         set_since(&core.committing, None);
         if !durable.0.is_empty() {
             // Blocks only while the flusher's channel is full: writers then wait for the disk.
@@ -873,6 +895,8 @@ fn committer(core: Arc<Core>, mut rx: mpsc::Receiver<Box<dyn Job>>, flush: mpsc:
                 w.answer(&Err("storage is shutting down".into()));
             }
         }
+        // Only now, with the request in the flusher's channel, are they no longer coming.
+        drop(intents);
     }
 }
 
@@ -883,13 +907,15 @@ fn set_since(cell: &Mutex<Option<std::time::Instant>>, v: Option<std::time::Inst
 }
 
 /// Commits a group of writes in one transaction and answers each of them; returns the
-/// durability waiter of those committed that asked for it. A write not committed drops its
-/// flush reply: its caller has its error already.
-fn commit_group(core: &Core, batch: &mut Vec<Box<dyn Job>>) -> Waiter {
+/// durability waiter of those committed that asked for it, and their intents. A write not
+/// committed drops its flush reply (its caller has its error already) and its intent.
+fn commit_group(core: &Core, batch: &mut Vec<Box<dyn Job>>) -> (Waiter, Vec<Intent>) {
     let mut durable = Vec::new();
+    let mut intents = Vec::new();
     let mut finish = |mut j: Box<dyn Job>, r: Result<()>| {
-        if let (Ok(()), Some(f)) = (&r, j.take_flush()) {
+        if let (Ok(()), Some((f, intent))) = (&r, j.take_flush()) {
             durable.push(f);
+            intents.push(intent);
         }
         j.finish(r);
     };
@@ -908,7 +934,7 @@ fn commit_group(core: &Core, batch: &mut Vec<Box<dyn Job>>) -> Waiter {
             }
         }
     }
-    Waiter(durable)
+    (Waiter(durable), intents)
 }
 
 #[cfg(test)]
@@ -930,6 +956,7 @@ pub(crate) mod tests {
 
     /// A grouped write that puts `key` and, when `refuse`, then refuses itself.
     fn job(
+        store: &Store,
         key: &'static str,
         refuse: bool,
     ) -> (Box<dyn Job>, oneshot::Receiver<Result<&'static str>>) {
@@ -942,7 +969,7 @@ pub(crate) mod tests {
                 Ok((key, vec![entry(key)]))
             },
             // Each asks to be made durable, as an accept does.
-            Some(oneshot::channel().0),
+            Some((oneshot::channel().0, store.durable_intent())),
         )
     }
 
@@ -950,14 +977,18 @@ pub(crate) mod tests {
     fn one_refused_write_undoes_only_itself_and_the_chain_stays_whole() -> Result<()> {
         let (_dir, store) = temp_store()?;
         let core = store.inner.core.clone();
-        let (a, ra) = job("a", false);
-        let (b, rb) = job("b", true);
-        let (c, rc) = job("c", false);
+        let (a, ra) = job(&store, "a", false);
+        let (b, rb) = job(&store, "b", true);
+        let (c, rc) = job(&store, "c", false);
         let mut batch = vec![a, b, c];
-        let durable = commit_group(&core, &mut batch);
+        let (durable, intents) = commit_group(&core, &mut batch);
         assert!(batch.is_empty());
         // The two writes that committed are to be flushed; the refused one is not.
         assert_eq!(durable.covers(), 2);
+        // The refused write's intent went with it; the others' go once the flusher has them.
+        assert_eq!(store.inner.linger.coming(), 2);
+        drop(intents);
+        assert_eq!(store.inner.linger.coming(), 0);
         assert_eq!(ra.blocking_recv().ok(), Some(Ok("a")));
         assert_eq!(
             rb.blocking_recv().ok(),
@@ -980,13 +1011,13 @@ pub(crate) mod tests {
     fn a_group_commits_as_one_and_each_write_sees_those_before_it() -> Result<()> {
         let (_dir, store) = temp_store()?;
         let core = store.inner.core.clone();
-        let (a, ra) = job("a", false);
+        let (a, ra) = job(&store, "a", false);
         let (seen, rseen) = Grouped::job(
             |tx: &Tx<'_>| Ok((tx.get_raw(T::Meta, b"a")?.is_some(), vec![])),
             None,
         );
         let mut batch = vec![a, seen];
-        assert_eq!(commit_group(&core, &mut batch).covers(), 1);
+        assert_eq!(commit_group(&core, &mut batch).0.covers(), 1);
         assert_eq!(ra.blocking_recv().ok(), Some(Ok("a")));
         assert_eq!(rseen.blocking_recv().ok(), Some(Ok(true)));
         Ok(())
@@ -1075,6 +1106,74 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    /// Waits (boundedly) until `cond` holds.
+    async fn wait_until(what: &str, cond: impl Fn() -> bool) -> Result<()> {
+        let since = std::time::Instant::now();
+        while !cond() {
+            if since.elapsed() > std::time::Duration::from_secs(10) {
+                return Err(BrokerError::internal(format!(
+                    "timed out waiting until {what}"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    // A flush waits for a durable write on its way, so that both share it; with none on its
+    // way it does not wait at all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_lingers_for_writes_on_their_way_and_only_for_them() -> Result<()> {
+        let (_dir, store) = temp_store()?;
+        // Far longer than the test may take: the flushes below end by the intent alone.
+        store.set_flush_linger(std::time::Duration::from_secs(60));
+        let flush_tx = store.inner.flush_tx.clone().ok_or_else(shutting_down)?;
+        let queued = || flush_tx.max_capacity() - flush_tx.capacity();
+        let send = |tx: &mpsc::Sender<Waiter>, reply: FlushReply| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Waiter(vec![reply]))
+                    .await
+                    .map_err(|_| shutting_down())
+            }
+        };
+        let counts = |s: &Store| {
+            let st = &s.inner.stats;
+            (
+                st.flushes.load(Ordering::Relaxed),
+                st.requests.load(Ordering::Relaxed),
+            )
+        };
+        // Idle: flushed at once.
+        tokio::time::timeout(std::time::Duration::from_secs(10), store.durable())
+            .await
+            .map_err(|_| BrokerError::internal("an idle store lingered"))??;
+        let before = counts(&store);
+        let intent = store.durable_intent();
+        let (tx1, mut first) = oneshot::channel();
+        send(&flush_tx, tx1).await?;
+        wait_until("the flusher took the first request", || queued() == 0).await?;
+        let (tx2, second) = oneshot::channel();
+        send(&flush_tx, tx2).await?;
+        // The flusher lingers with the first, so the second waits in its channel.
+        assert!(
+            first.try_recv().is_err(),
+            "the first was flushed without waiting"
+        );
+        assert_eq!(queued(), 1);
+        drop(intent);
+        for rx in [first, second] {
+            tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+                .await
+                .map_err(|_| BrokerError::internal("the flush never came"))?
+                .map_err(|_| BrokerError::internal("the request was dropped"))?
+                .map_err(BrokerError::Unavailable)?;
+        }
+        let after = counts(&store);
+        assert_eq!((after.0 - before.0, after.1 - before.1), (1, 2));
+        Ok(())
+    }
+
     // A flush request still queued when storage fails may never reach a flush: its caller is
     // answered with the failure, not left waiting for the flusher.
     #[tokio::test]
@@ -1149,6 +1248,67 @@ pub(crate) mod tests {
         let _ = release_tx.send(());
         let _ = stuck.await;
         Ok(())
+    }
+}
+
+/// Durable writes on their way to the flusher (see [`Store::durable_intent`]), and how long a
+/// flush waits for them.
+#[derive(Debug, Default)]
+struct Linger {
+    /// `[storage] flush_linger_us`.
+    max_us: AtomicU64,
+    coming: Mutex<usize>,
+    /// Told when `coming` falls to 0.
+    none_coming: std::sync::Condvar,
+}
+
+impl Linger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        // A count, consistent at every step: a panic elsewhere does not make it unusable.
+        self.coming
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self) {
+        *self.lock() += 1;
+    }
+
+    fn sub(&self) {
+        let mut n = self.lock();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.none_coming.notify_one();
+        }
+    }
+
+    #[cfg(test)]
+    fn coming(&self) -> usize {
+        *self.lock()
+    }
+
+    /// Waits until no durable write is coming, or at most `[storage] flush_linger_us`.
+    fn wait(&self) {
+        let max = std::time::Duration::from_micros(self.max_us.load(Ordering::Relaxed));
+        if max.is_zero() {
+            return;
+        }
+        let n = self.lock();
+        let _ = self
+            .none_coming
+            .wait_timeout_while(n, max, |n| *n > 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+}
+
+/// A durable write on its way (see [`Store::durable_intent`]); dropped once the flusher has
+/// its request, or when it will not come.
+#[derive(Debug)]
+pub struct Intent(Arc<Linger>);
+
+impl Drop for Intent {
+    fn drop(&mut self) {
+        self.0.sub();
     }
 }
 
@@ -1227,10 +1387,13 @@ fn flusher(
     stats: Arc<FlushStats>,
     failure: Arc<Failure>,
     flushing: Arc<Mutex<Flushing>>,
+    linger: Arc<Linger>,
 ) {
     let mut batch = Vec::with_capacity(256);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
+        // Writes on their way would otherwise need a flush of their own right after this one.
+        linger.wait();
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }

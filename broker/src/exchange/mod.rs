@@ -487,7 +487,7 @@ impl Engine {
     }
 
     /// Validates, enforces and stores a new exchange (blocking).
-    fn accept(
+    async fn accept(
         &self,
         caller: &Caller,
         mut req: ExchangeRequest,
@@ -496,6 +496,8 @@ impl Engine {
     ) -> Result<Accepted> {
         let cfg = &self.inner.cfg;
         let store = &self.inner.store;
+        // From here until its write reaches the flusher, a flush may wait for it.
+        let intent = store.durable_intent();
         let did = DatasetId::parse(&req.dataset_id)?;
         let mut query = req.query.take().unwrap_or_default();
         if query.filters.len() > cfg.max_filters as usize {
@@ -609,7 +611,7 @@ impl Engine {
         req.query = Some(query);
         env.request = Some(req.clone());
         if let Some(d) = denial {
-            self.audit_denial(&env, &d)?;
+            self.audit_denial(&env, &d).await?;
             return Err(d.to_error());
         }
         let grant: Grant = store
@@ -667,64 +669,66 @@ impl Engine {
             dest.clone(),
         );
         // Grouped with other accepts: one sled transaction and one flush for many exchanges.
-        let outcome = store.write_grouped_durable_blocking(move |tx| {
-            let (consumer, exchange_id, next_hop, dedup_key, dest) = (
-                &consumer_w,
-                &exchange_id_w,
-                &next_hop_w,
-                &dedup_key_w,
-                &dest_w,
-            );
-            if let Some(k) = dedup_key {
-                if let Some(raw) = tx.get_raw(T::Dedup, k)? {
-                    let d = DedupRecord::decode(raw.as_ref())?;
-                    if now - d.at_ms <= window_ms {
-                        return Ok((Err(d.exchange_id), vec![]));
+        let outcome = store
+            .write_grouped_durable(intent, move |tx| {
+                let (consumer, exchange_id, next_hop, dedup_key, dest) = (
+                    &consumer_w,
+                    &exchange_id_w,
+                    &next_hop_w,
+                    &dedup_key_w,
+                    &dest_w,
+                );
+                if let Some(k) = dedup_key {
+                    if let Some(raw) = tx.get_raw(T::Dedup, k)? {
+                        let d = DedupRecord::decode(raw.as_ref())?;
+                        if now - d.at_ms <= window_ms {
+                            return Ok((Err(d.exchange_id), vec![]));
+                        }
                     }
                 }
-            }
-            if own_quota {
-                if let Some(d) = take_quota(tx, &grant, &quota_key)? {
-                    let mut e = exchange_entry("exchange_denied", consumer, &env);
-                    e.reason = format!("{}: {}", d.rule, d.detail);
-                    return Ok((Ok(Some(d)), vec![e]));
+                if own_quota {
+                    if let Some(d) = take_quota(tx, &grant, &quota_key)? {
+                        let mut e = exchange_entry("exchange_denied", consumer, &env);
+                        e.reason = format!("{}: {}", d.rule, d.detail);
+                        return Ok((Ok(Some(d)), vec![e]));
+                    }
                 }
-            }
-            if let Some(peer) = next_hop {
-                fed.put_outbox(
-                    tx,
-                    peer,
-                    govshare_proto::v1::link_frame::Body::Exchange(outgoing.clone()),
+                if let Some(peer) = next_hop {
+                    fed.put_outbox(
+                        tx,
+                        peer,
+                        govshare_proto::v1::link_frame::Body::Exchange(outgoing.clone()),
+                    )?;
+                }
+                let mut rec = record.clone();
+                rec.bytes = bytes;
+                tx.put(T::Exchanges, exchange_id, &rec)?;
+                tx.put_raw(
+                    T::Queue,
+                    &seq_key(dest, rec.queue_seq),
+                    exchange_id.as_bytes(),
                 )?;
-            }
-            let mut rec = record.clone();
-            rec.bytes = bytes;
-            tx.put(T::Exchanges, exchange_id, &rec)?;
-            tx.put_raw(
-                T::Queue,
-                &seq_key(dest, rec.queue_seq),
-                exchange_id.as_bytes(),
-            )?;
-            if let Some(k) = dedup_key {
-                let d = DedupRecord {
-                    exchange_id: exchange_id.clone(),
-                    at_ms: now,
+                if let Some(k) = dedup_key {
+                    let d = DedupRecord {
+                        exchange_id: exchange_id.clone(),
+                        at_ms: now,
+                    };
+                    tx.put_raw(T::Dedup, k, &d.encode_to_vec())?;
+                }
+                let mut e = exchange_entry("exchange_accepted", consumer, &env);
+                e.reason = match (next_hop, sync) {
+                    (None, true) => "request".into(),
+                    (None, false) => "submit".into(),
+                    (Some(p), s) => format!(
+                        "{}; grant {} checked: ok; next hop {}",
+                        if s { "request" } else { "submit" },
+                        grant.id,
+                        crate::federation::peer_label(p)
+                    ),
                 };
-                tx.put_raw(T::Dedup, k, &d.encode_to_vec())?;
-            }
-            let mut e = exchange_entry("exchange_accepted", consumer, &env);
-            e.reason = match (next_hop, sync) {
-                (None, true) => "request".into(),
-                (None, false) => "submit".into(),
-                (Some(p), s) => format!(
-                    "{}; grant {} checked: ok; next hop {}",
-                    if s { "request" } else { "submit" },
-                    grant.id,
-                    crate::federation::peer_label(p)
-                ),
-            };
-            Ok((Ok(None), vec![e]))
-        });
+                Ok((Ok(None), vec![e]))
+            })
+            .await;
         match outcome {
             Ok((Ok(None), flushed)) => {
                 self.record_outcome(&req.dataset_id, "accepted");
@@ -797,7 +801,7 @@ impl Engine {
     }
 
     /// Audits (and counts) a refusal that stored nothing.
-    fn audit_denial(&self, env: &ExchangeEnvelope, d: &Denial) -> Result<()> {
+    async fn audit_denial(&self, env: &ExchangeEnvelope, d: &Denial) -> Result<()> {
         let dataset = env
             .request
             .as_ref()
@@ -806,7 +810,10 @@ impl Engine {
         self.record_denial(d, &env.consumer, dataset);
         let mut e = exchange_entry("exchange_denied", &env.consumer, env);
         e.reason = format!("{}: {}", d.rule, d.detail);
-        self.inner.store.write(|_| Ok(((), vec![e.clone()])))
+        self.inner
+            .store
+            .write_grouped(move |_| Ok(((), vec![e.clone()])))
+            .await
     }
 
     /// Accepts an exchange, then makes it durable and hands it to the dispatcher, all in a
@@ -838,10 +845,7 @@ impl Engine {
         crate::telemetry::link_trace(&span, &req.trace_id);
         let task = tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let m2 = me.clone();
-                let mut accepted =
-                    store::blocking(move || m2.accept(&caller, req, sync, call_deadline_ms))
-                        .await?;
+                let mut accepted = me.accept(&caller, req, sync, call_deadline_ms).await?;
                 let mut rx = None;
                 if let Accepted::New {
                     id,
@@ -1128,7 +1132,12 @@ impl Engine {
     pub async fn ack(&self, consumer: String, ids: Vec<String>) -> Result<u32> {
         let release = self.release_write(consumer, ids)?;
         // Grouped with other releases and accepts: one sled transaction and flush for many.
-        let (n, flushed) = self.inner.store.write_grouped_durable(release).await?;
+        let intent = self.inner.store.durable_intent();
+        let (n, flushed) = self
+            .inner
+            .store
+            .write_grouped_durable(intent, release)
+            .await?;
         if n > 0 {
             flushed.wait().await?;
         }
