@@ -356,7 +356,7 @@ impl Default for StorageSection {
             path: "db".into(),
             cache_capacity_bytes: 256 * 1024 * 1024,
             min_free_bytes: 256 * 1024 * 1024,
-            flush_linger_us: 1000,
+            flush_linger_us: 5000,
         }
     }
 }
@@ -640,7 +640,8 @@ cache_capacity_bytes = {cache}
 # and it is taken again once space is freed. 0 turns the check off. Default 268435456 (256 MiB).
 min_free_bytes = {s_min_free}
 # Longest a flush waits, in microseconds, for accepts still being checked, so that under load
-# one fsync covers many of them; an idle broker flushes at once. 0 never waits. Default 1000.
+# one fsync covers many of them. It waits only while some are on their way, so an idle broker
+# flushes at once. 0 never waits. Default 5000.
 flush_linger_us = {s_linger}
 
 [sharing]
