@@ -74,8 +74,9 @@ pub struct StorageSection {
     /// Free bytes the database's disk must keep: below them new work is refused with
     /// RESOURCE_EXHAUSTED while work already accepted goes on; 0 turns the check off.
     pub min_free_bytes: u64,
-    /// Longest a flush waits for accepts still being checked, so that under load one fsync
-    /// covers many of them (an idle broker flushes at once); 0 never waits.
+    /// Longest a flush waits for writes on their way (accepts being checked, answers on their
+    /// way through the dispatcher), so that under load one fsync covers many of them (an idle
+    /// broker flushes at once); 0 never waits.
     pub flush_linger_us: u64,
 }
 
@@ -639,8 +640,9 @@ cache_capacity_bytes = {cache}
 # publishing) is refused with RESOURCE_EXHAUSTED while work already accepted still completes,
 # and it is taken again once space is freed. 0 turns the check off. Default 268435456 (256 MiB).
 min_free_bytes = {s_min_free}
-# Longest a flush waits, in microseconds, for accepts still being checked, so that under load
-# one fsync covers many of them. It waits only while some are on their way, so an idle broker
+# Longest a flush waits, in microseconds, for writes on their way (accepts being checked,
+# providers' answers on their way through the dispatcher), so that under load one fsync covers
+# many of them. It waits only while some are on their way, so an idle broker
 # flushes at once. 0 never waits. Default 5000.
 flush_linger_us = {s_linger}
 

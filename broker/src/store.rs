@@ -449,7 +449,8 @@ impl Store {
     }
 
     /// Says that a durable write is coming (an accept being checked, before its
-    /// [`Store::write_grouped_durable`]): while any are, a flush waits for them, up to
+    /// [`Store::write_grouped_durable`]; an answer on its way to the dispatcher's
+    /// [`Store::durable_for`]): while any are, a flush waits for them, up to
     /// `[storage] flush_linger_us`, so that under load one flush covers many writes and an
     /// idle broker flushes at once. Dropping it (the write handed to the flusher, or given
     /// up) says it is no longer coming.
@@ -585,6 +586,12 @@ impl Store {
 
     /// Waits until everything written before the call is on disk. Many callers share one flush.
     pub async fn durable(&self) -> Result<()> {
+        self.durable_for(Vec::new()).await
+    }
+
+    /// [`Store::durable`] for writes announced with [`Store::durable_intent`]: they are no
+    /// longer on their way once the flusher has the request.
+    pub async fn durable_for(&self, intents: Vec<Intent>) -> Result<()> {
         self.check()?;
         let (tx, rx) = oneshot::channel();
         let sender = self.inner.flush_tx.as_ref().ok_or_else(shutting_down)?;
@@ -592,6 +599,7 @@ impl Store {
             .send(Waiter(vec![tx]))
             .await
             .map_err(|_| shutting_down())?;
+        drop(intents);
         self.flushed(rx).wait().await
     }
 

@@ -74,6 +74,8 @@ pub enum Cmd {
         instance: u64,
         /// The answer.
         answer: ProviderAnswer,
+        /// Says that the end it brings is on its way to a flush (see `Store::durable_intent`).
+        intent: crate::store::Intent,
     },
     /// An instance went away.
     Disconnect {
@@ -472,6 +474,8 @@ struct Actor {
     after_commit: Vec<oneshot::Sender<()>>,
     /// Told after the next shared flush.
     after_flush: Vec<oneshot::Sender<()>>,
+    /// Answers of this batch, on their way to its flush: a flush waits for them.
+    coming: Vec<crate::store::Intent>,
     last_heartbeat: i64,
     last_sweep: i64,
 }
@@ -493,6 +497,7 @@ impl Actor {
             ending: Vec::new(),
             after_commit: Vec::new(),
             after_flush: Vec::new(),
+            coming: Vec::new(),
             last_heartbeat: now_ms(),
             last_sweep: now_ms(),
         }
@@ -534,6 +539,8 @@ impl Actor {
 
     /// Tells consumers (and waiting Requests) about ended exchanges once they are durable.
     fn flush_done(&mut self) {
+        // With nothing to flush, the answers of the batch are no longer on their way.
+        let coming = std::mem::take(&mut self.coming);
         if self.done.is_empty() && self.wake.is_empty() && self.after_flush.is_empty() {
             return;
         }
@@ -542,7 +549,7 @@ impl Actor {
         let after_flush = std::mem::take(&mut self.after_flush);
         let engine = self.engine.clone();
         tokio::spawn(async move {
-            let flushed = engine.store().durable().await;
+            let flushed = engine.store().durable_for(coming).await;
             match &flushed {
                 Ok(()) => {
                     for d in after_flush {
@@ -699,7 +706,14 @@ impl Actor {
                     self.dispatch(&dest);
                 }
             }
-            Cmd::Answer { instance, answer } => self.answer(instance, answer),
+            Cmd::Answer {
+                instance,
+                answer,
+                intent,
+            } => {
+                self.coming.push(intent);
+                self.answer(instance, answer)
+            }
             Cmd::Disconnect { instance } => self.disconnect(instance),
             Cmd::Replay { id, actor, reply } => {
                 let r = self.replay(&id, &actor);

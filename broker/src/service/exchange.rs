@@ -214,7 +214,9 @@ impl ExchangeService for ExchangeSvc {
                             if engine.send(Cmd::Credit { instance, add: cr.add }).await.is_err() { break }
                         }
                         Ok(Some(ProviderMessage { body: Some(provider_message::Body::Answer(answer)) })) => {
-                            if engine.send(Cmd::Answer { instance, answer }).await.is_err() { break }
+                            // From here until the dispatcher asks for its flush, a flush may wait for it.
+                            let intent = engine.store().durable_intent();
+                            if engine.send(Cmd::Answer { instance, answer, intent }).await.is_err() { break }
                         }
                         Ok(Some(_)) => {
                             if let Some(tx) = weak.upgrade() {
