@@ -486,7 +486,9 @@ impl Engine {
         }))
     }
 
-    /// Validates, enforces and stores a new exchange (blocking).
+    /// Validates, enforces and stores a new exchange. Its checks run on the caller's task
+    /// (about 50 µs, one signature included; the trees it reads are small and hot); the write
+    /// goes to the committer.
     async fn accept(
         &self,
         caller: &Caller,
