@@ -70,11 +70,57 @@ pub fn entry(decision: &str, actor: &str) -> AuditEntry {
     }
 }
 
+/// The decision of an entry recording entries that never reached the disk: a run that did
+/// not stop cleanly (a full disk, above all: sled 0.34 can then keep a later write and lose an
+/// earlier one) left a gap, which the next start records rather than leave it looking like
+/// an edit. `lost_from` and `lost_to` name the gap.
+pub const ENTRIES_LOST: &str = "audit_entries_lost";
+
+/// Entries missing from the chain, lost in a run that did not stop cleanly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loss {
+    /// The first missing seq.
+    pub from: u64,
+    /// The last missing seq.
+    pub to: u64,
+    /// The `audit_entries_lost` entry recording the loss; None until the broker next starts.
+    pub recorded_at: Option<u64>,
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.from == self.to {
+            format!("entry {}", self.from)
+        } else {
+            format!("entries {}-{}", self.from, self.to)
+        };
+        match self.recorded_at {
+            Some(at) => write!(
+                f,
+                "{what} lost before reaching the disk (recorded at entry {at})"
+            ),
+            None => write!(
+                f,
+                "{what} lost before reaching the disk by the last run, which did not stop \
+                 cleanly (not recorded yet: the broker records the loss when it next starts)"
+            ),
+        }
+    }
+}
+
 /// What verification found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VerifyOutcome {
     /// Every entry verifies; the count.
     Ok(u64),
+    /// Every entry present verifies, and each one missing is a recorded loss (see
+    /// [`ENTRIES_LOST`]) or was lost by a run that did not stop cleanly.
+    OkWithLosses {
+        /// Entries verified.
+        entries: u64,
+        /// The gaps, in order.
+        losses: Vec<Loss>,
+    },
     /// The first entry that does not verify, and why.
     Broken {
         /// The entry's seq (or the key position where a seq was expected).
@@ -84,11 +130,54 @@ pub enum VerifyOutcome {
     },
 }
 
-/// Verifies the whole chain in a tree.
-pub fn verify(tree: &sled::Tree) -> Result<VerifyOutcome> {
+/// Verifies the whole chain in a tree. `unclean_from` is the first seq of a run that did not
+/// stop cleanly (see `Store::begin_run`), if the database holds one: a gap from there on is
+/// a loss not recorded yet, where anywhere else an unrecorded gap breaks the chain.
+pub fn verify(tree: &sled::Tree, unclean_from: Option<u64>) -> Result<VerifyOutcome> {
+    verify_from(tree, 1, unclean_from)
+}
+
+/// Verifies the chain from entry `from` on, linking it to the entry before it.
+pub fn verify_from(
+    tree: &sled::Tree,
+    from: u64,
+    unclean_from: Option<u64>,
+) -> Result<VerifyOutcome> {
+    let from = from.max(1);
     let mut prev = vec![0u8; 32];
-    let mut expected_seq = 1u64;
-    for kv in tree.iter() {
+    if from > 1 {
+        let anchor = from - 1;
+        match tree.get(anchor.to_be_bytes())? {
+            Some(v) => match AuditEntry::decode(v.as_ref()) {
+                Ok(e) if e.seq == anchor && entry_hash(&e) == e.hash => prev = e.hash,
+                _ => {
+                    return Ok(VerifyOutcome::Broken {
+                        seq: anchor,
+                        reason: "entry does not verify".into(),
+                    })
+                }
+            },
+            None => {
+                return Ok(VerifyOutcome::Broken {
+                    seq: anchor,
+                    reason: "entry is missing".into(),
+                })
+            }
+        }
+    }
+    let mut expected_seq = from;
+    let mut entries = 0u64;
+    let mut losses: Vec<Loss> = Vec::new();
+    // A break at `seq`, unless an earlier gap that no later entry can excuse comes first.
+    let excused = |g: &Loss| g.recorded_at.is_some() || unclean_from.is_some_and(|u| g.from >= u);
+    let first_break = |losses: &[Loss], seq: u64, reason: String| {
+        let (seq, reason) = match losses.iter().find(|g| !excused(g)) {
+            Some(g) => (g.to + 1, unrecorded(g)),
+            None => (seq, reason),
+        };
+        Ok(VerifyOutcome::Broken { seq, reason })
+    };
+    for kv in tree.range(from.to_be_bytes()..) {
         let (k, v) = kv?;
         let key_seq = k
             .as_ref()
@@ -98,34 +187,107 @@ pub fn verify(tree: &sled::Tree) -> Result<VerifyOutcome> {
         let e = match AuditEntry::decode(v.as_ref()) {
             Ok(e) => e,
             Err(err) => {
-                return Ok(VerifyOutcome::Broken {
-                    seq: key_seq,
-                    reason: format!("entry does not decode: {err}"),
-                })
+                return first_break(&losses, key_seq, format!("entry does not decode: {err}"))
             }
         };
-        let broken = |reason: String| {
-            Ok(VerifyOutcome::Broken {
-                seq: key_seq,
-                reason,
-            })
-        };
-        if key_seq != expected_seq || e.seq != key_seq {
-            return broken(format!(
-                "expected entry {expected_seq}, found key {key_seq} holding entry {}",
-                e.seq
-            ));
+        if e.seq != key_seq {
+            return first_break(
+                &losses,
+                key_seq,
+                format!("key {key_seq} holds entry {}", e.seq),
+            );
         }
-        if e.prev_hash != prev {
-            return broken("prev_hash does not match the previous entry's hash".into());
+        if key_seq > expected_seq {
+            // Its prev_hash names a lost entry, so only its own hash can be checked.
+            losses.push(Loss {
+                from: expected_seq,
+                to: key_seq - 1,
+                recorded_at: None,
+            });
+        } else if e.prev_hash != prev {
+            return first_break(
+                &losses,
+                key_seq,
+                "prev_hash does not match the previous entry's hash".into(),
+            );
         }
         if entry_hash(&e) != e.hash {
-            return broken("hash does not match the entry's contents (edited?)".into());
+            return first_break(
+                &losses,
+                key_seq,
+                "hash does not match the entry's contents (edited?)".into(),
+            );
+        }
+        if e.decision == ENTRIES_LOST {
+            let gap = losses
+                .iter_mut()
+                .find(|g| g.recorded_at.is_none() && g.from == e.lost_from && g.to == e.lost_to);
+            match gap {
+                Some(g) => g.recorded_at = Some(key_seq),
+                None => {
+                    return first_break(
+                        &losses,
+                        key_seq,
+                        format!(
+                            "records entries {}-{} as lost, but they are not a gap before it",
+                            e.lost_from, e.lost_to
+                        ),
+                    )
+                }
+            }
         }
         prev = e.hash;
-        expected_seq += 1;
+        expected_seq = key_seq + 1;
+        entries += 1;
     }
-    Ok(VerifyOutcome::Ok(expected_seq - 1))
+    if let Some(g) = losses.iter().find(|g| !excused(g)) {
+        return Ok(VerifyOutcome::Broken {
+            seq: g.to + 1,
+            reason: unrecorded(g),
+        });
+    }
+    Ok(if losses.is_empty() {
+        VerifyOutcome::Ok(entries)
+    } else {
+        VerifyOutcome::OkWithLosses { entries, losses }
+    })
+}
+
+/// The gaps among the entries from `from` on, found from their keys alone: cheap enough for
+/// every start after an unclean stop, when the last run may have written a million entries.
+/// Hashes are left to `audit verify`.
+pub fn gaps_from(tree: &sled::Tree, from: u64) -> Result<Vec<Loss>> {
+    let mut expected = from.max(1);
+    let mut gaps = Vec::new();
+    for k in tree.range(expected.to_be_bytes()..).keys() {
+        let k = k?;
+        let seq = k
+            .as_ref()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| BrokerError::internal("audit key is not 8 bytes"))?;
+        if seq > expected {
+            gaps.push(Loss {
+                from: expected,
+                to: seq - 1,
+                recorded_at: None,
+            });
+        }
+        expected = seq + 1;
+    }
+    Ok(gaps)
+}
+
+/// Why an unexcused gap breaks the chain.
+fn unrecorded(g: &Loss) -> String {
+    format!(
+        "expected entry {}, found entry {}: entries {}-{} are missing and no entry records \
+         their loss",
+        g.from,
+        g.to + 1,
+        g.from,
+        g.to
+    )
 }
 
 /// Lists audit entries the caller may see: all for admins, else those naming the caller as

@@ -417,9 +417,25 @@ fn audit_verify(data_dir: &Path) -> anyhow::Result<std::process::ExitCode> {
             "cannot open the database (stop the broker first: audit verify reads it offline)",
         )?;
     let tree = db.open_tree("audit")?;
-    match audit::verify(&tree)? {
+    // A run that did not stop cleanly may have lost entries it never got to the disk; the
+    // broker records them when it next starts, and until then they are shown, not failed.
+    let unclean_from = db
+        .open_tree("meta")?
+        .get(govshare_broker::store::RUNNING)?
+        .and_then(|m| govshare_broker::store::run_start(&m));
+    match audit::verify(&tree, unclean_from)? {
         audit::VerifyOutcome::Ok(n) => {
             println!("audit chain OK: {n} entries verified");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        audit::VerifyOutcome::OkWithLosses { entries, losses } => {
+            println!(
+                "audit chain OK: {entries} entries verified, {} gap(s) of lost entries",
+                losses.len()
+            );
+            for loss in losses {
+                println!("  {loss}");
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
         audit::VerifyOutcome::Broken { seq, reason } => {

@@ -682,11 +682,72 @@ impl Store {
     /// Marks the database as in use by a running broker (blocking; durable with the next
     /// flush). Answers, and remembers for [`Store::unclean_start`], whether the previous run
     /// ended without [`Store::end_run_blocking`]: a crash, a kill, or a storage failure.
+    ///
+    /// The mark holds the first audit seq of the run. After an unclean stop, the entries that
+    /// run wrote are verified, and each gap among them (entries sled lost while keeping later
+    /// ones, as it can when a write fails on a full disk) is recorded by an
+    /// [`audit::ENTRIES_LOST`] entry, so that `audit verify` shows the loss rather than an
+    /// edit. A break of any other kind is left for `audit verify` to name.
     pub fn begin_run(&self) -> Result<bool> {
         self.check()?;
-        let unclean = self.tree(T::Meta).insert(RUNNING, &b"1"[..])?.is_some();
+        let previous = self.tree(T::Meta).get(RUNNING)?;
+        let unclean = previous.is_some();
+        let mut lost = Vec::new();
+        if let Some(mark) = previous {
+            match run_start(&mark) {
+                Some(from) => lost = self.audit_losses_since(from)?,
+                None => tracing::warn!(
+                    "the last run's mark names no first audit entry (an older broker wrote \
+                     it); its audit entries are not checked"
+                ),
+            }
+        }
+        // Nothing else writes during the start, so the head read here is the one the losses
+        // are chained onto.
+        let head = self
+            .inner
+            .core
+            .write_lock
+            .lock()
+            .map_err(|_| BrokerError::internal("audit lock poisoned"))?
+            .seq;
+        let first_of_run = head + lost.len() as u64 + 1;
+        self.inner.core.transact(|tx| {
+            tx.put_raw(T::Meta, RUNNING, &first_of_run.to_be_bytes())?;
+            let entries = lost
+                .iter()
+                .map(|g| {
+                    let mut e = audit::entry(audit::ENTRIES_LOST, self.broker_id());
+                    e.lost_from = g.from;
+                    e.lost_to = g.to;
+                    e.reason = format!(
+                        "entries {}-{} were lost before reaching the disk by a run that did not \
+                         stop cleanly; none of them had been acknowledged",
+                        g.from, g.to
+                    );
+                    e
+                })
+                .collect();
+            Ok(((), entries))
+        })?;
         self.inner.unclean.store(unclean, Ordering::Relaxed);
         Ok(unclean)
+    }
+
+    /// The gaps among the audit entries from `from` on (the run that did not stop cleanly):
+    /// none can have been recorded yet, since a loss is recorded by the run after the one that
+    /// lost it, whose mark comes after the record.
+    fn audit_losses_since(&self, from: u64) -> Result<Vec<audit::Loss>> {
+        let lost = audit::gaps_from(self.tree(T::Audit), from)?;
+        for g in &lost {
+            tracing::warn!(
+                from = g.from,
+                to = g.to,
+                "audit entries of the last run were lost before reaching the disk; recording \
+                 the loss in the audit log"
+            );
+        }
+        Ok(lost)
     }
 
     /// True when the previous run did not stop cleanly (see [`Store::begin_run`]): a sled
@@ -725,7 +786,13 @@ impl Store {
 }
 
 /// The `meta` key present while a broker runs on the database (see [`Store::begin_run`]).
-const RUNNING: &[u8] = b"running";
+pub const RUNNING: &[u8] = b"running";
+
+/// The first audit seq of the run a [`RUNNING`] mark was written by; None for a mark written
+/// by a broker from before marks held it.
+pub fn run_start(mark: &[u8]) -> Option<u64> {
+    mark.try_into().ok().map(u64::from_be_bytes)
+}
 
 fn shutting_down() -> BrokerError {
     BrokerError::Unavailable("storage is shutting down".into())
@@ -962,6 +1029,167 @@ pub(crate) mod tests {
         e
     }
 
+    /// One run of a broker on `dir`: starts it (`begin_run`), writes `n` audit entries, and
+    /// stops cleanly or not. Answers whether the start found the run before it unclean.
+    fn one_run(dir: &Path, n: usize, clean: bool) -> Result<bool> {
+        let store = Store::open(dir, 1 << 20, "330000/hub")?;
+        let unclean = store.begin_run()?;
+        for i in 0..n {
+            store.write(|_| Ok(((), vec![entry(&format!("w{i}"))])))?;
+        }
+        if clean {
+            store.end_run_blocking()?;
+        } else {
+            store.flush_blocking()?;
+        }
+        Ok(unclean)
+    }
+
+    /// The database in `dir` with its audit entries `lost` removed, as sled can leave it after
+    /// a write failed on a full disk; answers the store, not started.
+    fn losing(dir: &Path, lost: &[u64]) -> Result<Store> {
+        let store = Store::open(dir, 1 << 20, "330000/hub")?;
+        for seq in lost {
+            assert!(store.tree(T::Audit).remove(seq.to_be_bytes())?.is_some());
+        }
+        store.flush_blocking()?;
+        Ok(store)
+    }
+
+    /// `audit verify` as the CLI runs it: the unclean run's first entry from the mark.
+    fn verify_as_offline(store: &Store) -> Result<audit::VerifyOutcome> {
+        let mark = store.tree(T::Meta).get(RUNNING)?;
+        audit::verify(store.tree(T::Audit), mark.and_then(|m| run_start(&m)))
+    }
+
+    #[test]
+    fn entries_an_unclean_run_lost_are_recorded_at_the_next_start_and_verify_as_a_loss(
+    ) -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
+        assert!(!one_run(dir.path(), 3, true)?);
+        // Entries 4-8, then a crash; sled kept 7 and 8 but lost 5 and 6.
+        assert!(!one_run(dir.path(), 5, false)?);
+        let store = losing(dir.path(), &[5, 6])?;
+        // Offline, before the restart: shown as a loss not yet recorded, not as an edit.
+        let pending = audit::Loss {
+            from: 5,
+            to: 6,
+            recorded_at: None,
+        };
+        assert_eq!(
+            verify_as_offline(&store)?,
+            audit::VerifyOutcome::OkWithLosses {
+                entries: 6,
+                losses: vec![pending.clone()]
+            }
+        );
+        // Without the mark's say-so the same gap breaks the chain.
+        assert!(matches!(
+            audit::verify(store.tree(T::Audit), None)?,
+            audit::VerifyOutcome::Broken { seq: 7, .. }
+        ));
+        drop(store);
+
+        // The restart records the loss as entry 9, chained like any other.
+        assert!(one_run(dir.path(), 2, true)?);
+        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        let recorded = audit::Loss {
+            recorded_at: Some(9),
+            ..pending
+        };
+        let want = audit::VerifyOutcome::OkWithLosses {
+            entries: 9,
+            losses: vec![recorded.clone()],
+        };
+        assert_eq!(verify_as_offline(&store)?, want);
+        assert_eq!(audit::verify(store.tree(T::Audit), None)?, want);
+        let nine = store
+            .tree(T::Audit)
+            .get(9u64.to_be_bytes())?
+            .ok_or_else(|| BrokerError::internal("no entry 9"))?;
+        let nine = <AuditEntry as prost::Message>::decode(nine.as_ref())?;
+        assert_eq!(nine.decision, audit::ENTRIES_LOST);
+        assert_eq!((nine.lost_from, nine.lost_to), (5, 6));
+        assert!(recorded.to_string().contains("entries 5-6 lost"));
+        drop(store);
+
+        // Recorded once: a later start, after clean stops, records nothing again.
+        assert!(!one_run(dir.path(), 1, true)?);
+        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        assert_eq!(
+            audit::verify(store.tree(T::Audit), None)?,
+            audit::VerifyOutcome::OkWithLosses {
+                entries: 10,
+                losses: vec![recorded]
+            }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_gap_before_the_unclean_run_is_a_break_and_is_not_recorded() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
+        assert!(!one_run(dir.path(), 5, true)?);
+        assert!(!one_run(dir.path(), 3, false)?);
+        // Entry 3 was written by the run that stopped cleanly: removing it is an edit.
+        let store = losing(dir.path(), &[3])?;
+        let broken = audit::VerifyOutcome::Broken {
+            seq: 4,
+            reason: "expected entry 3, found entry 4: entries 3-3 are missing and no entry \
+                     records their loss"
+                .into(),
+        };
+        assert_eq!(verify_as_offline(&store)?, broken);
+        drop(store);
+        assert!(one_run(dir.path(), 0, true)?);
+        let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
+        assert_eq!(audit::verify(store.tree(T::Audit), None)?, broken);
+        let losses = store
+            .tree(T::Audit)
+            .iter()
+            .values()
+            .filter_map(|v| <AuditEntry as prost::Message>::decode(v.ok()?.as_ref()).ok())
+            .filter(|e| e.decision == audit::ENTRIES_LOST)
+            .count();
+        assert_eq!(losses, 0, "an edit is never recorded as a loss");
+        Ok(())
+    }
+
+    #[test]
+    fn a_loss_entry_for_entries_still_present_or_an_edit_after_a_gap_breaks_the_chain() -> Result<()>
+    {
+        let (_dir, store) = temp_store()?;
+        for i in 0..3 {
+            store.write(|_| Ok(((), vec![entry(&format!("w{i}"))])))?;
+        }
+        // A forged record of a loss of entries 2-3, which are there.
+        let mut forged = audit::entry(audit::ENTRIES_LOST, "330000/hub");
+        (forged.lost_from, forged.lost_to) = (2, 3);
+        store.write(|_| Ok(((), vec![forged.clone()])))?;
+        assert!(matches!(
+            audit::verify(store.tree(T::Audit), Some(1))?,
+            audit::VerifyOutcome::Broken { seq: 4, ref reason } if reason.contains("not a gap")
+        ));
+        // An edited entry after an excused gap still breaks it.
+        let (_dir, store) = temp_store()?;
+        for i in 0..5 {
+            store.write(|_| Ok(((), vec![entry(&format!("w{i}"))])))?;
+        }
+        let audit_tree = store.tree(T::Audit);
+        audit_tree.remove(2u64.to_be_bytes())?;
+        let four = audit_tree
+            .get(4u64.to_be_bytes())?
+            .ok_or_else(|| BrokerError::internal("no entry 4"))?;
+        let mut four = <AuditEntry as prost::Message>::decode(four.as_ref())?;
+        four.reason = "edited".into();
+        audit_tree.insert(4u64.to_be_bytes(), prost::Message::encode_to_vec(&four))?;
+        assert!(matches!(
+            audit::verify(audit_tree, Some(1))?,
+            audit::VerifyOutcome::Broken { seq: 4, ref reason } if reason.contains("edited?")
+        ));
+        Ok(())
+    }
+
     /// A grouped write that puts `key` and, when `refuse`, then refuses itself.
     fn job(
         store: &Store,
@@ -1009,7 +1237,7 @@ pub(crate) mod tests {
         assert!(meta.get("b")?.is_none());
         // Two entries, one per committed write, chained without a gap.
         assert_eq!(
-            audit::verify(store.tree(T::Audit))?,
+            audit::verify(store.tree(T::Audit), None)?,
             audit::VerifyOutcome::Ok(2)
         );
         Ok(())
@@ -1108,7 +1336,7 @@ pub(crate) mod tests {
         store.durable().await?;
         assert_eq!(store.tree(T::Meta).len(), 200);
         assert_eq!(
-            audit::verify(store.tree(T::Audit))?,
+            audit::verify(store.tree(T::Audit), None)?,
             audit::VerifyOutcome::Ok(200)
         );
         Ok(())

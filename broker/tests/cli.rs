@@ -250,3 +250,68 @@ fn no_arguments_initialises_and_runs_govshare_data() -> TestResult {
     assert!(tmp.path().join("govshare-data/db").exists());
     Ok(())
 }
+
+#[test]
+fn audit_verify_shows_entries_an_unclean_run_lost_and_the_next_start_records_them() -> TestResult {
+    use govshare_broker::{audit, store};
+    use prost::Message;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    init(&dir)?;
+    run_and_term(&dir)?;
+    let d = dir.to_str().ok_or("path")?;
+    // A run that wrote entries 3-5 and stopped uncleanly, sled keeping 3 and 5 but losing 4
+    // (as it can when a write fails on a full disk).
+    {
+        let db = sled::open(dir.join("db"))?;
+        let tree = db.open_tree("audit")?;
+        let mut head = audit::load_head(&tree)?;
+        assert_eq!(head.seq, 2, "two entries from the first run");
+        db.open_tree("meta")?
+            .insert(store::RUNNING, &3u64.to_be_bytes()[..])?;
+        for n in 0..3 {
+            let e = audit::chain(
+                &mut head,
+                audit::entry("test_write", &format!("n{n}")),
+                "330000/hub",
+            );
+            tree.insert(e.seq.to_be_bytes(), e.encode_to_vec())?;
+        }
+        tree.remove(4u64.to_be_bytes())?;
+        db.flush()?;
+    }
+    let pending = broker(&["audit", "verify", "--data-dir", d])?;
+    let out = text(&pending.stdout);
+    assert!(pending.status.success(), "{out}{}", text(&pending.stderr));
+    assert!(
+        out.contains("audit chain OK: 4 entries verified, 1 gap(s)")
+            && out.contains("entry 4 lost")
+            && out.contains("not recorded yet"),
+        "{out}"
+    );
+
+    // The next start records the loss as the first entry it writes.
+    run_and_term(&dir)?;
+    let recorded = broker(&["audit", "verify", "--data-dir", d])?;
+    let out = text(&recorded.stdout);
+    assert!(recorded.status.success(), "{out}{}", text(&recorded.stderr));
+    assert!(
+        out.contains("entry 4 lost before reaching the disk (recorded at entry 6)"),
+        "{out}"
+    );
+
+    // An entry removed from a run that stopped cleanly is not a loss but an edit.
+    {
+        let db = sled::open(dir.join("db"))?;
+        db.open_tree("audit")?.remove(1u64.to_be_bytes())?;
+        db.flush()?;
+    }
+    let broken = broker(&["audit", "verify", "--data-dir", d])?;
+    let out = text(&broken.stdout);
+    assert_eq!(broken.status.code(), Some(3), "{out}");
+    assert!(
+        out.contains("BROKEN at entry 2") && out.contains("no entry records their loss"),
+        "{out}"
+    );
+    Ok(())
+}

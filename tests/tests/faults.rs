@@ -624,17 +624,18 @@ async fn full_disk(data: &Path, log: &Path, disk: &Tmpfs, scratch: &Path) -> Res
     // The supervisor's restart, once space is back.
     provider.kill();
     disk.resize(DISK_MIB * 16)?;
-    // Offline, the database opens and its audit chain is whole.
-    let verify = tokio::process::Command::new(govshare_tests::bin_path("govshare-broker")?)
-        .args(["audit", "verify", "--data-dir"])
-        .arg(data)
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&verify.stdout);
+    // Offline, the database opens and its audit chain verifies. sled 0.34.7 can keep a later
+    // write and lose an earlier one when a write fails on a full disk, so audit entries the
+    // failed process never got to the disk may be missing between others: shown as lost by a
+    // run that did not stop cleanly, never as an edit, and recorded by the next start.
+    let text = audit_verify(data).await?;
+    let pending = text.contains("not recorded yet");
+    if pending {
+        eprintln!("after the failure: {text}");
+    }
     ensure!(
-        verify.status.success() && text.contains("audit chain OK"),
-        "{text}{}",
-        String::from_utf8_lossy(&verify.stderr)
+        !text.contains("recorded at entry"),
+        "a loss recorded before any restart: {text}"
     );
     let broker = BrokerProcess::start(data, log).await?;
     let admin = client_at(&broker.url(), &data.join("admin")).await?;
@@ -693,7 +694,30 @@ async fn full_disk(data: &Path, log: &Path, disk: &Tmpfs, scratch: &Path) -> Res
     ensure!(acked.acked as usize == all.len(), "{acked:?}");
     let code = broker.term().await?;
     ensure!(code == Some(0), "graceful stop exited {code:?}");
+    // Every loss is recorded now, each by an entry of its own.
+    let text = audit_verify(data).await?;
+    ensure!(
+        !text.contains("not recorded yet") && pending == text.contains("recorded at entry"),
+        "after the restart: {text}"
+    );
     Ok(())
+}
+
+/// Runs `govshare-broker audit verify` on the stopped broker's `data`; answers its report,
+/// an error unless it says the chain is OK.
+async fn audit_verify(data: &Path) -> Result<String> {
+    let verify = tokio::process::Command::new(govshare_tests::bin_path("govshare-broker")?)
+        .args(["audit", "verify", "--data-dir"])
+        .arg(data)
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&verify.stdout).into_owned();
+    ensure!(
+        verify.status.success() && text.contains("audit chain OK"),
+        "{text}{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    Ok(text)
 }
 
 // A write that fails half-way (a full disk, above) can leave an exchange ended in its record
