@@ -31,6 +31,7 @@ pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
     } else {
         // Room for the whole backlog, whatever the defaults.
         crate::target::Fixture::in_process(1, !load.plain_listener, |cfg| {
+            load.tune_storage(cfg);
             cfg.exchange.queue_max_count = cfg.exchange.queue_max_count.max(count + 1000);
             cfg.exchange.queue_max_bytes = cfg
                 .exchange

@@ -173,6 +173,14 @@ pub struct LoadArgs {
     /// stop") before recovering the queues; the recovery time then includes that check.
     #[arg(long)]
     pub unclean_restart: bool,
+    /// In-process brokers: sled's page cache in MiB (the broker's `[storage]
+    /// cache_capacity_bytes`, default 256 MiB), to see what it does to RSS and throughput.
+    #[arg(long, value_name = "MiB", conflicts_with = "broker")]
+    pub broker_cache_mib: Option<u64>,
+    /// In-process brokers: how long a flush may wait for writes on their way to it, in
+    /// microseconds (the broker's `[storage] flush_linger_us`, default 5000; 0: never waits).
+    #[arg(long, value_name = "MICROSECONDS", conflicts_with = "broker")]
+    pub flush_linger_us: Option<u64>,
     /// No progress display.
     #[arg(long, short)]
     pub quiet: bool,
@@ -207,7 +215,23 @@ impl LoadArgs {
         if self.max_in_flight == 0 || self.max_in_flight > 10_000 {
             bail!("--max-in-flight must be 1 to 10000");
         }
+        if self.broker_cache_mib.is_some_and(|m| m == 0 || m > 65_536) {
+            bail!("--broker-cache-mib must be 1 to 65536");
+        }
+        if self.flush_linger_us.is_some_and(|us| us > 1_000_000) {
+            bail!("--flush-linger-us must be 0 to 1000000 (one second)");
+        }
         Ok(())
+    }
+
+    /// Applies the storage settings given for in-process brokers to one broker's config.
+    pub fn tune_storage(&self, cfg: &mut govshare_broker::Config) {
+        if let Some(mib) = self.broker_cache_mib {
+            cfg.storage.cache_capacity_bytes = mib.saturating_mul(1024 * 1024);
+        }
+        if let Some(us) = self.flush_linger_us {
+            cfg.storage.flush_linger_us = us;
+        }
     }
 
     /// How the load is applied, for reports.
@@ -291,5 +315,49 @@ mod tests {
         assert_eq!(parse_rate("5000/s"), Ok(5000.0));
         assert_eq!(parse_rate("250"), Ok(250.0));
         assert!(parse_rate("fast").is_err());
+    }
+
+    /// The load settings `args` give after `govshare-bench run sync`.
+    fn load(args: &[&str]) -> Result<LoadArgs> {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            load: LoadArgs,
+        }
+        let all = std::iter::once("bench").chain(args.iter().copied());
+        Ok(Only::try_parse_from(all)?.load)
+    }
+
+    #[test]
+    fn storage_settings_reach_an_in_process_broker_and_are_checked() -> Result<()> {
+        let l = load(&["--broker-cache-mib", "32", "--flush-linger-us", "0"])?;
+        l.check()?;
+        let mut cfg = govshare_broker::Config::default();
+        l.tune_storage(&mut cfg);
+        assert_eq!(cfg.storage.cache_capacity_bytes, 32 << 20);
+        assert_eq!(cfg.storage.flush_linger_us, 0);
+        // Unset, the broker's defaults stay.
+        let mut untouched = govshare_broker::Config::default();
+        load(&[])?.tune_storage(&mut untouched);
+        assert_eq!(
+            untouched.storage.cache_capacity_bytes,
+            govshare_broker::Config::default()
+                .storage
+                .cache_capacity_bytes
+        );
+        for bad in [
+            &["--broker-cache-mib", "0"][..],
+            &["--broker-cache-mib", "65537"],
+            &["--flush-linger-us", "1000001"],
+        ] {
+            assert!(load(bad)?.check().is_err(), "{bad:?} accepted");
+        }
+        // An external broker's storage is its own operator's.
+        let external = ["--broker", "https://x:1", "--identity", "/tmp"];
+        for flag in [["--broker-cache-mib", "32"], ["--flush-linger-us", "10"]] {
+            let args: Vec<&str> = external.iter().chain(flag.iter()).copied().collect();
+            assert!(load(&args).is_err(), "{args:?} accepted");
+        }
+        Ok(())
     }
 }

@@ -92,11 +92,19 @@ async fn fixture_for(mode: Mode, load: &LoadArgs, consumers: usize) -> Result<Fi
                  it cannot drive an external broker: drop --broker/--identity"
             );
         }
-        return Fixture::cascade(consumers, !load.plain_listener).await;
+        return Fixture::cascade(consumers, !load.plain_listener, |cfg| {
+            load.tune_storage(cfg)
+        })
+        .await;
     }
     match (&load.broker, &load.identity) {
         (Some(url), Some(dir)) => Fixture::external(url, dir, consumers).await,
-        _ => Fixture::in_process(consumers, !load.plain_listener, |_| {}).await,
+        _ => {
+            Fixture::in_process(consumers, !load.plain_listener, |cfg| {
+                load.tune_storage(cfg)
+            })
+            .await
+        }
     }
 }
 

@@ -293,19 +293,26 @@ impl Fixture {
     /// the provider attached to one province (440000), `consumers` consumer nodes to the other
     /// (330000). Everything the consumers do goes to their own broker, and from there through
     /// the hub to the provider's.
-    pub(crate) async fn cascade(consumers: usize, nodelay: bool) -> Result<Self> {
+    /// `tune` changes each of the three brokers' config.
+    pub(crate) async fn cascade(
+        consumers: usize,
+        nodelay: bool,
+        tune: impl Fn(&mut Config),
+    ) -> Result<Self> {
         let hub = InProcess::start_in(
             tempfile::tempdir().context("temp dir for the hub")?,
             CASCADE_HUB,
             None,
             nodelay,
-            |_| {},
+            &tune,
         )
         .await?;
-        let home =
-            InProcess::start_child(CASCADE_CONSUMER_BROKER, &hub, nodelay, quick_links).await?;
-        let far =
-            InProcess::start_child(CASCADE_PROVIDER_BROKER, &hub, nodelay, quick_links).await?;
+        let child = |cfg: &mut Config| {
+            quick_links(cfg);
+            tune(cfg);
+        };
+        let home = InProcess::start_child(CASCADE_CONSUMER_BROKER, &hub, nodelay, child).await?;
+        let far = InProcess::start_child(CASCADE_PROVIDER_BROKER, &hub, nodelay, child).await?;
         let far_admin = far.admin().await?;
         let provider = far
             .departments(
