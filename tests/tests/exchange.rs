@@ -628,6 +628,50 @@ async fn flushes_are_grouped_under_concurrent_load() -> Result<()> {
     s.broker.shutdown().await
 }
 
+/// While a provider answers without a break, the dispatcher always has work waiting. Ended
+/// exchanges must still reach the consumer batch by batch, as they become durable, and not
+/// once the provider stops (they used to wait until the dispatcher's thread ran out of work,
+/// seconds under a steady load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_reach_the_consumer_while_the_provider_is_still_answering() -> Result<()> {
+    const QUEUED: usize = 3000;
+    let s = setup().await?;
+    // Queued with no provider, so that the provider has a long run of work when it comes.
+    for chunk in 0..QUEUED / 100 {
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let c = s.civil.clone();
+            let n = chunk * 100 + i;
+            tasks.push(tokio::spawn(
+                async move { c.submit(ask(&n.to_string())).await },
+            ));
+        }
+        for t in tasks {
+            if let Err(e) = t.await? {
+                bail!("submit failed: {e}");
+            }
+        }
+    }
+    let mut w = s.civil.watch("").await?;
+    let p = TestProvider::start(&s.hrss, &[DS], 512, "p", generous()).await?;
+    let first = w.message().await?.context("watch ended")?;
+    let received = p.received();
+    ensure!(first.state() == ExchangeState::Answered, "{first:?}");
+    ensure!(
+        received < QUEUED,
+        "the first result reached the consumer only after the provider had received all \
+         {received} requests"
+    );
+    // And every one of them comes through.
+    let mut seen = 1;
+    while seen < QUEUED {
+        let r = w.message().await?.context("watch ended")?;
+        ensure!(r.state() == ExchangeState::Answered, "{r:?}");
+        seen += 1;
+    }
+    s.broker.shutdown().await
+}
+
 #[tokio::test]
 async fn the_queue_is_bounded_by_bytes_too() -> Result<()> {
     let s = setup_with(|c| c.exchange.queue_max_bytes = 1500, 0).await?;

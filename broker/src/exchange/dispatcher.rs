@@ -530,6 +530,12 @@ impl Actor {
                     self.flush_done();
                 }
             }
+            // The tasks `flush_done` spawns (telling consumers and waiting Requests once their
+            // ends are durable) run on this thread's runtime, which polls them only when this
+            // loop gives way. Receiving gives way only every 128 commands (tokio's budget);
+            // under a steady stream of answers that is 128 batches, each with its own
+            // transaction, and results reached consumers seconds late, in bursts.
+            tokio::task::yield_now().await;
         }
         self.commit();
         self.flush_done();
