@@ -654,7 +654,11 @@ async fn results_reach_the_consumer_while_the_provider_is_still_answering() -> R
     }
     let mut w = s.civil.watch("").await?;
     let p = TestProvider::start(&s.hrss, &[DS], 512, "p", generous()).await?;
-    let first = w.message().await?.context("watch ended")?;
+    let wait = Duration::from_secs(60);
+    let first = tokio::time::timeout(wait, w.message())
+        .await
+        .context("no result within a minute")??
+        .context("watch ended")?;
     let received = p.received();
     ensure!(first.state() == ExchangeState::Answered, "{first:?}");
     ensure!(
@@ -662,12 +666,17 @@ async fn results_reach_the_consumer_while_the_provider_is_still_answering() -> R
         "the first result reached the consumer only after the provider had received all \
          {received} requests"
     );
-    // And every one of them comes through.
-    let mut seen = 1;
-    while seen < QUEUED {
-        let r = w.message().await?.context("watch ended")?;
+    // And every one of them comes through, once.
+    let mut seen = std::collections::HashSet::from([first.exchange_id]);
+    while seen.len() < QUEUED {
+        let r = tokio::time::timeout(wait, w.message())
+            .await
+            .with_context(|| {
+                format!("{} of {QUEUED} results, then none for a minute", seen.len())
+            })??
+            .context("watch ended")?;
         ensure!(r.state() == ExchangeState::Answered, "{r:?}");
-        seen += 1;
+        ensure!(seen.insert(r.exchange_id.clone()), "shown twice: {r:?}");
     }
     s.broker.shutdown().await
 }
