@@ -16,6 +16,7 @@ pub mod federation;
 pub mod http;
 pub mod ids;
 pub mod keys;
+pub mod kv;
 pub mod mask;
 pub mod metrics;
 pub mod pki;

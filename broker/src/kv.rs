@@ -1,0 +1,1523 @@
+//! govshare's own storage engine: an append-only, group-committed log of atomic batches, with
+//! an in-memory ordered index of keys, meant to take sled's place under [`crate::store`].
+//!
+//! Why: sled 0.34 costs about 40% of the CPU of an exchange (its page cache, its transaction
+//! machinery, and an I/O thread pool that wakes every idle thread for each write), and it
+//! keeps the values it wrote in memory with no bound (README, Performance). Here a batch is
+//! one `pwrite` of one CRC-checked frame, durability is one `fdatasync` for every batch written
+//! since the last one, and the index holds only keys and where their values are, with small
+//! values inline. The trade: every key of every tree is in memory, and opening reads the
+//! whole log.
+//!
+//! Layout: a directory of segment files `NNNNNNNNNN.seg`, each an 8-byte header and then
+//! frames `[body length u32 LE][crc32 of body u32 LE][body]`; a body is a sequence of
+//! operations (put, remove, clear tree). A frame is the unit of atomicity: at open, frames
+//! are replayed in order, and a frame that is incomplete or fails its CRC at the end of the
+//! last segment is a write a crash interrupted, so it and what follows are cut off. Anywhere
+//! else it is damage, and opening fails rather than silently drop later writes: a segment is
+//! made durable before the next one gets its first frame, so a crash leaves a torn frame
+//! only at the very end.
+//!
+//! Space: a put or remove makes the older record of its key dead; [`Db::compact`] rewrites
+//! the live records of the oldest segment at the head, makes them durable, and deletes the
+//! segment, while the log is more than twice the live bytes. Compacting only the oldest
+//! segment is what makes it safe to drop its removes: no older segment is left that could
+//! hold a put they undo.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// A value (or key) read from the store: cheap to clone, derefs to bytes.
+pub type Value = bytes::Bytes;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file operation failed (a full disk, above all).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// A segment is damaged somewhere other than a torn last write.
+    #[error("{path} is damaged at byte {offset}: {what}; the data directory needs repair from a backup")]
+    Corrupt {
+        /// The segment.
+        path: PathBuf,
+        /// Where its first bad frame starts.
+        offset: u64,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// Another process holds the directory.
+    #[error("{0} is in use by another process")]
+    Locked(PathBuf),
+    /// An earlier write or flush failed; nothing is written until the store is reopened,
+    /// since what reached the disk is no longer known.
+    #[error("storage failed earlier ({0}); reopen the store")]
+    Failed(String),
+    /// A key, value or batch beyond the format's limits.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// Results of the store.
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Settings of a store.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Trees (numbered from 0) the store keeps.
+    pub trees: usize,
+    /// A segment is sealed, and a new one started, once it reaches this size.
+    pub segment_bytes: u64,
+    /// Values up to this size are kept in memory; larger ones are read from their segment.
+    pub inline_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            trees: 32,
+            segment_bytes: 64 << 20,
+            inline_bytes: 64,
+        }
+    }
+}
+
+const MAGIC: &[u8; 8] = b"GSKV\0\0\0\x01";
+const HEADER: u64 = MAGIC.len() as u64;
+const FRAME_HEAD: usize = 8;
+/// The largest frame: a u32 length, and well under a segment's u32 offsets.
+const MAX_FRAME: usize = 1 << 30;
+const OP_PUT: u8 = 1;
+const OP_REMOVE: u8 = 2;
+const OP_CLEAR: u8 = 3;
+/// The internal tree of the id counter (see [`Db::generate_id`]); not one of the caller's.
+const ID_TREE: u8 = u8::MAX;
+/// Ids reserved (made durable) at a time by [`Db::generate_id`].
+const ID_BLOCK: u64 = 1 << 20;
+
+/// Where a key's value is: the segment and offset of its bytes (which also name the record,
+/// for compaction), and the value itself when small.
+#[derive(Debug, Clone)]
+struct Slot {
+    seg: u32,
+    off: u32,
+    len: u32,
+    /// The whole record's size in the log, for the live-bytes count.
+    rec: u32,
+    inline: Option<Value>,
+}
+
+#[derive(Debug)]
+struct Seg {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Bytes written (the header and whole frames).
+    size: u64,
+    /// Bytes of records that are still the current value of their key.
+    live: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    trees: Vec<BTreeMap<Box<[u8]>, Slot>>,
+    segs: BTreeMap<u32, Seg>,
+}
+
+impl State {
+    fn kill(&mut self, old: &Slot) {
+        if let Some(s) = self.segs.get_mut(&old.seg) {
+            s.live = s.live.saturating_sub(u64::from(old.rec));
+        }
+    }
+
+    fn put(&mut self, tree: usize, key: &[u8], slot: Slot) {
+        if let Some(s) = self.segs.get_mut(&slot.seg) {
+            s.live += u64::from(slot.rec);
+        }
+        if let Some(old) = self.trees[tree].insert(key.into(), slot) {
+            self.kill(&old);
+        }
+    }
+
+    fn remove(&mut self, tree: usize, key: &[u8]) {
+        if let Some(old) = self.trees[tree].remove(key) {
+            self.kill(&old);
+        }
+    }
+
+    fn clear(&mut self, tree: usize) {
+        let old = std::mem::take(&mut self.trees[tree]);
+        for slot in old.values() {
+            self.kill(slot);
+        }
+    }
+
+    /// Where to read a slot's value from, so that the read can happen after the lock is let
+    /// go: a segment compacted away meanwhile stays readable through its open file.
+    fn locate(&self, slot: &Slot) -> Loc {
+        match (&slot.inline, self.segs.get(&slot.seg)) {
+            (Some(v), _) => Loc::Inline(v.clone()),
+            (None, Some(s)) => Loc::Disk(s.file.clone(), s.path.clone(), slot.off, slot.len),
+            (None, None) => Loc::Gone(slot.seg),
+        }
+    }
+}
+
+/// A value's whereabouts, from [`State::locate`].
+enum Loc {
+    Inline(Value),
+    Disk(Arc<File>, PathBuf, u32, u32),
+    Gone(u32),
+}
+
+impl Loc {
+    fn read(self) -> Result<Value> {
+        match self {
+            Loc::Inline(v) => Ok(v),
+            Loc::Disk(file, path, off, len) => {
+                let mut buf = vec![0; len as usize];
+                file.read_exact_at(&mut buf, u64::from(off))
+                    .map_err(io_err(&path))?;
+                Ok(buf.into())
+            }
+            Loc::Gone(seg) => Err(Error::Failed(format!(
+                "segment {seg} of a live value is gone"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Writer {
+    head: u32,
+    file: Arc<File>,
+    path: PathBuf,
+    /// Where the next frame goes.
+    len: u64,
+    /// Set by the first failed write or flush.
+    failed: Option<String>,
+    /// The frame being built, kept to reuse its allocation.
+    buf: Vec<u8>,
+    /// The next id [`Db::generate_id`] hands out, and the first one not yet reserved.
+    next_id: u64,
+    id_ceiling: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    opts: Options,
+    state: RwLock<State>,
+    writer: Mutex<Writer>,
+    /// Flushes in progress are serialized, so that the count below means what it says.
+    sync: Mutex<()>,
+    flushes: AtomicU64,
+    /// Held for the life of the store: the directory's lock.
+    _lock: File,
+}
+
+/// An open store: cheap to clone, shared by threads.
+#[derive(Debug, Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+fn seg_name(id: u32) -> String {
+    format!("{id:010}.seg")
+}
+
+fn read_lock(l: &RwLock<State>) -> RwLockReadGuard<'_, State> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_lock(l: &RwLock<State>) -> RwLockWriteGuard<'_, State> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// One operation of a frame, as parsed.
+enum Op<'a> {
+    Put {
+        tree: u8,
+        key: &'a [u8],
+        value: &'a [u8],
+        /// Offset of the value within the body.
+        at: usize,
+        rec: usize,
+    },
+    Remove {
+        tree: u8,
+        key: &'a [u8],
+    },
+    Clear {
+        tree: u8,
+    },
+}
+
+fn take<'a>(body: &'a [u8], pos: &mut usize, n: usize) -> Option<&'a [u8]> {
+    let end = pos.checked_add(n)?;
+    let s = body.get(*pos..end)?;
+    *pos = end;
+    Some(s)
+}
+
+fn take_u32(body: &[u8], pos: &mut usize) -> Option<usize> {
+    let b = take(body, pos, 4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+}
+
+/// Parses a frame's body, or None if it is malformed.
+fn parse(body: &[u8]) -> Option<Vec<Op<'_>>> {
+    let mut ops = Vec::new();
+    let mut pos = 0;
+    while pos < body.len() {
+        let start = pos;
+        let head = take(body, &mut pos, 2)?;
+        let (kind, tree) = (head[0], head[1]);
+        match kind {
+            OP_PUT => {
+                let kl = take_u32(body, &mut pos)?;
+                let key = take(body, &mut pos, kl)?;
+                let vl = take_u32(body, &mut pos)?;
+                let at = pos;
+                let value = take(body, &mut pos, vl)?;
+                ops.push(Op::Put {
+                    tree,
+                    key,
+                    value,
+                    at,
+                    rec: pos - start,
+                });
+            }
+            OP_REMOVE => {
+                let kl = take_u32(body, &mut pos)?;
+                let key = take(body, &mut pos, kl)?;
+                ops.push(Op::Remove { tree, key });
+            }
+            OP_CLEAR => ops.push(Op::Clear { tree }),
+            _ => return None,
+        }
+    }
+    Some(ops)
+}
+
+fn encode_put(buf: &mut Vec<u8>, tree: u8, key: &[u8], value: &[u8]) -> usize {
+    buf.extend_from_slice(&[OP_PUT, tree]);
+    buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    let at = buf.len();
+    buf.extend_from_slice(value);
+    at
+}
+
+fn encode_remove(buf: &mut Vec<u8>, tree: u8, key: &[u8]) {
+    buf.extend_from_slice(&[OP_REMOVE, tree]);
+    buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    buf.extend_from_slice(key);
+}
+
+/// A frame read back at open: the body, or why the bytes at `offset` are not one.
+enum Framed<'a> {
+    Ok(&'a [u8]),
+    Bad(&'static str),
+}
+
+fn frame_at(data: &[u8], offset: usize) -> Framed<'_> {
+    let Some(head) = data.get(offset..offset + FRAME_HEAD) else {
+        return Framed::Bad("an incomplete frame header");
+    };
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let start = offset + FRAME_HEAD;
+    let Some(body) = data.get(start..start.saturating_add(len)) else {
+        return Framed::Bad("a frame longer than the file");
+    };
+    if len == 0 {
+        return Framed::Bad("an empty frame");
+    }
+    if crc32fast::hash(body) != crc {
+        return Framed::Bad("a frame whose checksum does not match");
+    }
+    Framed::Ok(body)
+}
+
+impl Db {
+    /// Opens (or creates) the store in `dir`, replaying its log.
+    pub fn open(dir: &Path, opts: Options) -> Result<Self> {
+        if opts.trees == 0 || opts.trees >= usize::from(ID_TREE) {
+            return Err(Error::TooLarge(format!(
+                "a store keeps 1 to {} trees, not {}",
+                ID_TREE - 1,
+                opts.trees
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        if !fs4::fs_std::FileExt::try_lock_exclusive(&lock_file).map_err(io_err(&lock_path))? {
+            return Err(Error::Locked(dir.to_path_buf()));
+        }
+        let mut ids = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let e = e.map_err(io_err(dir))?;
+            let name = e.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".seg")) else {
+                continue;
+            };
+            if let Ok(id) = stem.parse::<u32>() {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let mut state = State {
+            trees: vec![BTreeMap::new(); opts.trees],
+            segs: BTreeMap::new(),
+        };
+        let mut id_ceiling = 0;
+        let last = ids.last().copied();
+        for &id in &ids {
+            let path = dir.join(seg_name(id));
+            let file = Arc::new(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?,
+            );
+            let data = std::fs::read(&path).map_err(io_err(&path))?;
+            let is_last = Some(id) == last;
+            // In the table before its replay, so that its puts count as its live bytes.
+            state.segs.insert(
+                id,
+                Seg {
+                    file: file.clone(),
+                    path: path.clone(),
+                    size: 0,
+                    live: 0,
+                },
+            );
+            let mut size = replay(&mut state, &opts, id, &path, &data, is_last, &mut id_ceiling)?;
+            if is_last && size == 0 {
+                // A crash between creating the segment and writing its header.
+                file.write_all_at(MAGIC, 0).map_err(io_err(&path))?;
+                size = HEADER;
+            }
+            if size < data.len() as u64 {
+                tracing::warn!(
+                    segment = %path.display(),
+                    dropped_bytes = data.len() as u64 - size,
+                    "cut off a write that a crash interrupted"
+                );
+                file.set_len(size).map_err(io_err(&path))?;
+            }
+            if size != data.len() as u64 {
+                file.sync_all().map_err(io_err(&path))?;
+            }
+            if let Some(s) = state.segs.get_mut(&id) {
+                s.size = size;
+            }
+        }
+        let head = match last {
+            Some(id) => id,
+            None => {
+                let (file, path) = create_segment(dir, 0)?;
+                state.segs.insert(
+                    0,
+                    Seg {
+                        file: Arc::new(file),
+                        path,
+                        size: HEADER,
+                        live: 0,
+                    },
+                );
+                0
+            }
+        };
+        let (file, path, len) = match state.segs.get(&head) {
+            Some(s) => (s.file.clone(), s.path.clone(), s.size),
+            None => return Err(Error::Failed("the head segment vanished".into())),
+        };
+        let writer = Writer {
+            head,
+            file,
+            path,
+            len,
+            failed: None,
+            buf: Vec::new(),
+            next_id: id_ceiling,
+            id_ceiling,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                opts,
+                state: RwLock::new(state),
+                writer: Mutex::new(writer),
+                sync: Mutex::new(()),
+                flushes: AtomicU64::new(0),
+                _lock: lock_file,
+            }),
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The value of `key` in `tree`.
+    pub fn get(&self, tree: usize, key: &[u8]) -> Result<Option<Value>> {
+        let loc = {
+            let st = read_lock(&self.inner.state);
+            match st.trees.get(tree).and_then(|t| t.get(key)) {
+                Some(slot) => st.locate(slot),
+                None => return Ok(None),
+            }
+        };
+        loc.read().map(Some)
+    }
+
+    /// Whether `tree` holds `key`.
+    pub fn contains_key(&self, tree: usize, key: &[u8]) -> bool {
+        read_lock(&self.inner.state)
+            .trees
+            .get(tree)
+            .is_some_and(|t| t.contains_key(key))
+    }
+
+    /// How many keys `tree` holds.
+    pub fn len(&self, tree: usize) -> usize {
+        read_lock(&self.inner.state)
+            .trees
+            .get(tree)
+            .map_or(0, BTreeMap::len)
+    }
+
+    /// Whether `tree` is empty.
+    pub fn is_empty(&self, tree: usize) -> bool {
+        self.len(tree) == 0
+    }
+
+    /// The keys of `tree` in `range`, in order, with their values; see [`Iter`].
+    pub fn range(&self, tree: usize, lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> Iter {
+        let own = |b: Bound<&[u8]>| match b {
+            Bound::Included(k) => Bound::Included(k.to_vec()),
+            Bound::Excluded(k) => Bound::Excluded(k.to_vec()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        Iter {
+            db: self.clone(),
+            tree,
+            lo: own(lo),
+            hi: own(hi),
+            done: false,
+        }
+    }
+
+    /// Every key of `tree`, in order.
+    pub fn iter(&self, tree: usize) -> Iter {
+        self.range(tree, Bound::Unbounded, Bound::Unbounded)
+    }
+
+    /// The keys of `tree` that start with `prefix`, in order.
+    pub fn scan_prefix(&self, tree: usize, prefix: &[u8]) -> Iter {
+        match prefix_end(prefix) {
+            Some(end) => self.range(tree, Bound::Included(prefix), Bound::Excluded(&end)),
+            None => self.range(tree, Bound::Included(prefix), Bound::Unbounded),
+        }
+    }
+
+    /// The first (smallest) key of `tree` with its value.
+    pub fn first(&self, tree: usize) -> Result<Option<(Value, Value)>> {
+        self.iter(tree).next().transpose()
+    }
+
+    /// The last (largest) key of `tree` with its value.
+    pub fn last(&self, tree: usize) -> Result<Option<(Value, Value)>> {
+        self.iter(tree).next_back().transpose()
+    }
+
+    /// Runs `f` as one atomic write: what it puts and removes becomes visible to readers
+    /// together, when `f` returns Ok, and reaches the disk as one frame (durable after the next
+    /// [`Db::flush`]); if `f` fails, nothing it did is kept. Writes are serialized: `f` sees
+    /// every write committed before it, and its own.
+    pub fn transaction<R, E: From<Error>>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        let mut w = lock(&self.inner.writer);
+        if let Some(msg) = &w.failed {
+            return Err(Error::Failed(msg.clone()).into());
+        }
+        let mut tx = Tx {
+            db: self,
+            pending: BTreeMap::new(),
+            ops: Vec::new(),
+        };
+        let r = f(&mut tx)?;
+        let Tx { ops, .. } = tx;
+        if !ops.is_empty() {
+            self.commit(&mut w, &ops)?;
+        }
+        Ok(r)
+    }
+
+    /// Appends one frame of `ops` and applies it to the index; the caller holds the writer.
+    fn commit(&self, w: &mut Writer, ops: &[TxOp]) -> Result<()> {
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        buf.resize(FRAME_HEAD, 0);
+        // Body-relative value offsets, in the order of `ops`' puts.
+        let mut ats = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                TxOp::Put(t, k, v) => {
+                    check_sizes(k, v)?;
+                    ats.push(encode_put(&mut buf, *t, k, v) - FRAME_HEAD);
+                }
+                TxOp::Remove(t, k) => encode_remove(&mut buf, *t, k),
+                TxOp::Clear(t) => buf.extend_from_slice(&[OP_CLEAR, *t]),
+            }
+        }
+        let body_len = buf.len() - FRAME_HEAD;
+        if body_len > MAX_FRAME {
+            w.buf = buf;
+            return Err(Error::TooLarge(format!(
+                "a write of {body_len} bytes; at most {MAX_FRAME} in one transaction"
+            )));
+        }
+        let crc = crc32fast::hash(&buf[FRAME_HEAD..]);
+        buf[..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        // Rolling before the write, not after, so that a failure to start the next segment
+        // fails this write rather than report a write that was made as failed.
+        if w.len >= self.inner.opts.segment_bytes
+            || w.len + buf.len() as u64 > u64::from(u32::MAX)
+        {
+            if let Err(e) = self.roll(w) {
+                w.buf = buf;
+                return Err(e);
+            }
+        }
+        let at = w.len;
+        if let Err(e) = w.file.write_all_at(&buf, at) {
+            // Cut off what part of the frame got written, so that the next frame starts
+            // clean; if even that fails, the file's end is unknown and writing stops.
+            if let Err(e2) = w.file.set_len(at) {
+                w.failed = Some(format!("{}: {e}; then {e2}", w.path.display()));
+            }
+            w.buf = buf;
+            return Err(io_err(&w.path)(e));
+        }
+        w.len += buf.len() as u64;
+        let body_at = at + FRAME_HEAD as u64;
+        {
+            let mut st = write_lock(&self.inner.state);
+            if let Some(s) = st.segs.get_mut(&w.head) {
+                s.size = w.len;
+            }
+            let mut ats = ats.into_iter();
+            for op in ops {
+                match op {
+                    TxOp::Put(t, k, v) => {
+                        let rel = ats.next().unwrap_or_default();
+                        let slot = Slot {
+                            seg: w.head,
+                            off: (body_at + rel as u64) as u32,
+                            len: v.len() as u32,
+                            rec: (2 + 4 + k.len() + 4 + v.len()) as u32,
+                            inline: (v.len() <= self.inner.opts.inline_bytes).then(|| v.clone()),
+                        };
+                        if usize::from(*t) == usize::from(ID_TREE) {
+                            continue;
+                        }
+                        st.put(usize::from(*t), k, slot);
+                    }
+                    TxOp::Remove(t, k) => st.remove(usize::from(*t), k),
+                    TxOp::Clear(t) => st.clear(usize::from(*t)),
+                }
+            }
+        }
+        w.buf = buf;
+        Ok(())
+    }
+
+    /// Seals the head segment and starts the next one. The sealed one is made durable first,
+    /// so that a crash can tear only the last segment's last frame.
+    fn roll(&self, w: &mut Writer) -> Result<()> {
+        if let Err(e) = w.file.sync_data() {
+            w.failed = Some(format!("{}: {e}", w.path.display()));
+            return Err(io_err(&w.path)(e));
+        }
+        let next = w
+            .head
+            .checked_add(1)
+            .ok_or_else(|| Error::TooLarge("the store ran out of segment numbers".into()))?;
+        let (file, path) = create_segment(&self.inner.dir, next)?;
+        let file = Arc::new(file);
+        write_lock(&self.inner.state).segs.insert(
+            next,
+            Seg {
+                file: file.clone(),
+                path: path.clone(),
+                size: HEADER,
+                live: 0,
+            },
+        );
+        w.head = next;
+        w.file = file;
+        w.path = path;
+        w.len = HEADER;
+        Ok(())
+    }
+
+    /// Makes every committed write durable: one `fdatasync` of the head segment (sealed
+    /// segments were made durable when sealed). Once it fails, the store refuses writes until
+    /// reopened: after a failed `fdatasync` the kernel may have dropped the unwritten pages.
+    pub fn flush(&self) -> Result<()> {
+        let _one = lock(&self.inner.sync);
+        let (file, path) = {
+            let w = lock(&self.inner.writer);
+            if let Some(msg) = &w.failed {
+                return Err(Error::Failed(msg.clone()));
+            }
+            (w.file.clone(), w.path.clone())
+        };
+        if let Err(e) = file.sync_data() {
+            lock(&self.inner.writer).failed = Some(format!("{}: {e}", path.display()));
+            return Err(io_err(&path)(e));
+        }
+        self.inner.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `fdatasync`s performed by [`Db::flush`] calls so far.
+    pub fn flushes(&self) -> u64 {
+        self.inner.flushes.load(Ordering::Relaxed)
+    }
+
+    /// A number never handed out before by this store, even across crashes (ids are reserved
+    /// durably in blocks, so a crash skips the rest of a block).
+    pub fn generate_id(&self) -> Result<u64> {
+        let mut w = lock(&self.inner.writer);
+        if w.next_id >= w.id_ceiling {
+            let ceiling = w.next_id + ID_BLOCK;
+            self.commit(&mut w, &[ceiling_op(ceiling)])?;
+            drop(w);
+            self.flush()?;
+            w = lock(&self.inner.writer);
+            w.id_ceiling = w.id_ceiling.max(ceiling);
+        }
+        let id = w.next_id;
+        w.next_id += 1;
+        Ok(id)
+    }
+
+    /// Space used: bytes in segment files, and bytes of records still current.
+    pub fn space(&self) -> (u64, u64) {
+        let st = read_lock(&self.inner.state);
+        st.segs
+            .values()
+            .fold((0, 0), |(s, l), g| (s + g.size, l + g.live))
+    }
+
+    /// Segment files the store has now.
+    pub fn segments(&self) -> usize {
+        read_lock(&self.inner.state).segs.len()
+    }
+
+    /// Rewrites the oldest segments' live records at the head and deletes those segments,
+    /// while the log is more than twice its live bytes (and more than two segments' worth of
+    /// dead bytes). Returns how many segments it deleted. Writers wait while a segment's live
+    /// records are appended, at most one frame of them at a time.
+    pub fn compact(&self) -> Result<usize> {
+        let mut deleted = 0;
+        loop {
+            // The writer before the state, the order every writer takes them in.
+            let head = lock(&self.inner.writer).head;
+            let (oldest, path, file) = {
+                let st = read_lock(&self.inner.state);
+                let (size, live) = st
+                    .segs
+                    .values()
+                    .fold((0u64, 0u64), |(s, l), g| (s + g.size, l + g.live));
+                let slack = 2 * self.inner.opts.segment_bytes;
+                match st.segs.iter().next() {
+                    Some((&id, s)) if id != head && size > 2 * live && size - live > slack => {
+                        (id, s.path.clone(), s.file.clone())
+                    }
+                    _ => return Ok(deleted),
+                }
+            };
+            self.move_live(oldest, &path, &file)?;
+            // The moved records must be durable before their old copies go.
+            self.flush()?;
+            write_lock(&self.inner.state).segs.remove(&oldest);
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            sync_dir(&self.inner.dir)?;
+            deleted += 1;
+        }
+    }
+
+    /// Appends the records of segment `id` that are still current, a frame at a time, and
+    /// points the index at the copies.
+    fn move_live(&self, id: u32, path: &Path, file: &File) -> Result<()> {
+        let len = file.metadata().map_err(io_err(path))?.len();
+        let mut data = vec![0; len as usize];
+        file.read_exact_at(&mut data, 0).map_err(io_err(path))?;
+        let mut off = HEADER as usize;
+        let mut batch: Vec<(u8, Value, Value, u32)> = Vec::new();
+        let mut batch_bytes = 0;
+        let mut had_ceiling = false;
+        while off < data.len() {
+            let body = match frame_at(&data, off) {
+                Framed::Ok(b) => b,
+                Framed::Bad(what) => {
+                    return Err(Error::Corrupt {
+                        path: path.to_path_buf(),
+                        offset: off as u64,
+                        what: what.into(),
+                    })
+                }
+            };
+            let body_at = off + FRAME_HEAD;
+            let ops = parse(body).ok_or_else(|| Error::Corrupt {
+                path: path.to_path_buf(),
+                offset: off as u64,
+                what: "a frame with a malformed operation".into(),
+            })?;
+            {
+                let st = read_lock(&self.inner.state);
+                for op in ops {
+                    if let Op::Put {
+                        tree,
+                        key,
+                        value,
+                        at,
+                        ..
+                    } = op
+                    {
+                        had_ceiling |= tree == ID_TREE;
+                        let voff = (body_at + at) as u32;
+                        let current = st
+                            .trees
+                            .get(usize::from(tree))
+                            .and_then(|t| t.get(key))
+                            .is_some_and(|s| s.seg == id && s.off == voff);
+                        if current {
+                            batch_bytes += key.len() + value.len() + 10;
+                            batch.push((
+                                tree,
+                                Value::copy_from_slice(key),
+                                Value::copy_from_slice(value),
+                                voff,
+                            ));
+                        }
+                    }
+                }
+            }
+            off = body_at + body.len();
+            if batch_bytes >= 4 << 20 {
+                self.rewrite(id, &mut batch)?;
+                batch_bytes = 0;
+            }
+        }
+        self.rewrite(id, &mut batch)?;
+        if had_ceiling {
+            // The id reservation must outlive the segment it was written in.
+            let mut w = lock(&self.inner.writer);
+            let ceiling = w.id_ceiling;
+            self.commit(&mut w, &[ceiling_op(ceiling)])?;
+        }
+        Ok(())
+    }
+
+    /// Appends the records of `batch` that are still where they were read from.
+    fn rewrite(&self, id: u32, batch: &mut Vec<(u8, Value, Value, u32)>) -> Result<()> {
+        let mut w = lock(&self.inner.writer);
+        if let Some(msg) = &w.failed {
+            return Err(Error::Failed(msg.clone()));
+        }
+        let ops: Vec<TxOp> = {
+            let st = read_lock(&self.inner.state);
+            batch
+                .drain(..)
+                .filter(|(t, k, _, voff)| {
+                    st.trees
+                        .get(usize::from(*t))
+                        .and_then(|tr| tr.get(&k[..]))
+                        .is_some_and(|s| s.seg == id && s.off == *voff)
+                })
+                .map(|(t, k, v, _)| TxOp::Put(t, k, v))
+                .collect()
+        };
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.commit(&mut w, &ops)
+    }
+}
+
+/// The record of the ids reserved up to `ceiling` (exclusive).
+fn ceiling_op(ceiling: u64) -> TxOp {
+    TxOp::Put(
+        ID_TREE,
+        Value::from_static(b"ceiling"),
+        Value::copy_from_slice(&ceiling.to_be_bytes()),
+    )
+}
+
+fn check_sizes(k: &[u8], v: &[u8]) -> Result<()> {
+    if k.len() > MAX_FRAME || v.len() > MAX_FRAME {
+        return Err(Error::TooLarge(format!(
+            "a key of {} bytes and value of {} bytes; each at most {MAX_FRAME}",
+            k.len(),
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+fn create_segment(dir: &Path, id: u32) -> Result<(File, PathBuf)> {
+    let path = dir.join(seg_name(id));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    file.write_all_at(MAGIC, 0).map_err(io_err(&path))?;
+    file.sync_all().map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok((file, path))
+}
+
+/// Replays one segment's frames into `state`; returns the length of its valid part.
+fn replay(
+    state: &mut State,
+    opts: &Options,
+    id: u32,
+    path: &Path,
+    data: &[u8],
+    is_last: bool,
+    id_ceiling: &mut u64,
+) -> Result<u64> {
+    let corrupt = |offset: usize, what: &str| Error::Corrupt {
+        path: path.to_path_buf(),
+        offset: offset as u64,
+        what: what.into(),
+    };
+    if data.len() < MAGIC.len() {
+        return if is_last {
+            Ok(0)
+        } else {
+            Err(corrupt(0, "a segment shorter than its header"))
+        };
+    }
+    if &data[..MAGIC.len()] != MAGIC {
+        return Err(corrupt(0, "not a govshare segment (bad header)"));
+    }
+    let mut off = MAGIC.len();
+    while off < data.len() {
+        let body = match frame_at(data, off) {
+            Framed::Ok(b) => b,
+            Framed::Bad(what) => {
+                return if is_last {
+                    Ok(off as u64)
+                } else {
+                    Err(corrupt(off, what))
+                }
+            }
+        };
+        let Some(ops) = parse(body) else {
+            return Err(corrupt(off, "a frame with a malformed operation"));
+        };
+        let body_at = off + FRAME_HEAD;
+        for op in ops {
+            match op {
+                Op::Put {
+                    tree,
+                    key,
+                    value,
+                    at,
+                    rec,
+                } => {
+                    if tree == ID_TREE {
+                        if let Ok(b) = <[u8; 8]>::try_from(value) {
+                            *id_ceiling = (*id_ceiling).max(u64::from_be_bytes(b));
+                        }
+                        continue;
+                    }
+                    let t = usize::from(tree);
+                    if t >= opts.trees {
+                        return Err(corrupt(off, "a write to a tree this store does not have"));
+                    }
+                    let slot = Slot {
+                        seg: id,
+                        off: (body_at + at) as u32,
+                        len: value.len() as u32,
+                        rec: rec as u32,
+                        inline: (value.len() <= opts.inline_bytes)
+                            .then(|| Value::copy_from_slice(value)),
+                    };
+                    state.put(t, key, slot);
+                }
+                Op::Remove { tree, key } => {
+                    if usize::from(tree) < opts.trees {
+                        state.remove(usize::from(tree), key);
+                    }
+                }
+                Op::Clear { tree } => {
+                    if usize::from(tree) < opts.trees {
+                        state.clear(usize::from(tree));
+                    }
+                }
+            }
+        }
+        off = body_at + body.len();
+    }
+    Ok(off as u64)
+}
+
+/// The smallest key greater than every key starting with `prefix`, if there is one.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[derive(Debug)]
+enum TxOp {
+    Put(u8, Value, Value),
+    Remove(u8, Value),
+    Clear(u8),
+}
+
+/// An atomic write in progress (see [`Db::transaction`]): reads see the store as committed
+/// plus this write's own changes.
+#[derive(Debug)]
+pub struct Tx<'a> {
+    db: &'a Db,
+    /// This write's changes, for its own reads: None is removed.
+    pending: BTreeMap<(u8, Value), Option<Value>>,
+    ops: Vec<TxOp>,
+}
+
+impl Tx<'_> {
+    fn tree(&self, tree: usize) -> Result<u8> {
+        if tree < self.db.inner.opts.trees {
+            Ok(tree as u8)
+        } else {
+            Err(Error::TooLarge(format!("no tree {tree}")))
+        }
+    }
+
+    /// The value of `key` in `tree`, as this write would leave it.
+    pub fn get(&self, tree: usize, key: &[u8]) -> Result<Option<Value>> {
+        let t = self.tree(tree)?;
+        if let Some(v) = self.pending.get(&(t, Value::copy_from_slice(key))) {
+            return Ok(v.clone());
+        }
+        if self.ops.iter().any(|o| matches!(o, TxOp::Clear(c) if *c == t)) {
+            return Ok(None);
+        }
+        self.db.get(tree, key)
+    }
+
+    /// Sets `key` in `tree` to `value`.
+    pub fn insert(&mut self, tree: usize, key: &[u8], value: impl Into<Value>) -> Result<()> {
+        let t = self.tree(tree)?;
+        let (k, v) = (Value::copy_from_slice(key), value.into());
+        check_sizes(&k, &v)?;
+        self.pending.insert((t, k.clone()), Some(v.clone()));
+        self.ops.push(TxOp::Put(t, k, v));
+        Ok(())
+    }
+
+    /// Removes `key` from `tree`.
+    pub fn remove(&mut self, tree: usize, key: &[u8]) -> Result<()> {
+        let t = self.tree(tree)?;
+        let k = Value::copy_from_slice(key);
+        self.pending.insert((t, k.clone()), None);
+        self.ops.push(TxOp::Remove(t, k));
+        Ok(())
+    }
+
+    /// Removes every key of `tree`.
+    pub fn clear(&mut self, tree: usize) -> Result<()> {
+        let t = self.tree(tree)?;
+        self.pending.retain(|(pt, _), _| *pt != t);
+        self.ops.push(TxOp::Clear(t));
+        Ok(())
+    }
+}
+
+/// Keys and values of a range of one tree, in order from either end. It holds no lock
+/// between items: each step finds the next key after the last one it gave, so it sees
+/// writes committed meanwhile, like sled's iterators.
+#[derive(Debug)]
+pub struct Iter {
+    db: Db,
+    tree: usize,
+    lo: Bound<Vec<u8>>,
+    hi: Bound<Vec<u8>>,
+    done: bool,
+}
+
+impl Iter {
+    fn step(&mut self, back: bool) -> Option<Result<(Value, Value)>> {
+        if self.done {
+            return None;
+        }
+        let st = read_lock(&self.db.inner.state);
+        let tree = st.trees.get(self.tree)?;
+        let bounds = (
+            self.lo.as_ref().map(Vec::as_slice),
+            self.hi.as_ref().map(Vec::as_slice),
+        );
+        // An empty or inverted range is not an error here, as it would be for BTreeMap.
+        if let (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) =
+            bounds
+        {
+            let both_in = matches!(bounds, (Bound::Included(_), Bound::Included(_)));
+            if a > b || (a == b && !both_in) {
+                self.done = true;
+                return None;
+            }
+        }
+        let mut r = tree.range::<[u8], _>(bounds);
+        let found = if back { r.next_back() } else { r.next() };
+        let Some((k, slot)) = found else {
+            self.done = true;
+            return None;
+        };
+        let key = k.to_vec();
+        let loc = st.locate(slot);
+        drop(st);
+        let v = loc.read();
+        let kv = Value::from(key.clone());
+        if back {
+            self.hi = Bound::Excluded(key);
+        } else {
+            self.lo = Bound::Excluded(key);
+        }
+        Some(v.map(|v| (kv, v)))
+    }
+}
+
+impl Iterator for Iter {
+    type Item = Result<(Value, Value)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.step(false)
+    }
+}
+
+impl DoubleEndedIterator for Iter {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.step(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap as Model;
+
+    type R = std::result::Result<(), Error>;
+
+    fn small() -> Options {
+        Options {
+            trees: 4,
+            segment_bytes: 4096,
+            inline_bytes: 8,
+        }
+    }
+
+    fn put(db: &Db, t: usize, k: &str, v: &str) -> R {
+        db.transaction(|tx| tx.insert(t, k.as_bytes(), v.as_bytes().to_vec()))
+    }
+
+    fn dump(db: &Db, t: usize) -> Result<Vec<(String, String)>> {
+        db.iter(t)
+            .map(|kv| {
+                kv.map(|(k, v)| {
+                    (
+                        String::from_utf8_lossy(&k).into_owned(),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn seg_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn writes_survive_a_reopen_with_small_and_large_values() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let big = "x".repeat(300);
+        {
+            let db = Db::open(dir.path(), small())?;
+            put(&db, 0, "a", "1")?;
+            put(&db, 0, "b", &big)?;
+            put(&db, 1, "a", "other tree")?;
+            put(&db, 0, "a", "2")?;
+            db.transaction(|tx| tx.remove(1, b"a"))?;
+            assert_eq!(db.get(0, b"b")?.as_deref(), Some(big.as_bytes()));
+            db.flush()?;
+        }
+        let db = Db::open(dir.path(), small())?;
+        assert_eq!(
+            dump(&db, 0)?,
+            vec![("a".into(), "2".into()), ("b".into(), big.clone())]
+        );
+        assert!(db.is_empty(1));
+        assert_eq!(db.len(0), 2);
+        assert!(db.contains_key(0, b"a") && !db.contains_key(0, b"c"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_transaction_leaves_nothing_and_a_transaction_reads_its_own_writes() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let db = Db::open(dir.path(), small())?;
+        put(&db, 0, "k", "old")?;
+        let before = db.space().0;
+        let r: std::result::Result<(), Error> = db.transaction(|tx| {
+            tx.insert(0, b"k", b"new".to_vec())?;
+            tx.insert(0, b"j", b"new".to_vec())?;
+            assert_eq!(tx.get(0, b"k")?.as_deref(), Some(&b"new"[..]));
+            Err(Error::TooLarge("refused on purpose".into()))
+        });
+        assert!(matches!(r, Err(Error::TooLarge(_))));
+        assert_eq!(db.get(0, b"k")?.as_deref(), Some(&b"old"[..]));
+        assert!(!db.contains_key(0, b"j"));
+        assert_eq!(db.space().0, before, "a refused write must not reach the log");
+        db.transaction(|tx| {
+            tx.insert(0, b"a", b"1".to_vec())?;
+            tx.clear(0)?;
+            assert_eq!(tx.get(0, b"k")?, None, "cleared in this write");
+            assert_eq!(tx.get(0, b"a")?, None, "put before the clear");
+            tx.insert(0, b"z", b"after".to_vec())?;
+            assert_eq!(tx.get(0, b"z")?.as_deref(), Some(&b"after"[..]));
+            tx.remove(0, b"z")?;
+            assert_eq!(tx.get(0, b"z")?, None);
+            tx.insert(0, b"y", b"kept".to_vec())
+        })?;
+        drop(db);
+        let db = Db::open(dir.path(), small())?;
+        assert_eq!(dump(&db, 0)?, vec![("y".into(), "kept".into())]);
+        Ok(())
+    }
+
+    #[test]
+    fn ranges_prefixes_and_both_ends() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let db = Db::open(dir.path(), small())?;
+        for k in ["a/1", "a/2", "a/3", "b/1", "a\u{7f}"] {
+            put(&db, 2, k, k)?;
+        }
+        db.transaction(|tx| tx.insert(2, &[b'c', 0xff], b"ff".to_vec()))?;
+        db.transaction(|tx| tx.insert(2, &[b'c', 0xff, 0xff], b"fff".to_vec()))?;
+        fn keys(it: impl Iterator<Item = Result<(Value, Value)>>) -> Result<Vec<Vec<u8>>> {
+            it.map(|kv| kv.map(|(k, _)| k.to_vec())).collect()
+        }
+        assert_eq!(
+            keys(db.scan_prefix(2, b"a/"))?,
+            vec![b"a/1".to_vec(), b"a/2".to_vec(), b"a/3".to_vec()]
+        );
+        assert_eq!(
+            keys(db.scan_prefix(2, &[b'c', 0xff]))?,
+            vec![vec![b'c', 0xff], vec![b'c', 0xff, 0xff]]
+        );
+        assert_eq!(
+            keys(db.range(2, Bound::Excluded(b"a/1"), Bound::Included(b"a/3")).rev())?,
+            vec![b"a/3".to_vec(), b"a/2".to_vec()]
+        );
+        assert!(keys(db.range(2, Bound::Included(b"b"), Bound::Excluded(b"a")))?.is_empty());
+        assert!(keys(db.range(2, Bound::Excluded(b"a/1"), Bound::Excluded(b"a/1")))?.is_empty());
+        let mut both = db.iter(2);
+        let first = both.next().transpose()?.map(|(k, _)| k.to_vec());
+        let last = both.next_back().transpose()?.map(|(k, _)| k.to_vec());
+        assert_eq!(first, Some(b"a/1".to_vec()));
+        assert_eq!(last, Some(vec![b'c', 0xff, 0xff]));
+        assert_eq!(both.count(), 5, "the two ends meet without repeating a key");
+        assert_eq!(db.first(2)?.map(|(k, _)| k.to_vec()), Some(b"a/1".to_vec()));
+        assert_eq!(db.last(3)?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_torn_last_write_is_cut_off_and_the_store_goes_on() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let last_len;
+        {
+            let db = Db::open(dir.path(), Options::default())?;
+            for i in 0..10 {
+                put(&db, 0, &format!("k{i}"), &"v".repeat(100))?;
+            }
+            db.flush()?;
+            last_len = db.space().0;
+        }
+        let seg = seg_files(dir.path()).pop().ok_or_else(|| Error::Failed("no segment".into()))?;
+        // Half of the last frame reached the disk.
+        let f = OpenOptions::new().write(true).open(&seg).map_err(io_err(&seg))?;
+        f.set_len(last_len - 60).map_err(io_err(&seg))?;
+        drop(f);
+        {
+            let db = Db::open(dir.path(), Options::default())?;
+            assert_eq!(db.len(0), 9, "the torn write is gone, the others are whole");
+            assert!(!db.contains_key(0, b"k9"));
+            put(&db, 0, "after", "crash")?;
+            db.flush()?;
+        }
+        // Garbage after the last frame (a write of which only some pages landed).
+        let f = OpenOptions::new().append(true).open(&seg).map_err(io_err(&seg))?;
+        std::io::Write::write_all(&mut &f, &[7u8; 100]).map_err(io_err(&seg))?;
+        drop(f);
+        let db = Db::open(dir.path(), Options::default())?;
+        assert_eq!(db.len(0), 10);
+        assert_eq!(db.get(0, b"after")?.as_deref(), Some(&b"crash"[..]));
+        Ok(())
+    }
+
+    #[test]
+    fn damage_before_the_last_segment_refuses_to_open() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        {
+            let db = Db::open(dir.path(), small())?;
+            for i in 0..100 {
+                put(&db, 0, &format!("k{i}"), &"v".repeat(100))?;
+            }
+            db.flush()?;
+            assert!(db.segments() > 2);
+        }
+        let first = seg_files(dir.path())
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Failed("no segment".into()))?;
+        let f = OpenOptions::new().write(true).open(&first).map_err(io_err(&first))?;
+        f.write_all_at(b"\xde\xad", HEADER + 20).map_err(io_err(&first))?;
+        drop(f);
+        match Db::open(dir.path(), small()) {
+            Err(Error::Corrupt { path, offset, .. }) => {
+                assert_eq!(path, first);
+                assert_eq!(offset, HEADER);
+            }
+            other => panic!("expected a refusal naming the damage, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let _db = Db::open(dir.path(), small())?;
+        assert!(matches!(Db::open(dir.path(), small()), Err(Error::Locked(_))));
+        Ok(())
+    }
+
+    #[test]
+    fn compaction_frees_space_keeps_live_data_and_removes_stay_removed() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let opts = small();
+        {
+            let db = Db::open(dir.path(), opts.clone())?;
+            put(&db, 1, "keep", &"k".repeat(50))?;
+            put(&db, 1, "gone", "soon removed")?;
+            for round in 0..40 {
+                for i in 0..10 {
+                    put(&db, 0, &format!("hot{i}"), &format!("{round:>60}"))?;
+                }
+            }
+            db.transaction(|tx| tx.remove(1, b"gone"))?;
+            let (size, live) = db.space();
+            assert!(size > 4 * live, "mostly dead before: {size} / {live}");
+            let segs = db.segments();
+            let deleted = db.compact()?;
+            assert!(deleted > 0);
+            assert_eq!(db.segments(), segs - deleted);
+            let (size, live) = db.space();
+            assert!(
+                size <= 2 * live + 2 * opts.segment_bytes,
+                "{size} bytes for {live} live"
+            );
+            assert_eq!(db.get(1, b"keep")?.as_deref(), Some("k".repeat(50).as_bytes()));
+            assert!(!db.contains_key(1, b"gone"));
+            assert_eq!(seg_files(dir.path()).len(), db.segments());
+        }
+        let db = Db::open(dir.path(), opts)?;
+        assert_eq!(db.get(1, b"keep")?.as_deref(), Some("k".repeat(50).as_bytes()));
+        assert!(!db.contains_key(1, b"gone"), "a remove must not come undone");
+        assert_eq!(db.len(0), 10);
+        assert_eq!(
+            db.get(0, b"hot3")?.as_deref(),
+            Some(format!("{:>60}", 39).as_bytes())
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn ids_are_never_handed_out_twice_across_reopens_and_compaction() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let a = {
+            let db = Db::open(dir.path(), small())?;
+            let a = db.generate_id()?;
+            assert_eq!(db.generate_id()?, a + 1);
+            a
+        };
+        let b = {
+            let db = Db::open(dir.path(), small())?;
+            let b = db.generate_id()?;
+            assert!(b > a + 1);
+            // Enough churn that the segment holding the reservation is compacted away.
+            for round in 0..200 {
+                put(&db, 0, "hot", &format!("{round:>100}"))?;
+            }
+            assert!(db.compact()? > 0);
+            assert!(!seg_files(dir.path())
+                .iter()
+                .any(|p| p.ends_with(seg_name(0))));
+            b
+        };
+        let db = Db::open(dir.path(), small())?;
+        assert!(db.generate_id()? > b);
+        Ok(())
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Put(usize, u8, usize),
+        Remove(usize, u8),
+        Clear(usize),
+        /// A transaction of several steps that is refused.
+        Refused(u8),
+        Reopen,
+        Compact,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            8 => (0..3usize, 0..24u8, 0..200usize).prop_map(|(t, k, n)| Step::Put(t, k, n)),
+            3 => (0..3usize, 0..24u8).prop_map(|(t, k)| Step::Remove(t, k)),
+            1 => (0..3usize).prop_map(Step::Clear),
+            1 => (0..24u8).prop_map(Step::Refused),
+            1 => Just(Step::Reopen),
+            1 => Just(Step::Compact),
+        ]
+    }
+
+    fn check(db: &Db, model: &[Model<Vec<u8>, Vec<u8>>]) -> R {
+        for (t, m) in model.iter().enumerate() {
+            let got: Vec<(Vec<u8>, Vec<u8>)> = db
+                .iter(t)
+                .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                .collect::<Result<_>>()?;
+            let want: Vec<(Vec<u8>, Vec<u8>)> =
+                m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            assert_eq!(got, want, "tree {t}");
+            assert_eq!(db.len(t), m.len());
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn the_store_behaves_like_an_ordered_map_through_reopens_and_compaction(
+            steps in proptest::collection::vec(step(), 1..160)
+        ) {
+            let dir = tempfile::tempdir()?;
+            let opts = Options { trees: 3, segment_bytes: 1024, inline_bytes: 16 };
+            let mut db = Db::open(dir.path(), opts.clone())?;
+            let mut model: Vec<Model<Vec<u8>, Vec<u8>>> = vec![Model::new(); 3];
+            for (i, s) in steps.into_iter().enumerate() {
+                match s {
+                    Step::Put(t, k, n) => {
+                        let v = vec![(i % 251) as u8; n];
+                        db.transaction(|tx| tx.insert(t, &[k], v.clone()))?;
+                        model[t].insert(vec![k], v);
+                    }
+                    Step::Remove(t, k) => {
+                        db.transaction(|tx| tx.remove(t, &[k]))?;
+                        model[t].remove(&vec![k]);
+                    }
+                    Step::Clear(t) => {
+                        db.transaction(|tx| tx.clear(t))?;
+                        model[t].clear();
+                    }
+                    Step::Refused(k) => {
+                        let r: std::result::Result<(), Error> = db.transaction(|tx| {
+                            tx.insert(0, &[k], vec![1; 40])?;
+                            tx.clear(1)?;
+                            Err(Error::TooLarge("no".into()))
+                        });
+                        prop_assert!(r.is_err());
+                    }
+                    Step::Reopen => {
+                        db.flush()?;
+                        drop(db);
+                        db = Db::open(dir.path(), opts.clone())?;
+                    }
+                    Step::Compact => {
+                        db.compact()?;
+                    }
+                }
+            }
+            check(&db, &model)?;
+            drop(db);
+            let db = Db::open(dir.path(), opts)?;
+            check(&db, &model)?;
+        }
+    }
+}
