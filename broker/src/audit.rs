@@ -20,7 +20,7 @@ pub struct AuditHead {
 }
 
 /// Reads the chain's head from the audit tree.
-pub fn load_head(tree: &sled::Tree) -> Result<AuditHead> {
+pub fn load_head(tree: &crate::kv::Tree) -> Result<AuditHead> {
     match tree.last()? {
         Some((_, v)) => {
             let e = AuditEntry::decode(v.as_ref())?;
@@ -71,8 +71,8 @@ pub fn entry(decision: &str, actor: &str) -> AuditEntry {
 }
 
 /// The decision of an entry recording entries that never reached the disk: a run that did
-/// not stop cleanly (a full disk, above all: sled 0.34 can then keep a later write and lose an
-/// earlier one) left a gap, which the next start records rather than leave it looking like
+/// not stop cleanly left a gap (sled, the storage before 2026-11-29, could keep a later write
+/// and lose an earlier one after a full disk; data dirs converted from it can hold such gaps), which the next start records rather than leave it looking like
 /// an edit. `lost_from` and `lost_to` name the gap.
 pub const ENTRIES_LOST: &str = "audit_entries_lost";
 
@@ -133,13 +133,13 @@ pub enum VerifyOutcome {
 /// Verifies the whole chain in a tree. `unclean_from` is the first seq of a run that did not
 /// stop cleanly (see `Store::begin_run`), if the database holds one: a gap from there on is
 /// a loss not recorded yet, where anywhere else an unrecorded gap breaks the chain.
-pub fn verify(tree: &sled::Tree, unclean_from: Option<u64>) -> Result<VerifyOutcome> {
+pub fn verify(tree: &crate::kv::Tree, unclean_from: Option<u64>) -> Result<VerifyOutcome> {
     verify_from(tree, 1, unclean_from)
 }
 
 /// Verifies the chain from entry `from` on, linking it to the entry before it.
 pub fn verify_from(
-    tree: &sled::Tree,
+    tree: &crate::kv::Tree,
     from: u64,
     unclean_from: Option<u64>,
 ) -> Result<VerifyOutcome> {
@@ -256,7 +256,7 @@ pub fn verify_from(
 /// The gaps among the entries from `from` on, found from their keys alone: cheap enough for
 /// every start after an unclean stop, when the last run may have written a million entries.
 /// Hashes are left to `audit verify`.
-pub fn gaps_from(tree: &sled::Tree, from: u64) -> Result<Vec<Loss>> {
+pub fn gaps_from(tree: &crate::kv::Tree, from: u64) -> Result<Vec<Loss>> {
     let mut expected = from.max(1);
     let mut gaps = Vec::new();
     for k in tree.range(expected.to_be_bytes()..).keys() {

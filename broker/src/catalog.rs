@@ -216,9 +216,7 @@ impl Catalog {
                     d.version = 1;
                     d.published_at = Some(now);
                     // The secret salt for `hash` masking: per dataset, never leaves the broker.
-                    tx.t(T::Meta)
-                        .insert(format!("salt/{}", d.id).as_bytes(), &salt[..])
-                        .map_err(|e| BrokerError::internal(format!("transaction write: {e}")))?;
+                    tx.put_raw(T::Meta, format!("salt/{}", d.id).as_bytes(), &salt[..])?;
                 }
             }
             reindex(tx, old.as_ref(), &d)?;
@@ -385,7 +383,7 @@ impl Catalog {
             self.leapfrog(&query_grams(&query), start, &mut visit)?;
         } else if !req.tag.is_empty() {
             let prefix = index_key(&req.tag, "");
-            scan_ids(self.store.tree(T::CatTag), &prefix, &start, &mut visit)?;
+            scan_ids(&self.store.tree(T::CatTag), &prefix, &start, &mut visit)?;
         } else {
             let prefix = if req.provider.is_empty() {
                 req.region_prefix.clone()
@@ -469,7 +467,7 @@ impl Catalog {
 
 /// Visits the ids under a prefix of an index (`prefix ‖ id` keys), from id `start` on.
 fn scan_ids(
-    tree: &sled::Tree,
+    tree: &crate::kv::Tree,
     prefix: &[u8],
     start: &[u8],
     visit: &mut dyn FnMut(&str) -> Result<bool>,

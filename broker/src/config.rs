@@ -67,9 +67,10 @@ pub struct TlsSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSection {
-    /// The sled database directory, relative to the data dir.
+    /// The database directory, relative to the data dir.
     pub path: PathBuf,
-    /// sled's page cache, in bytes.
+    /// Unused since the storage of 2026-11-29 (it was sled's page cache); accepted so that
+    /// existing config files still load.
     pub cache_capacity_bytes: u64,
     /// Free bytes the database's disk must keep: below them new work is refused with
     /// RESOURCE_EXHAUSTED while work already accepted goes on; 0 turns the check off.
@@ -632,9 +633,9 @@ ca_key = {t_ca_key}
 reload_check_secs = {t_reload}
 
 [storage]
-# The sled database directory. Default "db".
+# The database directory (an append-only log in segment files). Default "db".
 path = {s_path}
-# sled page cache in bytes. Default 268435456 (256 MiB).
+# Unused: it was sled's page cache, before 2026-11-29; kept so older files load.
 cache_capacity_bytes = {cache}
 # Free bytes the database's disk must keep. Below them new work (submits, requests, demands,
 # publishing) is refused with RESOURCE_EXHAUSTED while work already accepted still completes,

@@ -61,39 +61,35 @@ impl BrokerError {
     }
 }
 
-impl From<sled::Error> for BrokerError {
-    fn from(e: sled::Error) -> Self {
+impl From<crate::kv::Error> for BrokerError {
+    fn from(e: crate::kv::Error) -> Self {
+        use crate::kv::Error as E;
         match e {
             // A full or failing disk is the operator's to fix; callers should retry later.
-            sled::Error::Io(_) => Self::Unavailable(storage_failed(&e, Path::new("the database"))),
-            other => Self::Internal(format!("storage: {other}")),
+            E::Io { .. } | E::Failed(_) | E::Locked(_) | E::Corrupt { .. } => {
+                Self::Unavailable(storage_failed(&e, Path::new("the database")))
+            }
+            E::TooLarge(m) => Self::InvalidArgument(m),
+            E::Reentrant => Self::Internal(format!("storage: {e}")),
         }
     }
 }
 
 /// The message for a storage failure at `path`: what broke, in words an operator acts on, and
-/// that the broker needs a restart (sled refuses all writes after its first I/O error).
-pub fn storage_failed(e: &sled::Error, path: &Path) -> String {
+/// that the broker needs a restart (it takes no more work after a failed write or flush).
+pub fn storage_failed(e: &crate::kv::Error, path: &Path) -> String {
+    use crate::kv::Error as E;
     let path = path.display();
     match e {
-        // sled wraps the OS error in a custom one whose text is a Debug dump; say it plainly.
-        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => format!(
+        E::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => format!(
             "storage failed: no space left on the disk holding {path} (ENOSPC); \
              restart the broker once space is free"
         ),
-        sled::Error::Io(io) => format!(
-            "storage failed: I/O error on {path}: {io}; restart the broker once the disk is fixed"
+        E::Io { path: file, source } => format!(
+            "storage failed: I/O error on {}: {source}; restart the broker once the disk is fixed",
+            file.display()
         ),
         other => format!("storage failed: {path}: {other}; restart the broker"),
-    }
-}
-
-impl From<sled::transaction::TransactionError<BrokerError>> for BrokerError {
-    fn from(e: sled::transaction::TransactionError<BrokerError>) -> Self {
-        match e {
-            sled::transaction::TransactionError::Abort(e) => e,
-            sled::transaction::TransactionError::Storage(e) => e.into(),
-        }
     }
 }
 

@@ -24,6 +24,7 @@
 //! segment is what makes it safe to drop its removes: no older segment is left that could
 //! hold a put they undo.
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -48,7 +49,9 @@ pub enum Error {
         source: io::Error,
     },
     /// A segment is damaged somewhere other than a torn last write.
-    #[error("{path} is damaged at byte {offset}: {what}; the data directory needs repair from a backup")]
+    #[error(
+        "{path} is damaged at byte {offset}: {what}; the data directory needs repair from a backup"
+    )]
     Corrupt {
         /// The segment.
         path: PathBuf,
@@ -67,6 +70,30 @@ pub enum Error {
     /// A key, value or batch beyond the format's limits.
     #[error("{0}")]
     TooLarge(String),
+    /// A write, flush or id asked for from inside a transaction, which holds the writer.
+    #[error("a store write from inside a transaction (it would wait for itself)")]
+    Reentrant,
+}
+
+thread_local! {
+    /// True while this thread runs a transaction's closure (see [`Db::writer`]).
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as inside a transaction until dropped (also when the closure panics).
+struct Inside;
+
+impl Inside {
+    fn enter() -> Self {
+        INSIDE.with(|c| c.set(true));
+        Inside
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        INSIDE.with(|c| c.set(false));
+    }
 }
 
 /// Results of the store.
@@ -429,7 +456,15 @@ impl Db {
                     live: 0,
                 },
             );
-            let mut size = replay(&mut state, &opts, id, &path, &data, is_last, &mut id_ceiling)?;
+            let mut size = replay(
+                &mut state,
+                &opts,
+                id,
+                &path,
+                &data,
+                is_last,
+                &mut id_ceiling,
+            )?;
             if is_last && size == 0 {
                 // A crash between creating the segment and writing its header.
                 file.write_all_at(MAGIC, 0).map_err(io_err(&path))?;
@@ -544,6 +579,7 @@ impl Db {
             lo: own(lo),
             hi: own(hi),
             done: false,
+            values: true,
         }
     }
 
@@ -576,23 +612,41 @@ impl Db {
     /// every write committed before it, and its own.
     pub fn transaction<R, E: From<Error>>(
         &self,
-        f: impl FnOnce(&mut Tx<'_>) -> std::result::Result<R, E>,
+        f: impl FnOnce(&Tx<'_>) -> std::result::Result<R, E>,
     ) -> std::result::Result<R, E> {
-        let mut w = lock(&self.inner.writer);
-        if let Some(msg) = &w.failed {
-            return Err(Error::Failed(msg.clone()).into());
-        }
-        let mut tx = Tx {
+        let mut w = self.writer()?;
+        let tx = Tx {
             db: self,
-            pending: BTreeMap::new(),
-            ops: Vec::new(),
+            pending: RefCell::new(BTreeMap::new()),
+            ops: RefCell::new(Vec::new()),
         };
-        let r = f(&mut tx)?;
-        let Tx { ops, .. } = tx;
+        let r = {
+            let _inside = Inside::enter();
+            f(&tx)?
+        };
+        let ops = tx.ops.into_inner();
         if !ops.is_empty() {
             self.commit(&mut w, &ops)?;
         }
         Ok(r)
+    }
+
+    /// The writer, unless storage has failed, or this thread is inside a transaction (whose
+    /// writer it would wait for forever).
+    fn writer(&self) -> Result<MutexGuard<'_, Writer>> {
+        if INSIDE.with(Cell::get) {
+            return Err(Error::Reentrant);
+        }
+        let w = lock(&self.inner.writer);
+        match &w.failed {
+            Some(msg) => Err(Error::Failed(msg.clone())),
+            None => Ok(w),
+        }
+    }
+
+    /// The first write or flush failure, once there has been one.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.inner.writer).failed.clone()
     }
 
     /// Appends one frame of `ops` and applies it to the index; the caller holds the writer.
@@ -624,8 +678,7 @@ impl Db {
         buf[4..8].copy_from_slice(&crc.to_le_bytes());
         // Rolling before the write, not after, so that a failure to start the next segment
         // fails this write rather than report a write that was made as failed.
-        if w.len >= self.inner.opts.segment_bytes
-            || w.len + buf.len() as u64 > u64::from(u32::MAX)
+        if w.len >= self.inner.opts.segment_bytes || w.len + buf.len() as u64 > u64::from(u32::MAX)
         {
             if let Err(e) = self.roll(w) {
                 w.buf = buf;
@@ -710,10 +763,7 @@ impl Db {
     pub fn flush(&self) -> Result<()> {
         let _one = lock(&self.inner.sync);
         let (file, path) = {
-            let w = lock(&self.inner.writer);
-            if let Some(msg) = &w.failed {
-                return Err(Error::Failed(msg.clone()));
-            }
+            let w = self.writer()?;
             (w.file.clone(), w.path.clone())
         };
         if let Err(e) = file.sync_data() {
@@ -732,18 +782,34 @@ impl Db {
     /// A number never handed out before by this store, even across crashes (ids are reserved
     /// durably in blocks, so a crash skips the rest of a block).
     pub fn generate_id(&self) -> Result<u64> {
-        let mut w = lock(&self.inner.writer);
+        let mut w = self.writer()?;
         if w.next_id >= w.id_ceiling {
             let ceiling = w.next_id + ID_BLOCK;
             self.commit(&mut w, &[ceiling_op(ceiling)])?;
             drop(w);
             self.flush()?;
-            w = lock(&self.inner.writer);
+            w = self.writer()?;
             w.id_ceiling = w.id_ceiling.max(ceiling);
         }
         let id = w.next_id;
         w.next_id += 1;
         Ok(id)
+    }
+
+    /// Makes every later [`Db::generate_id`] answer at least `floor` (for a store converted
+    /// from one that handed out ids already).
+    pub fn advance_ids(&self, floor: u64) -> Result<()> {
+        let mut w = self.writer()?;
+        if floor > w.next_id {
+            let ceiling = floor.max(w.id_ceiling);
+            self.commit(&mut w, &[ceiling_op(ceiling)])?;
+            drop(w);
+            self.flush()?;
+            w = self.writer()?;
+            w.next_id = w.next_id.max(floor);
+            w.id_ceiling = w.id_ceiling.max(ceiling);
+        }
+        Ok(())
     }
 
     /// Space used: bytes in segment files, and bytes of records still current.
@@ -767,7 +833,7 @@ impl Db {
         let mut deleted = 0;
         loop {
             // The writer before the state, the order every writer takes them in.
-            let head = lock(&self.inner.writer).head;
+            let head = self.writer()?.head;
             let (oldest, path, file) = {
                 let st = read_lock(&self.inner.state);
                 let (size, live) = st
@@ -858,7 +924,7 @@ impl Db {
         self.rewrite(id, &mut batch)?;
         if had_ceiling {
             // The id reservation must outlive the segment it was written in.
-            let mut w = lock(&self.inner.writer);
+            let mut w = self.writer()?;
             let ceiling = w.id_ceiling;
             self.commit(&mut w, &[ceiling_op(ceiling)])?;
         }
@@ -867,10 +933,7 @@ impl Db {
 
     /// Appends the records of `batch` that are still where they were read from.
     fn rewrite(&self, id: u32, batch: &mut Vec<(u8, Value, Value, u32)>) -> Result<()> {
-        let mut w = lock(&self.inner.writer);
-        if let Some(msg) = &w.failed {
-            return Err(Error::Failed(msg.clone()));
-        }
+        let mut w = self.writer()?;
         let ops: Vec<TxOp> = {
             let st = read_lock(&self.inner.state);
             batch
@@ -1036,9 +1099,10 @@ enum TxOp {
 #[derive(Debug)]
 pub struct Tx<'a> {
     db: &'a Db,
-    /// This write's changes, for its own reads: None is removed.
-    pending: BTreeMap<(u8, Value), Option<Value>>,
-    ops: Vec<TxOp>,
+    /// This write's changes, for its own reads: None is removed. In cells, so that a write
+    /// can be handed around by shared reference like sled's transactional trees.
+    pending: RefCell<BTreeMap<(u8, Value), Option<Value>>>,
+    ops: RefCell<Vec<TxOp>>,
 }
 
 impl Tx<'_> {
@@ -1053,40 +1117,141 @@ impl Tx<'_> {
     /// The value of `key` in `tree`, as this write would leave it.
     pub fn get(&self, tree: usize, key: &[u8]) -> Result<Option<Value>> {
         let t = self.tree(tree)?;
-        if let Some(v) = self.pending.get(&(t, Value::copy_from_slice(key))) {
+        if let Some(v) = self.pending.borrow().get(&(t, Value::copy_from_slice(key))) {
             return Ok(v.clone());
         }
-        if self.ops.iter().any(|o| matches!(o, TxOp::Clear(c) if *c == t)) {
+        if self
+            .ops
+            .borrow()
+            .iter()
+            .any(|o| matches!(o, TxOp::Clear(c) if *c == t))
+        {
             return Ok(None);
         }
         self.db.get(tree, key)
     }
 
     /// Sets `key` in `tree` to `value`.
-    pub fn insert(&mut self, tree: usize, key: &[u8], value: impl Into<Value>) -> Result<()> {
+    pub fn insert(&self, tree: usize, key: &[u8], value: impl Into<Value>) -> Result<()> {
         let t = self.tree(tree)?;
         let (k, v) = (Value::copy_from_slice(key), value.into());
         check_sizes(&k, &v)?;
-        self.pending.insert((t, k.clone()), Some(v.clone()));
-        self.ops.push(TxOp::Put(t, k, v));
+        self.pending
+            .borrow_mut()
+            .insert((t, k.clone()), Some(v.clone()));
+        self.ops.borrow_mut().push(TxOp::Put(t, k, v));
         Ok(())
     }
 
     /// Removes `key` from `tree`.
-    pub fn remove(&mut self, tree: usize, key: &[u8]) -> Result<()> {
+    pub fn remove(&self, tree: usize, key: &[u8]) -> Result<()> {
         let t = self.tree(tree)?;
         let k = Value::copy_from_slice(key);
-        self.pending.insert((t, k.clone()), None);
-        self.ops.push(TxOp::Remove(t, k));
+        self.pending.borrow_mut().insert((t, k.clone()), None);
+        self.ops.borrow_mut().push(TxOp::Remove(t, k));
         Ok(())
     }
 
     /// Removes every key of `tree`.
-    pub fn clear(&mut self, tree: usize) -> Result<()> {
+    pub fn clear(&self, tree: usize) -> Result<()> {
         let t = self.tree(tree)?;
-        self.pending.retain(|(pt, _), _| *pt != t);
-        self.ops.push(TxOp::Clear(t));
+        self.pending.borrow_mut().retain(|(pt, _), _| *pt != t);
+        self.ops.borrow_mut().push(TxOp::Clear(t));
         Ok(())
+    }
+}
+
+/// One tree of a store, with the sled `Tree` methods the broker uses. Each write is a
+/// transaction of its own.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    db: Db,
+    tree: usize,
+}
+
+impl Db {
+    /// A handle on one tree.
+    pub fn tree(&self, tree: usize) -> Tree {
+        Tree {
+            db: self.clone(),
+            tree,
+        }
+    }
+}
+
+fn own_bound<K: AsRef<[u8]>>(b: Bound<&K>) -> Bound<&[u8]> {
+    match b {
+        Bound::Included(k) => Bound::Included(k.as_ref()),
+        Bound::Excluded(k) => Bound::Excluded(k.as_ref()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+impl Tree {
+    /// The value of `key`.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Value>> {
+        self.db.get(self.tree, key.as_ref())
+    }
+
+    /// Whether the tree holds `key`.
+    pub fn contains_key(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        Ok(self.db.contains_key(self.tree, key.as_ref()))
+    }
+
+    /// Sets `key` to `value`.
+    pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
+        let v = Value::copy_from_slice(value.as_ref());
+        self.db
+            .transaction(|tx| tx.insert(self.tree, key.as_ref(), v.clone()))
+    }
+
+    /// Removes `key`.
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<()> {
+        self.db.transaction(|tx| tx.remove(self.tree, key.as_ref()))
+    }
+
+    /// Removes every key.
+    pub fn clear(&self) -> Result<()> {
+        self.db.transaction(|tx| tx.clear(self.tree))
+    }
+
+    /// How many keys the tree holds.
+    pub fn len(&self) -> usize {
+        self.db.len(self.tree)
+    }
+
+    /// Whether the tree is empty.
+    pub fn is_empty(&self) -> bool {
+        self.db.is_empty(self.tree)
+    }
+
+    /// Every key, in order.
+    pub fn iter(&self) -> Iter {
+        self.db.iter(self.tree)
+    }
+
+    /// The keys in `r`, in order.
+    pub fn range<K: AsRef<[u8]>, R: std::ops::RangeBounds<K>>(&self, r: R) -> Iter {
+        self.db.range(
+            self.tree,
+            own_bound(r.start_bound()),
+            own_bound(r.end_bound()),
+        )
+    }
+
+    /// The keys that start with `prefix`, in order.
+    pub fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
+        self.db.scan_prefix(self.tree, prefix.as_ref())
+    }
+
+    /// The smallest key, with its value.
+    pub fn first(&self) -> Result<Option<(Value, Value)>> {
+        self.db.first(self.tree)
+    }
+
+    /// The largest key, with its value.
+    pub fn last(&self) -> Result<Option<(Value, Value)>> {
+        self.db.last(self.tree)
     }
 }
 
@@ -1100,9 +1265,22 @@ pub struct Iter {
     lo: Bound<Vec<u8>>,
     hi: Bound<Vec<u8>>,
     done: bool,
+    /// False for [`Iter::keys`]: values are then not read (from disk) at all.
+    values: bool,
 }
 
 impl Iter {
+    /// The keys alone, without reading their values.
+    pub fn keys(mut self) -> impl DoubleEndedIterator<Item = Result<Value>> {
+        self.values = false;
+        self.map(|kv| kv.map(|(k, _)| k))
+    }
+
+    /// The values alone.
+    pub fn values(self) -> impl DoubleEndedIterator<Item = Result<Value>> {
+        self.map(|kv| kv.map(|(_, v)| v))
+    }
+
     fn step(&mut self, back: bool) -> Option<Result<(Value, Value)>> {
         if self.done {
             return None;
@@ -1130,9 +1308,9 @@ impl Iter {
             return None;
         };
         let key = k.to_vec();
-        let loc = st.locate(slot);
+        let loc = self.values.then(|| st.locate(slot));
         drop(st);
-        let v = loc.read();
+        let v = loc.map_or(Ok(Value::new()), Loc::read);
         let kv = Value::from(key.clone());
         if back {
             self.hi = Bound::Excluded(key);
@@ -1234,6 +1412,8 @@ mod tests {
         put(&db, 0, "k", "old")?;
         let before = db.space().0;
         let r: std::result::Result<(), Error> = db.transaction(|tx| {
+            assert!(matches!(db.flush(), Err(Error::Reentrant)));
+            assert!(matches!(db.generate_id(), Err(Error::Reentrant)));
             tx.insert(0, b"k", b"new".to_vec())?;
             tx.insert(0, b"j", b"new".to_vec())?;
             assert_eq!(tx.get(0, b"k")?.as_deref(), Some(&b"new"[..]));
@@ -1242,7 +1422,11 @@ mod tests {
         assert!(matches!(r, Err(Error::TooLarge(_))));
         assert_eq!(db.get(0, b"k")?.as_deref(), Some(&b"old"[..]));
         assert!(!db.contains_key(0, b"j"));
-        assert_eq!(db.space().0, before, "a refused write must not reach the log");
+        assert_eq!(
+            db.space().0,
+            before,
+            "a refused write must not reach the log"
+        );
         db.transaction(|tx| {
             tx.insert(0, b"a", b"1".to_vec())?;
             tx.clear(0)?;
@@ -1281,7 +1465,10 @@ mod tests {
             vec![vec![b'c', 0xff], vec![b'c', 0xff, 0xff]]
         );
         assert_eq!(
-            keys(db.range(2, Bound::Excluded(b"a/1"), Bound::Included(b"a/3")).rev())?,
+            keys(
+                db.range(2, Bound::Excluded(b"a/1"), Bound::Included(b"a/3"))
+                    .rev()
+            )?,
             vec![b"a/3".to_vec(), b"a/2".to_vec()]
         );
         assert!(keys(db.range(2, Bound::Included(b"b"), Bound::Excluded(b"a")))?.is_empty());
@@ -1309,9 +1496,14 @@ mod tests {
             db.flush()?;
             last_len = db.space().0;
         }
-        let seg = seg_files(dir.path()).pop().ok_or_else(|| Error::Failed("no segment".into()))?;
+        let seg = seg_files(dir.path())
+            .pop()
+            .ok_or_else(|| Error::Failed("no segment".into()))?;
         // Half of the last frame reached the disk.
-        let f = OpenOptions::new().write(true).open(&seg).map_err(io_err(&seg))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .map_err(io_err(&seg))?;
         f.set_len(last_len - 60).map_err(io_err(&seg))?;
         drop(f);
         {
@@ -1322,7 +1514,10 @@ mod tests {
             db.flush()?;
         }
         // Garbage after the last frame (a write of which only some pages landed).
-        let f = OpenOptions::new().append(true).open(&seg).map_err(io_err(&seg))?;
+        let f = OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .map_err(io_err(&seg))?;
         std::io::Write::write_all(&mut &f, &[7u8; 100]).map_err(io_err(&seg))?;
         drop(f);
         let db = Db::open(dir.path(), Options::default())?;
@@ -1346,8 +1541,12 @@ mod tests {
             .into_iter()
             .next()
             .ok_or_else(|| Error::Failed("no segment".into()))?;
-        let f = OpenOptions::new().write(true).open(&first).map_err(io_err(&first))?;
-        f.write_all_at(b"\xde\xad", HEADER + 20).map_err(io_err(&first))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&first)
+            .map_err(io_err(&first))?;
+        f.write_all_at(b"\xde\xad", HEADER + 20)
+            .map_err(io_err(&first))?;
         drop(f);
         match Db::open(dir.path(), small()) {
             Err(Error::Corrupt { path, offset, .. }) => {
@@ -1363,7 +1562,10 @@ mod tests {
     fn a_second_open_of_the_same_directory_is_refused() -> R {
         let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
         let _db = Db::open(dir.path(), small())?;
-        assert!(matches!(Db::open(dir.path(), small()), Err(Error::Locked(_))));
+        assert!(matches!(
+            Db::open(dir.path(), small()),
+            Err(Error::Locked(_))
+        ));
         Ok(())
     }
 
@@ -1392,13 +1594,22 @@ mod tests {
                 size <= 2 * live + 2 * opts.segment_bytes,
                 "{size} bytes for {live} live"
             );
-            assert_eq!(db.get(1, b"keep")?.as_deref(), Some("k".repeat(50).as_bytes()));
+            assert_eq!(
+                db.get(1, b"keep")?.as_deref(),
+                Some("k".repeat(50).as_bytes())
+            );
             assert!(!db.contains_key(1, b"gone"));
             assert_eq!(seg_files(dir.path()).len(), db.segments());
         }
         let db = Db::open(dir.path(), opts)?;
-        assert_eq!(db.get(1, b"keep")?.as_deref(), Some("k".repeat(50).as_bytes()));
-        assert!(!db.contains_key(1, b"gone"), "a remove must not come undone");
+        assert_eq!(
+            db.get(1, b"keep")?.as_deref(),
+            Some("k".repeat(50).as_bytes())
+        );
+        assert!(
+            !db.contains_key(1, b"gone"),
+            "a remove must not come undone"
+        );
         assert_eq!(db.len(0), 10);
         assert_eq!(
             db.get(0, b"hot3")?.as_deref(),

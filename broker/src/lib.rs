@@ -1,5 +1,5 @@
 //! The govshare broker: routes supply-demand requests and data exchanges between government
-//! department nodes over mutual TLS, with all state in sled.
+//! department nodes over mutual TLS, with all state in its own storage log ([`kv`]).
 //!
 //! Domain modules (`registry`, `catalog`, `sharing`, `audit`) know nothing about tonic; the
 //! `service` modules are thin gRPC wrappers over them, and `error` is the one place where

@@ -28,7 +28,7 @@ enum Command {
     Init(InitArgs),
     /// Write a new node identity (node.pem, node.key, ca.pem) signed by the data dir's CA. Safe while the broker runs.
     Issue(IssueArgs),
-    /// Serve gRPC over mutual TLS with all state in sled under the data dir.
+    /// Serve gRPC over mutual TLS with all state in the database under the data dir.
     Run(RunArgs),
     /// Re-issue the broker's own TLS certificate and key from the data dir's CA, keeping its
     /// names. Safe while the broker runs: it loads them within [tls] reload_check_secs, or at
@@ -37,6 +37,14 @@ enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Convert the database of a data dir written by a govshare from before 2026-11-29 (sled)
+    /// to the current storage, in place, with the broker stopped; the old files are kept
+    /// beside it as DB.sled-old.
+    MigrateStorage {
+        /// The data directory.
+        #[arg(long, env = "GOVSHARE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
     /// Probe a broker's gRPC health service over mutual TLS: prints SERVING or NOT_SERVING; exit
     /// 0 only when serving, 1 when not serving, 2 when the broker cannot be asked (for container
     /// health checks, Kubernetes exec probes and scripts).
@@ -154,7 +162,7 @@ enum AuditCommand {
     },
 }
 
-/// mimalloc instead of the system allocator: sled, prost and tonic allocate many small,
+/// mimalloc instead of the system allocator: prost, tonic and storage allocate many small,
 /// short-lived buffers per exchange, and glibc's malloc was a fifth of the broker's CPU.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -258,6 +266,19 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             run(&data_dir, listen, metrics, parent, true)
         }
         Some(Command::Audit(AuditCommand::Verify { data_dir })) => audit_verify(&data_dir),
+        Some(Command::MigrateStorage { data_dir }) => {
+            let cfg = Config::load(&data_dir)?;
+            let path = cfg.path(&cfg.storage.path);
+            let m = govshare_broker::store::migrate_from_sled(&path)
+                .with_context(|| format!("converting {}", path.display()))?;
+            println!(
+                "converted {}: {} records; the old sled files are kept at {} (delete them once the broker runs well)",
+                path.display(),
+                m.records,
+                m.kept_at.display()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Some(Command::Health(a)) => Ok(health(&a)),
     }
 }
@@ -410,19 +431,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn audit_verify(data_dir: &Path) -> anyhow::Result<std::process::ExitCode> {
     let cfg = Config::load(data_dir)?;
-    let db = sled::Config::new()
-        .path(cfg.path(&cfg.storage.path))
-        .open()
-        .context(
-            "cannot open the database (stop the broker first: audit verify reads it offline)",
-        )?;
-    let tree = db.open_tree("audit")?;
+    use govshare_broker::store::{self, T};
+    let db = store::open_offline(&cfg.path(&cfg.storage.path)).context(
+        "cannot open the database (stop the broker first: audit verify reads it offline)",
+    )?;
+    let tree = db.tree(T::Audit as usize);
     // A run that did not stop cleanly may have lost entries it never got to the disk; the
     // broker records them when it next starts, and until then they are shown, not failed.
     let unclean_from = db
-        .open_tree("meta")?
-        .get(govshare_broker::store::RUNNING)?
-        .and_then(|m| govshare_broker::store::run_start(&m));
+        .tree(T::Meta as usize)
+        .get(store::RUNNING)?
+        .and_then(|m| store::run_start(&m));
     match audit::verify(&tree, unclean_from)? {
         audit::VerifyOutcome::Ok(n) => {
             println!("audit chain OK: {n} entries verified");
@@ -536,14 +555,16 @@ fn run(
                 r = broker.wait() => { r?; bail!("the server stopped unexpectedly") }
                 s = &mut signal => break s,
                 failed = storage.wait_for(Option::is_some) => {
-                    // sled cannot go on after a storage I/O error; only a new process recovers
-                    // (see `store::Failure`). Exit non-zero, so a supervisor restarts us.
+                    // After a storage I/O error what reached the disk is not known; only a new
+                    // process, replaying the log, recovers (see `store::Failure`). Exit
+                    // non-zero, so a supervisor restarts us.
                     let why = match failed {
                         Ok(v) => v.clone().unwrap_or_default(),
                         Err(_) => String::new(),
                     };
-                    // No graceful shutdown: nothing more can be made durable, and sled's memory
-                    // may hold writes that never reached the disk, so nothing may run on them.
+                    // No graceful shutdown: nothing more can be made durable, and the index in
+                    // memory may hold writes that never reached the disk, so nothing may run on
+                    // them.
                     eprintln!("error: {why}");
                     println!("storage failed: exiting with 1 to be restarted");
                     // A moment for calls already failing to get their UNAVAILABLE (naming the

@@ -284,7 +284,7 @@ impl Sharing {
     }
 
     /// Where a stored demand's consumer or provider is reached, looked up before a
-    /// transaction (sled reads cannot run inside one).
+    /// transaction, which holds up every other writer while it runs.
     fn route_of(&self, id: &str, node: impl Fn(&Demand) -> &String) -> Result<Option<Route>> {
         match self.store.get::<Demand>(T::Demands, id)? {
             Some(d) => self.fed.route(node(&d)),

@@ -1,12 +1,11 @@
-//! The `Store` seam over sled: named trees, atomic multi-tree writes with their audit entries,
-//! and group commit (one flusher thread makes many writers durable with one flush).
+//! The `Store` seam over the storage engine ([`crate::kv`]): named trees, atomic multi-tree
+//! writes with their audit entries, and group commit (one flusher thread makes many writers
+//! durable with one flush).
 
 use crate::audit::{self, AuditHead};
 use crate::error::{BrokerError, Result};
+use crate::kv;
 use govshare_proto::v1::AuditEntry;
-use sled::transaction::{
-    ConflictableTransactionError, Transactional, TransactionalTree, UnabortableTransactionError,
-};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,94 +92,47 @@ const TREE_NAMES: [&str; 23] = [
 ];
 
 /// A view of every tree inside one transaction.
+#[derive(Debug)]
 pub struct Tx<'a> {
-    trees: &'a [TransactionalTree],
-    /// The first error sled raised inside the transaction. The closure sees it as a
-    /// `BrokerError`; the transaction then hands it back to sled as it was, so that a storage
-    /// fault fails storage (see `Failure`) and a conflict retries, rather than passing for the
-    /// closure's own refusal.
-    raised: std::cell::RefCell<Option<UnabortableTransactionError>>,
-}
-
-impl std::fmt::Debug for Tx<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tx")
-            .field("trees", &self.trees.len())
-            .finish()
-    }
+    tx: &'a kv::Tx<'a>,
 }
 
 impl Tx<'_> {
-    /// One tree of the transaction.
-    pub fn t(&self, t: T) -> &TransactionalTree {
-        &self.trees[t as usize]
-    }
-
-    /// The caller's error for sled's `e`, which is kept to end the transaction with.
-    fn raise(&self, what: &str, e: UnabortableTransactionError) -> BrokerError {
-        let err = tx_error(what, &e);
-        let mut raised = self.raised.borrow_mut();
-        if raised.is_none() {
-            *raised = Some(e);
-        }
-        err
-    }
-
     /// Reads and decodes a protobuf record.
     pub fn get<M: prost::Message + Default>(&self, t: T, key: &str) -> Result<Option<M>> {
-        match self.t(t).get(key.as_bytes()) {
-            Ok(Some(v)) => Ok(Some(M::decode(v.as_ref())?)),
-            Ok(None) => Ok(None),
-            Err(e) => Err(self.raise("transaction read", e)),
+        match self.tx.get(t as usize, key.as_bytes())? {
+            Some(v) => Ok(Some(M::decode(v.as_ref())?)),
+            None => Ok(None),
         }
     }
 
     /// Encodes and writes a protobuf record.
     pub fn put<M: prost::Message>(&self, t: T, key: &str, m: &M) -> Result<()> {
-        self.t(t)
-            .insert(key.as_bytes(), m.encode_to_vec())
-            .map(|_| ())
-            .map_err(|e| self.raise("transaction write", e))
+        Ok(self
+            .tx
+            .insert(t as usize, key.as_bytes(), m.encode_to_vec())?)
     }
 
     /// Writes raw bytes.
     pub fn put_raw(&self, t: T, key: &[u8], v: &[u8]) -> Result<()> {
-        self.t(t)
-            .insert(key, v)
-            .map(|_| ())
-            .map_err(|e| self.raise("transaction write", e))
+        Ok(self
+            .tx
+            .insert(t as usize, key, kv::Value::copy_from_slice(v))?)
     }
 
     /// Reads raw bytes.
-    pub fn get_raw(&self, t: T, key: &[u8]) -> Result<Option<sled::IVec>> {
-        self.t(t)
-            .get(key)
-            .map_err(|e| self.raise("transaction read", e))
+    pub fn get_raw(&self, t: T, key: &[u8]) -> Result<Option<kv::Value>> {
+        Ok(self.tx.get(t as usize, key)?)
     }
 
     /// Writes an index key with an empty value.
     pub fn mark(&self, t: T, key: &[u8]) -> Result<()> {
-        self.t(t)
-            .insert(key, &[][..])
-            .map(|_| ())
-            .map_err(|e| self.raise("transaction write", e))
+        Ok(self.tx.insert(t as usize, key, kv::Value::new())?)
     }
 
     /// Removes a key.
     pub fn unmark(&self, t: T, key: &[u8]) -> Result<()> {
-        self.t(t)
-            .remove(key)
-            .map(|_| ())
-            .map_err(|e| self.raise("transaction write", e))
-    }
-}
-
-/// An error inside a transaction: a storage fault stays one (UNAVAILABLE, naming the disk),
-/// rather than passing for a bug.
-fn tx_error(what: &str, e: &UnabortableTransactionError) -> BrokerError {
-    match e {
-        UnabortableTransactionError::Storage(s) => s.clone().into(),
-        other => BrokerError::internal(format!("{what}: {other}")),
+        Ok(self.tx.remove(t as usize, key)?)
     }
 }
 
@@ -212,7 +164,7 @@ pub struct Store {
 struct Inner {
     /// Free space against `[storage] min_free_bytes`.
     space: Arc<Space>,
-    db: sled::Db,
+    db: kv::Db,
     /// The trees and the audit chain's head, shared with the committer thread.
     core: Arc<Core>,
     /// The `keys` tree in memory, loaded on first use. A std RwLock: never held across an await.
@@ -223,12 +175,15 @@ struct Inner {
     commit_tx: Option<mpsc::Sender<Box<dyn Job>>>,
     /// Joined in `Drop`, before the flusher, so that every write handed to it is committed.
     committer: Option<std::thread::JoinHandle<()>>,
-    /// Joined in `Drop`, so that sled's file lock is released once the last handle is gone
+    /// Joined in `Drop`, so that the store's directory lock is released once the last handle is gone
     /// and the same data dir can be opened again (a restart in a test, or `audit verify`).
     flusher: Option<std::thread::JoinHandle<()>>,
     /// Stops the flush watchdog when dropped (see [`watchdog`]); joined like the flusher.
     watchdog_stop: Option<std::sync::mpsc::Sender<()>>,
     watchdog: Option<std::thread::JoinHandle<()>>,
+    /// Stops the compactor when dropped (see [`compactor`]); joined like the watchdog.
+    compactor_stop: Option<std::sync::mpsc::Sender<()>>,
+    compactor: Option<std::thread::JoinHandle<()>>,
     stats: Arc<FlushStats>,
     /// Set once by the first storage I/O failure; see [`Failure`].
     failure: Arc<Failure>,
@@ -238,16 +193,13 @@ struct Inner {
     linger: Arc<Linger>,
 }
 
-/// Fail-stop after a storage I/O error (a full disk, above all). sled 0.34.7 cannot go on
-/// after one, even once the disk has room again: it records the first I/O error of a buffer
-/// write and refuses every later write and flush with it until the database is reopened; and
-/// when the write that fails is of a large page (a "blob", over a quarter of a 512 KiB
-/// segment), it returns the error to that one writer and leaves its log buffer unwritable,
-/// so every later flush waits forever. What it holds in memory may include writes that never
-/// reached the disk. So the broker does not carry on: it stops taking work, answers
-/// UNAVAILABLE naming the failure, reports NOT_SERVING, and needs a restart (of the process:
-/// a wedged sled keeps its threads and file lock), which recovers everything that was made
-/// durable; nothing else was ever acknowledged.
+/// Fail-stop after a storage I/O error (a full disk, above all). After a failed `fdatasync`
+/// the kernel may have dropped pages it could not write, so what reached the disk is no
+/// longer known, and the index in memory may hold writes that never did. So the broker does
+/// not carry on: it stops taking work, answers UNAVAILABLE naming the failure, reports
+/// NOT_SERVING, and needs a restart of the process, whose replay of the log recovers
+/// everything that was made durable; nothing else was ever acknowledged. (sled, the storage
+/// before 2026-11-29, could not go on after an I/O error either, and could wedge for good.)
 #[derive(Debug)]
 struct Failure {
     /// The database directory, named in the message so the operator knows which disk.
@@ -257,8 +209,8 @@ struct Failure {
 }
 
 impl Failure {
-    /// Records a sled error as the failure (see [`Failure::record`]).
-    fn set(&self, e: &sled::Error) -> BrokerError {
+    /// Records a storage error as the failure (see [`Failure::record`]).
+    fn set(&self, e: &kv::Error) -> BrokerError {
         self.record(crate::error::storage_failed(e, &self.path))
     }
 
@@ -296,18 +248,22 @@ impl Drop for Inner {
             .as_ref()
             .is_some_and(|h| h.thread().id() == std::thread::current().id());
         if let Some(h) = self.committer.take() {
-            // Like the flusher below: after a failure sled may never return to it.
+            // Like the flusher below: after a failure the disk may never return to it.
             if !on_committer && (self.failure.error().is_none() || h.is_finished()) {
                 let _ = h.join();
             }
         }
         drop(self.flush_tx.take());
         if let Some(h) = self.flusher.take() {
-            // After a failure the flusher may wait in sled forever (see `Failure`); the process
+            // After a failure the flusher may wait on the disk forever (see `Failure`); the process
             // is to be restarted anyway, so it is left behind rather than hang the shutdown.
             if !on_committer && (self.failure.error().is_none() || h.is_finished()) {
                 let _ = h.join();
             }
+        }
+        drop(self.compactor_stop.take());
+        if let Some(h) = self.compactor.take() {
+            let _ = h.join();
         }
         drop(self.watchdog_stop.take());
         if let Some(h) = self.watchdog.take() {
@@ -328,32 +284,25 @@ pub struct FlushStats {
 impl Store {
     /// Opens (or creates) the database and starts the flusher thread.
     pub fn open(path: &Path, cache_bytes: u64, broker_id: &str) -> Result<Self> {
-        let sled_cfg = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            // Durability is ours to decide (group commit in `durable`); sled's own timer would
-            // only blur which writes a crash can lose.
-            .flush_every_ms(None);
-        let db = sled_cfg
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
-                    BrokerError::Unavailable(format!(
-                        "cannot open the database at {}: no space left on its disk; free some and start again",
-                        path.display()
-                    ))
-                }
-                sled::Error::Io(io) => BrokerError::Unavailable(format!(
-                    "cannot open the database at {}: {io} (is another broker using this data dir?)",
+        let _ = cache_bytes;
+        refuse_sled(path)?;
+        let db = kv::Db::open(path, kv_options()).map_err(|e| match e {
+            kv::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                BrokerError::Unavailable(format!(
+                    "cannot open the database at {}: no space left on its disk; free some and start again",
                     path.display()
-                )),
-                other => BrokerError::internal(format!("opening {}: {other}", path.display())),
-            })?;
-        let trees = TREE_NAMES
-            .iter()
-            .map(|n| db.open_tree(n))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let head = audit::load_head(&trees[T::Audit as usize])?;
+                ))
+            }
+            kv::Error::Locked(_) => BrokerError::Unavailable(format!(
+                "cannot open the database at {}: it is in use (is another broker using this data dir?)",
+                path.display()
+            )),
+            other => BrokerError::Unavailable(format!(
+                "cannot open the database at {}: {other}",
+                path.display()
+            )),
+        })?;
+        let head = audit::load_head(&db.tree(T::Audit as usize))?;
         let stats = Arc::new(FlushStats::default());
         // Bounded: a writer that outruns the disk waits for room instead of growing memory.
         let (flush_tx, flush_rx) = mpsc::channel(4096);
@@ -362,7 +311,7 @@ impl Store {
             tx: watch::channel(None).0,
         });
         let core = Arc::new(Core {
-            trees,
+            db: db.clone(),
             write_lock: Mutex::new(head),
             broker_id: broker_id.to_string(),
             failure: failure.clone(),
@@ -397,6 +346,13 @@ impl Store {
                 )
             })
             .map_err(|e| BrokerError::internal(format!("cannot start flusher thread: {e}")))?;
+        let (compactor_stop, compactor_stopped) = std::sync::mpsc::channel();
+        let compactor_db = db.clone();
+        let compactor_failure = failure.clone();
+        let compactor = std::thread::Builder::new()
+            .name("govshare-compact".into())
+            .spawn(move || compactor(compactor_db, compactor_stopped, compactor_failure))
+            .map_err(|e| BrokerError::internal(format!("cannot start compactor: {e}")))?;
         let (watchdog_stop, stopped) = std::sync::mpsc::channel();
         let watchdog_failure = failure.clone();
         let space = Arc::new(Space {
@@ -406,11 +362,12 @@ impl Store {
         });
         let watchdog_space = space.clone();
         let watchdog_committing = core.committing.clone();
+        let watchdog_db = db.clone();
         let watchdog = std::thread::Builder::new()
             .name("govshare-flushdog".into())
             .spawn(move || {
                 watchdog(
-                    sled_cfg,
+                    watchdog_db,
                     stopped,
                     Watched {
                         flushing,
@@ -432,6 +389,8 @@ impl Store {
                 flusher: Some(flusher),
                 watchdog_stop: Some(watchdog_stop),
                 watchdog: Some(watchdog),
+                compactor_stop: Some(compactor_stop),
+                compactor: Some(compactor),
                 stats,
                 failure,
                 space,
@@ -482,19 +441,17 @@ impl Store {
         Ok(())
     }
 
-    /// A tree, for reads and scans.
-    pub fn tree(&self, t: T) -> &sled::Tree {
-        &self.inner.core.trees[t as usize]
+    /// A tree, for reads, scans and single writes outside a transaction.
+    pub fn tree(&self, t: T) -> kv::Tree {
+        self.inner.db.tree(t as usize)
     }
 
     /// Reads and decodes a protobuf record.
     pub fn get<M: prost::Message + Default>(&self, t: T, key: &str) -> Result<Option<M>> {
-        // After a failure sled may block readers for good (see `Failure`): answer at once.
+        // After a failure, answer as every other call does, naming it.
         self.check()?;
-        // sled can fail a read with its recorded I/O error too (a read may write): the same
-        // fail-stop as for a failed write.
         let got = self.tree(t).get(key.as_bytes()).map_err(|e| match e {
-            sled::Error::Io(_) => self.inner.failure.set(&e),
+            kv::Error::Io { .. } => self.inner.failure.set(&e),
             other => other.into(),
         })?;
         match got {
@@ -509,10 +466,9 @@ impl Store {
         self.inner.core.transact(f)
     }
 
-    /// Like [`Store::write`], but `f` runs on the committer thread, in one sled transaction
-    /// with the writes other callers handed it meanwhile. Every sled 0.34 transaction seals
-    /// and writes an I/O buffer of its own (`pin_log`), which costs far more than the writes
-    /// in it, so on a busy broker this is many times cheaper than a transaction each. `f` sees
+    /// Like [`Store::write`], but `f` runs on the committer thread, in one transaction with the
+    /// writes other callers handed it meanwhile: one frame, one `pwrite`, and one lock of the
+    /// index for the whole group, so on a busy broker this is cheaper than a transaction each. `f` sees
     /// what the writes before it in the group wrote, as if they had run one after another; if
     /// `f` fails, the group is undone and each write runs alone, so `f` may run twice (it must
     /// not act outside the transaction). Keep `f` short: it holds up the writes behind it.
@@ -546,7 +502,7 @@ impl Store {
     ) -> Result<R> {
         self.check()?;
         let committer = self.committer()?;
-        // After a failure sled may hold the committer for good (see `Failure`): a write waiting
+        // After a failure the committer may be held for good (see `Failure`): a write waiting
         // for it, to hand over or for its answer, is refused then rather than left hanging.
         let mut failed = self.inner.failure.tx.subscribe();
         let handed = async {
@@ -738,7 +694,7 @@ impl Store {
     /// none can have been recorded yet, since a loss is recorded by the run after the one that
     /// lost it, whose mark comes after the record.
     fn audit_losses_since(&self, from: u64) -> Result<Vec<audit::Loss>> {
-        let lost = audit::gaps_from(self.tree(T::Audit), from)?;
+        let lost = audit::gaps_from(&self.tree(T::Audit), from)?;
         for g in &lost {
             tracing::warn!(
                 from = g.from,
@@ -750,9 +706,10 @@ impl Store {
         Ok(lost)
     }
 
-    /// True when the previous run did not stop cleanly (see [`Store::begin_run`]): a sled
-    /// write that failed half-way (a full disk) can have left one tree written and not the
-    /// next, so recovery checks the exchange indexes against their records.
+    /// True when the previous run did not stop cleanly (see [`Store::begin_run`]). Frames are
+    /// atomic now, but a data dir converted from sled can hold one tree written and not the
+    /// next (sled applied a transaction tree by tree), so recovery checks the exchange indexes
+    /// against their records.
     pub fn unclean_start(&self) -> bool {
         self.inner.unclean.load(Ordering::Relaxed)
     }
@@ -802,14 +759,14 @@ fn shutting_down() -> BrokerError {
 /// Shared by the store's handles and the committer thread.
 #[derive(Debug)]
 struct Core {
-    trees: Vec<sled::Tree>,
+    db: kv::Db,
     /// Serialises writes that append to the audit chain. A std Mutex, not a tokio one: it is
     /// only taken on blocking threads and never held across an `.await`.
     write_lock: Mutex<AuditHead>,
     broker_id: String,
     failure: Arc<Failure>,
     /// When the committer's group transaction in progress started; None between groups.
-    /// Watched like a flush (see [`watchdog`]), since sled may never return from it.
+    /// Watched like a flush (see [`watchdog`]), since a write to a failing disk may never return.
     committing: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
@@ -823,28 +780,23 @@ impl Core {
             .write_lock
             .lock()
             .map_err(|_| BrokerError::internal("audit lock poisoned"))?;
-        // Again under the lock: a transaction that failed while this one waited for it may
-        // have left part of its writes in sled (it applies a transaction tree by tree), and
-        // nothing may be chained onto that.
+        // Again under the lock: nothing may be chained onto a transaction that failed to
+        // write while this one waited for it.
         if let Some(e) = self.failure.error() {
             return Err(e);
         }
         let start = head.clone();
         let broker = self.broker_id.clone();
-        let written =
-            <[sled::Tree] as Transactional<BrokerError>>::transaction(&self.trees[..], |txs| {
-                let tx = Tx {
-                    trees: txs,
-                    raised: std::cell::RefCell::new(None),
-                };
-                let (r, entries) = f(&tx).map_err(|e| match tx.raised.take() {
-                    Some(raised) => raised.into(),
-                    None => ConflictableTransactionError::Abort(e),
-                })?;
+        let written = self
+            .db
+            .transaction(|ktx| -> std::result::Result<_, TxFailed> {
+                let tx = Tx { tx: ktx };
+                let (r, entries) = f(&tx).map_err(TxFailed::Refused)?;
                 let mut h = start.clone();
                 for e in entries {
                     let chained = audit::chain(&mut h, e, &broker);
-                    tx.t(T::Audit).insert(
+                    ktx.insert(
+                        T::Audit as usize,
                         &chained.seq.to_be_bytes()[..],
                         prost::Message::encode_to_vec(&chained),
                     )?;
@@ -853,10 +805,8 @@ impl Core {
             });
         let (r, new_head) = match written {
             Ok(v) => v,
-            Err(sled::transaction::TransactionError::Storage(e)) => {
-                return Err(self.failure.set(&e))
-            }
-            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
+            Err(TxFailed::Storage(e)) => return Err(self.failure.set(&e)),
+            Err(TxFailed::Refused(e)) => return Err(e),
         };
         metrics::counter!(crate::metrics::AUDIT_APPENDS).increment(new_head.seq - start.seq);
         *head = new_head;
@@ -875,6 +825,131 @@ impl Core {
             Ok(((), entries))
         })
     }
+}
+
+/// Why a transaction was not committed: the closure refused (nothing was written), or the
+/// store failed to write it, which stops the broker taking work (see `Failure`).
+enum TxFailed {
+    Refused(BrokerError),
+    Storage(kv::Error),
+}
+
+impl From<kv::Error> for TxFailed {
+    fn from(e: kv::Error) -> Self {
+        Self::Storage(e)
+    }
+}
+
+/// A data dir's `db` that sled wrote (by a govshare from before 2026-11-29) is not read by
+/// this store: it says so, and how to convert it, rather than start on an empty database.
+fn refuse_sled(path: &Path) -> Result<()> {
+    if path.join("conf").is_file() && path.join("db").is_file() {
+        return Err(BrokerError::Unavailable(format!(
+            "{} holds a database in the format of an older govshare (sled); convert it with \
+             `govshare-broker migrate-storage --data-dir DIR` (with the broker stopped) and start again",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn kv_options() -> kv::Options {
+    kv::Options {
+        trees: TREE_NAMES.len(),
+        ..kv::Options::default()
+    }
+}
+
+/// Opens a stopped broker's database for offline tools (`audit verify`, tests).
+pub fn open_offline(path: &Path) -> Result<kv::Db> {
+    refuse_sled(path)?;
+    Ok(kv::Db::open(path, kv_options())?)
+}
+
+/// What [`migrate_from_sled`] did.
+#[derive(Debug)]
+pub struct Migrated {
+    /// Records copied, over every tree.
+    pub records: u64,
+    /// Where the sled database was moved to (kept until the operator deletes it).
+    pub kept_at: PathBuf,
+}
+
+/// Converts a stopped broker's sled database at `path` (written by a govshare from before
+/// 2026-11-29) to the current store, in place: every tree is copied into a new store beside
+/// it, made durable, and only then swapped in; the sled files are kept at `PATH.sled-old`.
+/// Ids handed out later stay above sled's, so queue and result order hold.
+pub fn migrate_from_sled(path: &Path) -> Result<Migrated> {
+    if refuse_sled(path).is_ok() {
+        return Err(BrokerError::precondition(format!(
+            "{} holds no sled database (already converted, or never written by one)",
+            path.display()
+        )));
+    }
+    let storage = |e: sled::Error| {
+        BrokerError::Unavailable(format!(
+            "reading the sled database at {}: {e}",
+            path.display()
+        ))
+    };
+    let old = sled::Config::new().path(path).open().map_err(|e| {
+        BrokerError::Unavailable(format!(
+            "cannot open the sled database at {} (is the broker still running?): {e}",
+            path.display()
+        ))
+    })?;
+    let with = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let (new_path, kept_at) = (with(".kv-new"), with(".sled-old"));
+    if new_path.exists() {
+        // Left by a conversion that was interrupted: it never replaced anything.
+        std::fs::remove_dir_all(&new_path).map_err(|e| {
+            BrokerError::Unavailable(format!("removing {}: {e}", new_path.display()))
+        })?;
+    }
+    let mut records = 0;
+    {
+        let db = kv::Db::open(&new_path, kv_options())?;
+        for (i, name) in TREE_NAMES.iter().enumerate() {
+            let tree = old.open_tree(name).map_err(storage)?;
+            let mut batch = Vec::new();
+            let mut iter = tree.iter();
+            loop {
+                let next = iter.next().transpose().map_err(storage)?;
+                let end = next.is_none();
+                if let Some((k, v)) = next {
+                    batch.push((k, v));
+                }
+                if batch.len() >= 1024 || (end && !batch.is_empty()) {
+                    records += batch.len() as u64;
+                    db.transaction(|tx| {
+                        for (k, v) in batch.drain(..) {
+                            tx.insert(i, &k, kv::Value::copy_from_slice(&v))?;
+                        }
+                        Ok::<_, kv::Error>(())
+                    })?;
+                }
+                if end {
+                    break;
+                }
+            }
+        }
+        db.advance_ids(old.generate_id().map_err(storage)?.saturating_add(1))?;
+        db.flush()?;
+    }
+    drop(old);
+    let io = |what: &str, e: std::io::Error| BrokerError::Unavailable(format!("{what}: {e}"));
+    std::fs::rename(path, &kept_at).map_err(|e| io("moving the sled database aside", e))?;
+    std::fs::rename(&new_path, path).map_err(|e| io("moving the new database in", e))?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("syncing the data dir", e))?;
+    }
+    Ok(Migrated { records, kept_at })
 }
 
 /// A write waiting for the committer.
@@ -1045,12 +1120,14 @@ pub(crate) mod tests {
         Ok(unclean)
     }
 
-    /// The database in `dir` with its audit entries `lost` removed, as sled can leave it after
-    /// a write failed on a full disk; answers the store, not started.
+    /// The database in `dir` with its audit entries `lost` removed, as a store that loses
+    /// writes in the middle could leave it (sled could, after a write failed on a full disk);
+    /// answers the store, not started.
     fn losing(dir: &Path, lost: &[u64]) -> Result<Store> {
         let store = Store::open(dir, 1 << 20, "330000/hub")?;
         for seq in lost {
-            assert!(store.tree(T::Audit).remove(seq.to_be_bytes())?.is_some());
+            assert!(store.tree(T::Audit).contains_key(seq.to_be_bytes())?);
+            store.tree(T::Audit).remove(seq.to_be_bytes())?;
         }
         store.flush_blocking()?;
         Ok(store)
@@ -1059,7 +1136,7 @@ pub(crate) mod tests {
     /// `audit verify` as the CLI runs it: the unclean run's first entry from the mark.
     fn verify_as_offline(store: &Store) -> Result<audit::VerifyOutcome> {
         let mark = store.tree(T::Meta).get(RUNNING)?;
-        audit::verify(store.tree(T::Audit), mark.and_then(|m| run_start(&m)))
+        audit::verify(&store.tree(T::Audit), mark.and_then(|m| run_start(&m)))
     }
 
     #[test]
@@ -1085,7 +1162,7 @@ pub(crate) mod tests {
         );
         // Without the mark's say-so the same gap breaks the chain.
         assert!(matches!(
-            audit::verify(store.tree(T::Audit), None)?,
+            audit::verify(&store.tree(T::Audit), None)?,
             audit::VerifyOutcome::Broken { seq: 7, .. }
         ));
         drop(store);
@@ -1102,7 +1179,7 @@ pub(crate) mod tests {
             losses: vec![recorded.clone()],
         };
         assert_eq!(verify_as_offline(&store)?, want);
-        assert_eq!(audit::verify(store.tree(T::Audit), None)?, want);
+        assert_eq!(audit::verify(&store.tree(T::Audit), None)?, want);
         let nine = store
             .tree(T::Audit)
             .get(9u64.to_be_bytes())?
@@ -1117,7 +1194,7 @@ pub(crate) mod tests {
         assert!(!one_run(dir.path(), 1, true)?);
         let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
         assert_eq!(
-            audit::verify(store.tree(T::Audit), None)?,
+            audit::verify(&store.tree(T::Audit), None)?,
             audit::VerifyOutcome::OkWithLosses {
                 entries: 10,
                 losses: vec![recorded]
@@ -1143,7 +1220,7 @@ pub(crate) mod tests {
         drop(store);
         assert!(one_run(dir.path(), 0, true)?);
         let store = Store::open(dir.path(), 1 << 20, "330000/hub")?;
-        assert_eq!(audit::verify(store.tree(T::Audit), None)?, broken);
+        assert_eq!(audit::verify(&store.tree(T::Audit), None)?, broken);
         let losses = store
             .tree(T::Audit)
             .iter()
@@ -1167,7 +1244,7 @@ pub(crate) mod tests {
         (forged.lost_from, forged.lost_to) = (2, 3);
         store.write(|_| Ok(((), vec![forged.clone()])))?;
         assert!(matches!(
-            audit::verify(store.tree(T::Audit), Some(1))?,
+            audit::verify(&store.tree(T::Audit), Some(1))?,
             audit::VerifyOutcome::Broken { seq: 4, ref reason } if reason.contains("not a gap")
         ));
         // An edited entry after an excused gap still breaks it.
@@ -1184,7 +1261,7 @@ pub(crate) mod tests {
         four.reason = "edited".into();
         audit_tree.insert(4u64.to_be_bytes(), prost::Message::encode_to_vec(&four))?;
         assert!(matches!(
-            audit::verify(audit_tree, Some(1))?,
+            audit::verify(&audit_tree, Some(1))?,
             audit::VerifyOutcome::Broken { seq: 4, ref reason } if reason.contains("edited?")
         ));
         Ok(())
@@ -1237,7 +1314,7 @@ pub(crate) mod tests {
         assert!(meta.get("b")?.is_none());
         // Two entries, one per committed write, chained without a gap.
         assert_eq!(
-            audit::verify(store.tree(T::Audit), None)?,
+            audit::verify(&store.tree(T::Audit), None)?,
             audit::VerifyOutcome::Ok(2)
         );
         Ok(())
@@ -1336,7 +1413,7 @@ pub(crate) mod tests {
         store.durable().await?;
         assert_eq!(store.tree(T::Meta).len(), 200);
         assert_eq!(
-            audit::verify(store.tree(T::Audit), None)?,
+            audit::verify(&store.tree(T::Audit), None)?,
             audit::VerifyOutcome::Ok(200)
         );
         Ok(())
@@ -1618,7 +1695,7 @@ fn flushing_lock(f: &Mutex<Flushing>) -> std::sync::MutexGuard<'_, Flushing> {
 
 /// The group-commit loop: take every waiting request, flush once, answer them all.
 fn flusher(
-    db: sled::Db,
+    db: kv::Db,
     mut rx: mpsc::Receiver<Waiter>,
     stats: Arc<FlushStats>,
     failure: Arc<Failure>,
@@ -1636,7 +1713,7 @@ fn flusher(
         let started = std::time::Instant::now();
         let n: usize = batch.iter().map(Waiter::covers).sum();
         let res = match failure.error() {
-            // sled refuses every flush after its first I/O error; no need to ask it again.
+            // Storage takes no more work after its first failure; no need to ask it again.
             Some(e) => Err(e.to_string()),
             None => {
                 {
@@ -1665,6 +1742,29 @@ fn flusher(
     }
 }
 
+/// How often the compactor looks at how much of the log is dead.
+const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reclaims the space of dead records (see [`kv::Db::compact`]) in the background, until
+/// the store drops the sender. A failure to compact is a storage failure like any other.
+fn compactor(db: kv::Db, stop: std::sync::mpsc::Receiver<()>, failure: Arc<Failure>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(COMPACT_EVERY) {
+        if failure.error().is_some() {
+            continue;
+        }
+        match db.compact() {
+            Ok(0) => {}
+            Ok(n) => {
+                let (size, live) = db.space();
+                tracing::debug!(segments = n, size, live, "compacted the storage log");
+            }
+            Err(e) => {
+                failure.set(&e);
+            }
+        }
+    }
+}
+
 /// How often the watchdog looks at the flush in progress.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// A flush running this long with no error anywhere is taken for a wedged disk.
@@ -1676,15 +1776,14 @@ struct Watched {
     committing: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
-/// Keeps writers and durability waiters from waiting forever on a sled that has failed (see
-/// `Failure`). It checks sled's recorded I/O error (a buffer write that failed on another
-/// thread; sled 0.34.7 does not always wake the flush or the transaction waiting for it);
-/// once storage has failed by any account, it answers the flush's waiters with the failure,
-/// since that flush may never end (grouped writers see the failure themselves); and a flush
-/// or a group transaction that makes no progress for [`FLUSH_STALL`] fails storage itself.
-/// It never calls into sled in a way that can block.
+/// Keeps writers and durability waiters from waiting forever on a disk that has failed (see
+/// `Failure`). It checks the failure the store recorded itself; once storage has failed by
+/// any account, it answers the flush's waiters with the failure, since that flush may never
+/// end (an `fdatasync` on a failing disk can hang; grouped writers see the failure
+/// themselves); and a flush or a group transaction that makes no progress for
+/// [`FLUSH_STALL`] fails storage itself. It never calls into the store in a way that can block.
 fn watchdog(
-    sled_cfg: sled::Config,
+    db: kv::Db,
     stop: std::sync::mpsc::Receiver<()>,
     watched: Watched,
     failure: Arc<Failure>,
@@ -1693,11 +1792,9 @@ fn watchdog(
     // Ends when the store drops the sender.
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_EVERY) {
         space.refresh();
-        // `Config::global_error` is doc-hidden but public in sled 0.34.7, which is pinned;
-        // the config shares the open database's error cell. Looked at whether or not a flush
-        // runs: a transaction can wait in sled for a buffer whose write failed.
-        if let Err(e) = sled_cfg.global_error() {
-            failure.set(&e);
+        // A failure the store recorded itself (a flush outside the flusher, at shutdown).
+        if let Some(msg) = db.failure() {
+            failure.set(&kv::Error::Failed(msg));
         }
         let committing = *watched
             .committing
@@ -1726,8 +1823,8 @@ fn watchdog(
     }
 }
 
-/// Free space on the database's disk. sled cannot carry on after a write fails for want of
-/// space (see [`Failure`]), so the broker keeps a reserve: below it, new work is refused with
+/// Free space on the database's disk. The broker does not carry on after a write fails for
+/// want of space (see [`Failure`]), so it keeps a reserve: below it, new work is refused with
 /// RESOURCE_EXHAUSTED while accepted work completes into the reserve, and new work is taken
 /// again as soon as space is freed, with no restart.
 #[derive(Debug)]

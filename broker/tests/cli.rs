@@ -196,9 +196,10 @@ fn run_stops_cleanly_on_sigterm_and_audit_verify_finds_an_edit() -> TestResult {
 
     // Edit the second entry's reason in place, as someone with disk access might.
     {
+        use govshare_broker::store;
         use prost::Message;
-        let db = sled::open(dir.join("db"))?;
-        let tree = db.open_tree("audit")?;
+        let db = store::open_offline(&dir.join("db"))?;
+        let tree = db.tree(store::T::Audit as usize);
         let key = 2u64.to_be_bytes();
         let raw = tree.get(key)?.ok_or("entry 2 missing")?;
         let mut e = govshare_proto::v1::AuditEntry::decode(raw.as_ref())?;
@@ -263,11 +264,11 @@ fn audit_verify_shows_entries_an_unclean_run_lost_and_the_next_start_records_the
     // A run that wrote entries 3-5 and stopped uncleanly, sled keeping 3 and 5 but losing 4
     // (as it can when a write fails on a full disk).
     {
-        let db = sled::open(dir.join("db"))?;
-        let tree = db.open_tree("audit")?;
+        let db = store::open_offline(&dir.join("db"))?;
+        let tree = db.tree(store::T::Audit as usize);
         let mut head = audit::load_head(&tree)?;
         assert_eq!(head.seq, 2, "two entries from the first run");
-        db.open_tree("meta")?
+        db.tree(store::T::Meta as usize)
             .insert(store::RUNNING, &3u64.to_be_bytes()[..])?;
         for n in 0..3 {
             let e = audit::chain(
@@ -302,8 +303,9 @@ fn audit_verify_shows_entries_an_unclean_run_lost_and_the_next_start_records_the
 
     // An entry removed from a run that stopped cleanly is not a loss but an edit.
     {
-        let db = sled::open(dir.join("db"))?;
-        db.open_tree("audit")?.remove(1u64.to_be_bytes())?;
+        let db = store::open_offline(&dir.join("db"))?;
+        db.tree(store::T::Audit as usize)
+            .remove(1u64.to_be_bytes())?;
         db.flush()?;
     }
     let broken = broker(&["audit", "verify", "--data-dir", d])?;

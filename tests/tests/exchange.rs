@@ -741,9 +741,10 @@ async fn grants_are_signed_and_an_altered_grant_is_refused() -> Result<()> {
     let mut broker = s.broker;
     broker
         .restart_with(move || {
+            use govshare_broker::store;
             use prost::Message;
-            let db = sled::open(data.join("db"))?;
-            let grants = db.open_tree("grants")?;
+            let db = store::open_offline(&data.join("db"))?;
+            let grants = db.tree(store::T::Grants as usize);
             let raw = grants.get(grant_id.as_bytes())?.context("grant missing")?;
             let mut g = Grant::decode(raw.as_ref())?;
             g.fields.push("name".into());

@@ -202,7 +202,7 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
         store.tree(T::Dedup),
     );
     // Every queue entry by its sequence number; those no unfinished record claims are stale.
-    let mut entries: HashMap<u64, sled::IVec> = HashMap::new();
+    let mut entries: HashMap<u64, crate::kv::Value> = HashMap::new();
     for k in queue.iter().keys() {
         let k = k?;
         entries.insert(key_seq(&k), k);

@@ -1318,12 +1318,13 @@ impl Engine {
         }
         let size = crate::registry::page_size(page, 100, 1000);
         let tree = self.inner.store.tree(T::DeadLetters);
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
-            if token.is_empty() {
-                Box::new(tree.iter().rev())
-            } else {
-                Box::new(tree.range(..token.as_bytes().to_vec()).rev())
-            };
+        let iter: Box<
+            dyn Iterator<Item = crate::kv::Result<(crate::kv::Value, crate::kv::Value)>>,
+        > = if token.is_empty() {
+            Box::new(tree.iter().rev())
+        } else {
+            Box::new(tree.range(..token.as_bytes().to_vec()).rev())
+        };
         let mut out = Vec::new();
         let mut next = String::new();
         for kv in iter {
