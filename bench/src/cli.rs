@@ -173,8 +173,9 @@ pub struct LoadArgs {
     /// stop") before recovering the queues; the recovery time then includes that check.
     #[arg(long)]
     pub unclean_restart: bool,
-    /// In-process brokers: sled's page cache in MiB (the broker's `[storage]
-    /// cache_capacity_bytes`, default 256 MiB), to see what it does to RSS and throughput.
+    /// In-process brokers: the broker's `[storage] cache_capacity_bytes` in MiB. It was sled's
+    /// page cache; since the storage of 2026-11-29 it changes nothing, and is kept so that
+    /// scripts that pass it still run.
     #[arg(long, value_name = "MiB", conflicts_with = "broker")]
     pub broker_cache_mib: Option<u64>,
     /// In-process brokers: how long a flush may wait for writes on their way to it, in

@@ -1098,6 +1098,69 @@ pub(crate) mod tests {
         Ok((dir, store))
     }
 
+    fn sled_ok<R>(r: sled::Result<R>) -> Result<R> {
+        r.map_err(|e| BrokerError::internal(format!("sled: {e}")))
+    }
+
+    #[test]
+    fn a_sled_data_dir_is_refused_then_converted_with_every_record_and_later_ids() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| BrokerError::internal(e.to_string()))?;
+        let path = dir.path().join("db");
+        let big = vec![7u8; 300];
+        let last_id = {
+            let db = sled_ok(sled::Config::new().path(&path).open())?;
+            for (i, name) in TREE_NAMES.iter().enumerate() {
+                let t = sled_ok(db.open_tree(name))?;
+                sled_ok(t.insert(format!("k{i}"), format!("v{i}").as_bytes()))?;
+            }
+            sled_ok(sled_ok(db.open_tree("exchanges"))?.insert("big", big.clone()))?;
+            let audit_tree = sled_ok(db.open_tree("audit"))?;
+            sled_ok(audit_tree.remove(format!("k{}", T::Audit as usize)))?;
+            let mut head = AuditHead::default();
+            for n in 0..3 {
+                let e = audit::chain(&mut head, entry(&format!("n{n}")), "330000/hub");
+                sled_ok(audit_tree.insert(e.seq.to_be_bytes(), prost::Message::encode_to_vec(&e)))?;
+            }
+            let mut last = 0;
+            for _ in 0..5 {
+                last = sled_ok(db.generate_id())?;
+            }
+            sled_ok(db.flush())?;
+            last
+        };
+        match Store::open(&path, 1 << 20, "330000/hub") {
+            Err(BrokerError::Unavailable(m)) => assert!(m.contains("migrate-storage"), "{m}"),
+            other => panic!("a sled data dir must be refused, got {other:?}"),
+        }
+        let m = migrate_from_sled(&path)?;
+        assert_eq!(m.records, TREE_NAMES.len() as u64 - 1 + 1 + 3);
+        assert!(m.kept_at.join("conf").is_file(), "the sled files are kept");
+        let store = Store::open(&path, 1 << 20, "330000/hub")?;
+        for (i, _) in TREE_NAMES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != T::Audit as usize)
+        {
+            let got = store.inner.db.get(i, format!("k{i}").as_bytes())?;
+            assert_eq!(got.as_deref(), Some(format!("v{i}").as_bytes()), "tree {i}");
+        }
+        assert_eq!(
+            store.tree(T::Exchanges).get("big")?.as_deref(),
+            Some(&big[..])
+        );
+        assert_eq!(
+            audit::verify(&store.tree(T::Audit), None)?,
+            audit::VerifyOutcome::Ok(3)
+        );
+        assert!(store.next_id()? > last_id, "ids go on above sled's");
+        drop(store);
+        assert!(matches!(
+            migrate_from_sled(&path),
+            Err(BrokerError::FailedPrecondition(_))
+        ));
+        Ok(())
+    }
+
     fn entry(reason: &str) -> AuditEntry {
         let mut e = audit::entry("test_write", "330000/hub");
         e.reason = reason.to_string();

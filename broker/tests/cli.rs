@@ -317,3 +317,52 @@ fn audit_verify_shows_entries_an_unclean_run_lost_and_the_next_start_records_the
     );
     Ok(())
 }
+
+#[test]
+fn a_data_dir_from_sled_is_refused_until_migrate_storage_converts_it() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    init(&dir)?;
+    let d = dir.to_str().ok_or("path")?;
+    // The database as a govshare from before 2026-11-29 left it: sled, with one node.
+    let db_dir = dir.join("db");
+    if db_dir.exists() {
+        std::fs::remove_dir_all(&db_dir)?;
+    }
+    {
+        let db = sled::open(&db_dir)?;
+        db.open_tree("nodes")?.insert("330000/old", &b"kept"[..])?;
+        db.flush()?;
+    }
+    let refused = broker(&["run", "--data-dir", d, "--listen", "127.0.0.1:0"])?;
+    let err = text(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("older govshare (sled)") && err.contains("migrate-storage"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("db").join("LOCK").exists(),
+        "nothing of the new store was written over the old one"
+    );
+
+    let done = broker(&["migrate-storage", "--data-dir", d])?;
+    let out = text(&done.stdout);
+    assert!(done.status.success(), "{out}{}", text(&done.stderr));
+    assert!(
+        out.contains("converted") && out.contains("1 records"),
+        "{out}"
+    );
+    assert!(dir.join("db.sled-old").join("conf").is_file());
+    let again = broker(&["migrate-storage", "--data-dir", d])?;
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("holds no sled database"));
+
+    run_and_term(&dir)?;
+    let db = govshare_broker::store::open_offline(&db_dir)?;
+    let node = db
+        .tree(govshare_broker::store::T::Nodes as usize)
+        .get("330000/old")?;
+    assert_eq!(node.as_deref(), Some(&b"kept"[..]));
+    Ok(())
+}
