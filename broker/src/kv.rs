@@ -147,9 +147,14 @@ struct Slot {
     seg: u32,
     off: u32,
     len: u32,
-    /// The whole record's size in the log, for the live-bytes count.
-    rec: u32,
-    inline: Option<Value>,
+    /// A box rather than `Value`: half the size, in every entry of the index.
+    inline: Option<Box<[u8]>>,
+}
+
+/// A put record's size in the log (op, tree, key length, key, value length, value), for the
+/// live-bytes count.
+fn rec_size(key: usize, value: u32) -> u64 {
+    (2 + 4 + key + 4) as u64 + u64::from(value)
 }
 
 #[derive(Debug)]
@@ -169,31 +174,31 @@ struct State {
 }
 
 impl State {
-    fn kill(&mut self, old: &Slot) {
+    fn kill(&mut self, key: usize, old: &Slot) {
         if let Some(s) = self.segs.get_mut(&old.seg) {
-            s.live = s.live.saturating_sub(u64::from(old.rec));
+            s.live = s.live.saturating_sub(rec_size(key, old.len));
         }
     }
 
     fn put(&mut self, tree: usize, key: &[u8], slot: Slot) {
         if let Some(s) = self.segs.get_mut(&slot.seg) {
-            s.live += u64::from(slot.rec);
+            s.live += rec_size(key.len(), slot.len);
         }
         if let Some(old) = self.trees[tree].insert(key.into(), slot) {
-            self.kill(&old);
+            self.kill(key.len(), &old);
         }
     }
 
     fn remove(&mut self, tree: usize, key: &[u8]) {
         if let Some(old) = self.trees[tree].remove(key) {
-            self.kill(&old);
+            self.kill(key.len(), &old);
         }
     }
 
     fn clear(&mut self, tree: usize) {
         let old = std::mem::take(&mut self.trees[tree]);
-        for slot in old.values() {
-            self.kill(slot);
+        for (key, slot) in &old {
+            self.kill(key.len(), slot);
         }
     }
 
@@ -201,7 +206,7 @@ impl State {
     /// go: a segment compacted away meanwhile stays readable through its open file.
     fn locate(&self, slot: &Slot) -> Loc {
         match (&slot.inline, self.segs.get(&slot.seg)) {
-            (Some(v), _) => Loc::Inline(v.clone()),
+            (Some(v), _) => Loc::Inline(Value::copy_from_slice(v)),
             (None, Some(s)) => Loc::Disk(s.file.clone(), s.path.clone(), slot.off, slot.len),
             (None, None) => Loc::Gone(slot.seg),
         }
@@ -297,7 +302,6 @@ enum Op<'a> {
         value: &'a [u8],
         /// Offset of the value within the body.
         at: usize,
-        rec: usize,
     },
     Remove {
         tree: u8,
@@ -325,7 +329,6 @@ fn parse(body: &[u8]) -> Option<Vec<Op<'_>>> {
     let mut ops = Vec::new();
     let mut pos = 0;
     while pos < body.len() {
-        let start = pos;
         let head = take(body, &mut pos, 2)?;
         let (kind, tree) = (head[0], head[1]);
         match kind {
@@ -340,7 +343,6 @@ fn parse(body: &[u8]) -> Option<Vec<Op<'_>>> {
                     key,
                     value,
                     at,
-                    rec: pos - start,
                 });
             }
             OP_REMOVE => {
@@ -371,29 +373,96 @@ fn encode_remove(buf: &mut Vec<u8>, tree: u8, key: &[u8]) {
     buf.extend_from_slice(key);
 }
 
-/// A frame read back at open: the body, or why the bytes at `offset` are not one.
-enum Framed<'a> {
-    Ok(&'a [u8]),
-    Bad(&'static str),
+/// Reads a segment's frames in order through a buffer, so that neither opening nor
+/// compaction holds a whole segment in memory.
+struct Frames {
+    r: io::BufReader<File>,
+    path: PathBuf,
+    /// Where the next frame starts.
+    off: u64,
+    /// The file's length when opened (a sealed segment does not change).
+    len: u64,
+    /// The last frame's body, reused.
+    body: Vec<u8>,
 }
 
-fn frame_at(data: &[u8], offset: usize) -> Framed<'_> {
-    let Some(head) = data.get(offset..offset + FRAME_HEAD) else {
-        return Framed::Bad("an incomplete frame header");
-    };
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    let start = offset + FRAME_HEAD;
-    let Some(body) = data.get(start..start.saturating_add(len)) else {
-        return Framed::Bad("a frame longer than the file");
-    };
-    if len == 0 {
-        return Framed::Bad("an empty frame");
+/// What [`Frames::next`] found at an offset.
+enum Framed {
+    /// A whole frame, its body in [`Frames::body`]; the offset it starts at.
+    Ok(u64),
+    /// The end of the file.
+    End,
+    /// Bytes that are not a frame: where they start, and why.
+    Bad(u64, &'static str),
+}
+
+impl Frames {
+    fn open(path: &Path) -> Result<Self> {
+        // A file of its own, not a clone of the segment's handle, which would share (and
+        // move) its file offset.
+        let f = File::open(path).map_err(io_err(path))?;
+        let len = f.metadata().map_err(io_err(path))?.len();
+        Ok(Self {
+            r: io::BufReader::with_capacity(1 << 20, f),
+            path: path.to_path_buf(),
+            off: 0,
+            len,
+            body: Vec::new(),
+        })
     }
-    if crc32fast::hash(body) != crc {
-        return Framed::Bad("a frame whose checksum does not match");
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<()> {
+        io::Read::read_exact(&mut self.r, buf).map_err(io_err(&self.path))
     }
-    Framed::Ok(body)
+
+    /// Reads and checks the header; false when the file is shorter than one.
+    fn header(&mut self) -> Result<bool> {
+        if self.len < HEADER {
+            return Ok(false);
+        }
+        let mut magic = [0u8; MAGIC.len()];
+        self.read(&mut magic)?;
+        if &magic != MAGIC {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                offset: 0,
+                what: "not a govshare segment (bad header)".into(),
+            });
+        }
+        self.off = HEADER;
+        Ok(true)
+    }
+
+    fn next(&mut self) -> Result<Framed> {
+        let at = self.off;
+        let left = self.len - at;
+        if left == 0 {
+            return Ok(Framed::End);
+        }
+        if left < FRAME_HEAD as u64 {
+            return Ok(Framed::Bad(at, "an incomplete frame header"));
+        }
+        let mut head = [0u8; FRAME_HEAD];
+        self.read(&mut head)?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if len == 0 {
+            return Ok(Framed::Bad(at, "an empty frame"));
+        }
+        if len as u64 > left - FRAME_HEAD as u64 {
+            return Ok(Framed::Bad(at, "a frame longer than the file"));
+        }
+        self.body.resize(len, 0);
+        let mut body = std::mem::take(&mut self.body);
+        let read = self.read(&mut body);
+        self.body = body;
+        read?;
+        if crc32fast::hash(&self.body) != crc {
+            return Ok(Framed::Bad(at, "a frame whose checksum does not match"));
+        }
+        self.off = at + (FRAME_HEAD + len) as u64;
+        Ok(Framed::Ok(at))
+    }
 }
 
 impl Db {
@@ -444,7 +513,6 @@ impl Db {
                     .open(&path)
                     .map_err(io_err(&path))?,
             );
-            let data = std::fs::read(&path).map_err(io_err(&path))?;
             let is_last = Some(id) == last;
             // In the table before its replay, so that its puts count as its live bytes.
             state.segs.insert(
@@ -456,29 +524,23 @@ impl Db {
                     live: 0,
                 },
             );
-            let mut size = replay(
-                &mut state,
-                &opts,
-                id,
-                &path,
-                &data,
-                is_last,
-                &mut id_ceiling,
-            )?;
+            let mut frames = Frames::open(&path)?;
+            let file_len = frames.len;
+            let mut size = replay(&mut state, &opts, id, &mut frames, is_last, &mut id_ceiling)?;
             if is_last && size == 0 {
                 // A crash between creating the segment and writing its header.
                 file.write_all_at(MAGIC, 0).map_err(io_err(&path))?;
                 size = HEADER;
             }
-            if size < data.len() as u64 {
+            if size < file_len {
                 tracing::warn!(
                     segment = %path.display(),
-                    dropped_bytes = data.len() as u64 - size,
+                    dropped_bytes = file_len - size,
                     "cut off a write that a crash interrupted"
                 );
                 file.set_len(size).map_err(io_err(&path))?;
             }
-            if size != data.len() as u64 {
+            if size != file_len {
                 file.sync_all().map_err(io_err(&path))?;
             }
             if let Some(s) = state.segs.get_mut(&id) {
@@ -711,8 +773,7 @@ impl Db {
                             seg: w.head,
                             off: (body_at + rel as u64) as u32,
                             len: v.len() as u32,
-                            rec: (2 + 4 + k.len() + 4 + v.len()) as u32,
-                            inline: (v.len() <= self.inner.opts.inline_bytes).then(|| v.clone()),
+                            inline: (v.len() <= self.inner.opts.inline_bytes).then(|| v[..].into()),
                         };
                         if usize::from(*t) == usize::from(ID_TREE) {
                             continue;
@@ -834,7 +895,7 @@ impl Db {
         loop {
             // The writer before the state, the order every writer takes them in.
             let head = self.writer()?.head;
-            let (oldest, path, file) = {
+            let (oldest, path) = {
                 let st = read_lock(&self.inner.state);
                 let (size, live) = st
                     .segs
@@ -843,12 +904,12 @@ impl Db {
                 let slack = 2 * self.inner.opts.segment_bytes;
                 match st.segs.iter().next() {
                     Some((&id, s)) if id != head && size > 2 * live && size - live > slack => {
-                        (id, s.path.clone(), s.file.clone())
+                        (id, s.path.clone())
                     }
                     _ => return Ok(deleted),
                 }
             };
-            self.move_live(oldest, &path, &file)?;
+            self.move_live(oldest, &path)?;
             // The moved records must be durable before their old copies go.
             self.flush()?;
             write_lock(&self.inner.state).segs.remove(&oldest);
@@ -860,31 +921,28 @@ impl Db {
 
     /// Appends the records of segment `id` that are still current, a frame at a time, and
     /// points the index at the copies.
-    fn move_live(&self, id: u32, path: &Path, file: &File) -> Result<()> {
-        let len = file.metadata().map_err(io_err(path))?.len();
-        let mut data = vec![0; len as usize];
-        file.read_exact_at(&mut data, 0).map_err(io_err(path))?;
-        let mut off = HEADER as usize;
+    fn move_live(&self, id: u32, path: &Path) -> Result<()> {
+        let mut frames = Frames::open(path)?;
+        let corrupt = |offset: u64, what: &str| Error::Corrupt {
+            path: path.to_path_buf(),
+            offset,
+            what: what.into(),
+        };
+        if !frames.header()? {
+            return Err(corrupt(0, "a segment shorter than its header"));
+        }
         let mut batch: Vec<(u8, Value, Value, u32)> = Vec::new();
         let mut batch_bytes = 0;
         let mut had_ceiling = false;
-        while off < data.len() {
-            let body = match frame_at(&data, off) {
-                Framed::Ok(b) => b,
-                Framed::Bad(what) => {
-                    return Err(Error::Corrupt {
-                        path: path.to_path_buf(),
-                        offset: off as u64,
-                        what: what.into(),
-                    })
-                }
+        loop {
+            let off = match frames.next()? {
+                Framed::Ok(off) => off,
+                Framed::End => break,
+                Framed::Bad(off, what) => return Err(corrupt(off, what)),
             };
-            let body_at = off + FRAME_HEAD;
-            let ops = parse(body).ok_or_else(|| Error::Corrupt {
-                path: path.to_path_buf(),
-                offset: off as u64,
-                what: "a frame with a malformed operation".into(),
-            })?;
+            let body_at = off as usize + FRAME_HEAD;
+            let ops = parse(&frames.body)
+                .ok_or_else(|| corrupt(off, "a frame with a malformed operation"))?;
             {
                 let st = read_lock(&self.inner.state);
                 for op in ops {
@@ -893,7 +951,6 @@ impl Db {
                         key,
                         value,
                         at,
-                        ..
                     } = op
                     {
                         had_ceiling |= tree == ID_TREE;
@@ -915,8 +972,7 @@ impl Db {
                     }
                 }
             }
-            off = body_at + body.len();
-            if batch_bytes >= 4 << 20 {
+            if batch_bytes >= 1 << 20 {
                 self.rewrite(id, &mut batch)?;
                 batch_bytes = 0;
             }
@@ -993,42 +1049,46 @@ fn replay(
     state: &mut State,
     opts: &Options,
     id: u32,
-    path: &Path,
-    data: &[u8],
+    frames: &mut Frames,
     is_last: bool,
     id_ceiling: &mut u64,
 ) -> Result<u64> {
-    let corrupt = |offset: usize, what: &str| Error::Corrupt {
+    let corrupt = |path: &Path, offset: u64, what: &str| Error::Corrupt {
         path: path.to_path_buf(),
-        offset: offset as u64,
+        offset,
         what: what.into(),
     };
-    if data.len() < MAGIC.len() {
+    if !frames.header()? {
         return if is_last {
             Ok(0)
         } else {
-            Err(corrupt(0, "a segment shorter than its header"))
+            Err(corrupt(
+                &frames.path,
+                0,
+                "a segment shorter than its header",
+            ))
         };
     }
-    if &data[..MAGIC.len()] != MAGIC {
-        return Err(corrupt(0, "not a govshare segment (bad header)"));
-    }
-    let mut off = MAGIC.len();
-    while off < data.len() {
-        let body = match frame_at(data, off) {
-            Framed::Ok(b) => b,
-            Framed::Bad(what) => {
+    loop {
+        let off = match frames.next()? {
+            Framed::Ok(off) => off,
+            Framed::End => return Ok(frames.off),
+            Framed::Bad(off, what) => {
                 return if is_last {
-                    Ok(off as u64)
+                    Ok(off)
                 } else {
-                    Err(corrupt(off, what))
+                    Err(corrupt(&frames.path, off, what))
                 }
             }
         };
-        let Some(ops) = parse(body) else {
-            return Err(corrupt(off, "a frame with a malformed operation"));
+        let Some(ops) = parse(&frames.body) else {
+            return Err(corrupt(
+                &frames.path,
+                off,
+                "a frame with a malformed operation",
+            ));
         };
-        let body_at = off + FRAME_HEAD;
+        let body_at = off as usize + FRAME_HEAD;
         for op in ops {
             match op {
                 Op::Put {
@@ -1036,7 +1096,6 @@ fn replay(
                     key,
                     value,
                     at,
-                    rec,
                 } => {
                     if tree == ID_TREE {
                         if let Ok(b) = <[u8; 8]>::try_from(value) {
@@ -1046,15 +1105,17 @@ fn replay(
                     }
                     let t = usize::from(tree);
                     if t >= opts.trees {
-                        return Err(corrupt(off, "a write to a tree this store does not have"));
+                        return Err(corrupt(
+                            &frames.path,
+                            off,
+                            "a write to a tree this store does not have",
+                        ));
                     }
                     let slot = Slot {
                         seg: id,
                         off: (body_at + at) as u32,
                         len: value.len() as u32,
-                        rec: rec as u32,
-                        inline: (value.len() <= opts.inline_bytes)
-                            .then(|| Value::copy_from_slice(value)),
+                        inline: (value.len() <= opts.inline_bytes).then(|| value.into()),
                     };
                     state.put(t, key, slot);
                 }
@@ -1070,9 +1131,7 @@ fn replay(
                 }
             }
         }
-        off = body_at + body.len();
     }
-    Ok(off as u64)
 }
 
 /// The smallest key greater than every key starting with `prefix`, if there is one.
