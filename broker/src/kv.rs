@@ -248,6 +248,8 @@ struct Writer {
     failed: Option<String>,
     /// The frame being built, kept to reuse its allocation.
     buf: Vec<u8>,
+    /// Frames appended so far (this run): what a flush covers is named by it.
+    frames: u64,
     /// The next id [`Db::generate_id`] hands out, and the first one not yet reserved.
     next_id: u64,
     id_ceiling: u64,
@@ -262,6 +264,9 @@ struct Inner {
     /// Flushes in progress are serialized, so that the count below means what it says.
     sync: Mutex<()>,
     flushes: AtomicU64,
+    /// [`Writer::frames`] as of the last flush that succeeded (or segment sealed): a flush
+    /// with nothing written since has nothing to do.
+    synced: AtomicU64,
     /// Held for the life of the store: the directory's lock.
     _lock: File,
 }
@@ -574,6 +579,7 @@ impl Db {
             len,
             failed: None,
             buf: Vec::new(),
+            frames: 0,
             next_id: id_ceiling,
             id_ceiling,
         };
@@ -585,6 +591,7 @@ impl Db {
                 writer: Mutex::new(writer),
                 sync: Mutex::new(()),
                 flushes: AtomicU64::new(0),
+                synced: AtomicU64::new(0),
                 _lock: lock_file,
             }),
         })
@@ -758,6 +765,7 @@ impl Db {
             return Err(io_err(&w.path)(e));
         }
         w.len += buf.len() as u64;
+        w.frames += 1;
         let body_at = at + FRAME_HEAD as u64;
         {
             let mut st = write_lock(&self.inner.state);
@@ -796,6 +804,8 @@ impl Db {
             w.failed = Some(format!("{}: {e}", w.path.display()));
             return Err(io_err(&w.path)(e));
         }
+        // Every frame so far was in the segment just made durable.
+        self.inner.synced.fetch_max(w.frames, Ordering::AcqRel);
         let next = w
             .head
             .checked_add(1)
@@ -819,20 +829,25 @@ impl Db {
     }
 
     /// Makes every committed write durable: one `fdatasync` of the head segment (sealed
-    /// segments were made durable when sealed). Once it fails, the store refuses writes until
+    /// segments were made durable when sealed), or none when nothing was written since the
+    /// last flush; answers whether it synced. Once it fails, the store refuses writes until
     /// reopened: after a failed `fdatasync` the kernel may have dropped the unwritten pages.
-    pub fn flush(&self) -> Result<()> {
+    pub fn flush(&self) -> Result<bool> {
         let _one = lock(&self.inner.sync);
-        let (file, path) = {
+        let (file, path, frames) = {
             let w = self.writer()?;
-            (w.file.clone(), w.path.clone())
+            (w.file.clone(), w.path.clone(), w.frames)
         };
+        if self.inner.synced.load(Ordering::Acquire) >= frames {
+            return Ok(false);
+        }
         if let Err(e) = file.sync_data() {
             lock(&self.inner.writer).failed = Some(format!("{}: {e}", path.display()));
             return Err(io_err(&path)(e));
         }
+        self.inner.synced.fetch_max(frames, Ordering::AcqRel);
         self.inner.flushes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 
     /// `fdatasync`s performed by [`Db::flush`] calls so far.
@@ -1614,6 +1629,31 @@ mod tests {
             }
             other => panic!("expected a refusal naming the damage, got {other:?}"),
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_flush_with_nothing_new_to_make_durable_costs_no_fdatasync() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let db = Db::open(dir.path(), small())?;
+        assert!(!db.flush()?, "nothing written yet");
+        put(&db, 0, "a", "1")?;
+        assert!(db.flush()?);
+        assert!(!db.flush()?, "already durable");
+        assert_eq!(db.flushes(), 1);
+        // A refused transaction writes nothing, so there is still nothing to flush.
+        let _ = db.transaction(|tx| {
+            tx.insert(0, b"b", b"2".to_vec())?;
+            Err::<(), _>(Error::TooLarge("no".into()))
+        });
+        assert!(!db.flush()?);
+        // Sealing a segment makes what it holds durable; only what follows needs a flush.
+        for i in 0..60 {
+            put(&db, 0, &format!("k{i}"), &"v".repeat(100))?;
+        }
+        assert!(db.segments() > 1);
+        assert!(db.flush()?);
+        assert!(!db.flush()?);
         Ok(())
     }
 
