@@ -25,7 +25,7 @@
 //! hold a put they undo.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Bound;
@@ -200,6 +200,22 @@ impl State {
         for (key, slot) in &old {
             self.kill(key.len(), slot);
         }
+    }
+
+    /// Bytes in segment files, and bytes of records still current.
+    fn space(&self) -> (u64, u64) {
+        self.segs
+            .values()
+            .fold((0, 0), |(s, l), g| (s + g.size, l + g.live))
+    }
+
+    /// Whether `key`'s current value is the record at `off` of segment `seg` (compaction:
+    /// only such records are worth copying).
+    fn holds(&self, tree: u8, key: &[u8], seg: u32, off: u32) -> bool {
+        self.trees
+            .get(usize::from(tree))
+            .and_then(|t| t.get(key))
+            .is_some_and(|s| s.seg == seg && s.off == off)
     }
 
     /// Where to read a slot's value from, so that the read can happen after the lock is let
@@ -686,7 +702,8 @@ impl Db {
         let mut w = self.writer()?;
         let tx = Tx {
             db: self,
-            pending: RefCell::new(BTreeMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            cleared: RefCell::new(Vec::new()),
             ops: RefCell::new(Vec::new()),
         };
         let r = {
@@ -890,10 +907,7 @@ impl Db {
 
     /// Space used: bytes in segment files, and bytes of records still current.
     pub fn space(&self) -> (u64, u64) {
-        let st = read_lock(&self.inner.state);
-        st.segs
-            .values()
-            .fold((0, 0), |(s, l), g| (s + g.size, l + g.live))
+        read_lock(&self.inner.state).space()
     }
 
     /// Segment files the store has now.
@@ -912,10 +926,7 @@ impl Db {
             let head = self.writer()?.head;
             let (oldest, path) = {
                 let st = read_lock(&self.inner.state);
-                let (size, live) = st
-                    .segs
-                    .values()
-                    .fold((0u64, 0u64), |(s, l), g| (s + g.size, l + g.live));
+                let (size, live) = st.space();
                 let slack = 2 * self.inner.opts.segment_bytes;
                 match st.segs.iter().next() {
                     Some((&id, s)) if id != head && size > 2 * live && size - live > slack => {
@@ -970,12 +981,7 @@ impl Db {
                     {
                         had_ceiling |= tree == ID_TREE;
                         let voff = (body_at + at) as u32;
-                        let current = st
-                            .trees
-                            .get(usize::from(tree))
-                            .and_then(|t| t.get(key))
-                            .is_some_and(|s| s.seg == id && s.off == voff);
-                        if current {
+                        if st.holds(tree, key, id, voff) {
                             batch_bytes += key.len() + value.len() + 10;
                             batch.push((
                                 tree,
@@ -1009,12 +1015,7 @@ impl Db {
             let st = read_lock(&self.inner.state);
             batch
                 .drain(..)
-                .filter(|(t, k, _, voff)| {
-                    st.trees
-                        .get(usize::from(*t))
-                        .and_then(|tr| tr.get(&k[..]))
-                        .is_some_and(|s| s.seg == id && s.off == *voff)
-                })
+                .filter(|(t, k, _, voff)| st.holds(*t, k, id, *voff))
                 .map(|(t, k, v, _)| TxOp::Put(t, k, v))
                 .collect()
         };
@@ -1173,9 +1174,11 @@ enum TxOp {
 #[derive(Debug)]
 pub struct Tx<'a> {
     db: &'a Db,
-    /// This write's changes, for its own reads: None is removed. In cells, so that a write
-    /// can be handed around by shared reference like sled's transactional trees.
-    pending: RefCell<BTreeMap<(u8, Value), Option<Value>>>,
+    /// This write's changes by tree, for its own reads: None is removed. In cells, so that a
+    /// write can be handed around by shared reference like sled's transactional trees.
+    pending: RefCell<HashMap<u8, BTreeMap<Value, Option<Value>>>>,
+    /// Trees this write cleared: their committed keys are gone for its reads.
+    cleared: RefCell<Vec<u8>>,
     ops: RefCell<Vec<TxOp>>,
 }
 
@@ -1191,15 +1194,10 @@ impl Tx<'_> {
     /// The value of `key` in `tree`, as this write would leave it.
     pub fn get(&self, tree: usize, key: &[u8]) -> Result<Option<Value>> {
         let t = self.tree(tree)?;
-        if let Some(v) = self.pending.borrow().get(&(t, Value::copy_from_slice(key))) {
+        if let Some(v) = self.pending.borrow().get(&t).and_then(|m| m.get(key)) {
             return Ok(v.clone());
         }
-        if self
-            .ops
-            .borrow()
-            .iter()
-            .any(|o| matches!(o, TxOp::Clear(c) if *c == t))
-        {
+        if self.cleared.borrow().contains(&t) {
             return Ok(None);
         }
         self.db.get(tree, key)
@@ -1212,7 +1210,9 @@ impl Tx<'_> {
         check_sizes(&k, &v)?;
         self.pending
             .borrow_mut()
-            .insert((t, k.clone()), Some(v.clone()));
+            .entry(t)
+            .or_default()
+            .insert(k.clone(), Some(v.clone()));
         self.ops.borrow_mut().push(TxOp::Put(t, k, v));
         Ok(())
     }
@@ -1221,7 +1221,11 @@ impl Tx<'_> {
     pub fn remove(&self, tree: usize, key: &[u8]) -> Result<()> {
         let t = self.tree(tree)?;
         let k = Value::copy_from_slice(key);
-        self.pending.borrow_mut().insert((t, k.clone()), None);
+        self.pending
+            .borrow_mut()
+            .entry(t)
+            .or_default()
+            .insert(k.clone(), None);
         self.ops.borrow_mut().push(TxOp::Remove(t, k));
         Ok(())
     }
@@ -1229,7 +1233,8 @@ impl Tx<'_> {
     /// Removes every key of `tree`.
     pub fn clear(&self, tree: usize) -> Result<()> {
         let t = self.tree(tree)?;
-        self.pending.borrow_mut().retain(|(pt, _), _| *pt != t);
+        self.pending.borrow_mut().remove(&t);
+        self.cleared.borrow_mut().push(t);
         self.ops.borrow_mut().push(TxOp::Clear(t));
         Ok(())
     }

@@ -282,9 +282,9 @@ pub struct FlushStats {
 }
 
 impl Store {
-    /// Opens (or creates) the database and starts the flusher thread.
-    pub fn open(path: &Path, cache_bytes: u64, broker_id: &str) -> Result<Self> {
-        let _ = cache_bytes;
+    /// Opens (or creates) the database and starts the flusher thread. The cache size is
+    /// unused since the store of 2026-11-29 (it was sled's), and kept for the callers.
+    pub fn open(path: &Path, _cache_bytes: u64, broker_id: &str) -> Result<Self> {
         refuse_sled(path)?;
         let db = kv::Db::open(path, kv_options()).map_err(|e| match e {
             kv::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
