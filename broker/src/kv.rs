@@ -283,6 +283,8 @@ struct Inner {
     /// [`Writer::frames`] as of the last flush that succeeded (or segment sealed): a flush
     /// with nothing written since has nothing to do.
     synced: AtomicU64,
+    /// [`Writer::frames`], readable without the writer's lock (see [`Db::written`]).
+    written: AtomicU64,
     /// Held for the life of the store: the directory's lock.
     _lock: File,
 }
@@ -608,6 +610,7 @@ impl Db {
                 sync: Mutex::new(()),
                 flushes: AtomicU64::new(0),
                 synced: AtomicU64::new(0),
+                written: AtomicU64::new(0),
                 _lock: lock_file,
             }),
         })
@@ -783,6 +786,8 @@ impl Db {
         }
         w.len += buf.len() as u64;
         w.frames += 1;
+        // Before the index shows the writes: whoever reads them can name a mark covering them.
+        self.inner.written.store(w.frames, Ordering::Release);
         let body_at = at + FRAME_HEAD as u64;
         {
             let mut st = write_lock(&self.inner.state);
@@ -850,7 +855,29 @@ impl Db {
     /// last flush; answers whether it synced. Once it fails, the store refuses writes until
     /// reopened: after a failed `fdatasync` the kernel may have dropped the unwritten pages.
     pub fn flush(&self) -> Result<bool> {
+        self.flush_upto(u64::MAX)
+    }
+
+    /// A mark for everything committed so far, for [`Db::flush_upto`] and [`Db::durable`]: a
+    /// write read back from the store (or committed by the caller) before this call is
+    /// covered by the mark the call returns.
+    pub fn written(&self) -> u64 {
+        self.inner.written.load(Ordering::Acquire)
+    }
+
+    /// Whether everything up to `mark` (from [`Db::written`]) is on disk already.
+    pub fn durable(&self, mark: u64) -> bool {
+        self.inner.synced.load(Ordering::Acquire) >= mark
+    }
+
+    /// [`Db::flush`], but none when a flush made since (or running now, which this waits for)
+    /// covered everything up to `mark` already: a caller who needs only its own writes
+    /// durable does not pay for a flush of those committed after them.
+    pub fn flush_upto(&self, mark: u64) -> Result<bool> {
         let _one = lock(&self.inner.sync);
+        if self.durable(mark) {
+            return Ok(false);
+        }
         let (file, path, frames) = {
             let w = self.writer()?;
             (w.file.clone(), w.path.clone(), w.frames)
@@ -1659,6 +1686,36 @@ mod tests {
         assert!(db.segments() > 1);
         assert!(db.flush()?);
         assert!(!db.flush()?);
+        Ok(())
+    }
+
+    // A caller needing its own writes durable is not made to flush the writes after them.
+    #[test]
+    fn a_flush_up_to_a_mark_already_durable_costs_no_fdatasync() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let db = Db::open(dir.path(), small())?;
+        assert!(
+            db.durable(db.written()),
+            "nothing written: nothing to wait for"
+        );
+        put(&db, 0, "a", "1")?;
+        let a = db.written();
+        assert!(!db.durable(a));
+        put(&db, 0, "b", "2")?;
+        let b = db.written();
+        assert!(b > a);
+        // A flush for `a` covers `b` too: one fdatasync for both.
+        assert!(db.flush_upto(a)?);
+        assert!(db.durable(a) && db.durable(b));
+        assert!(!db.flush_upto(b)?);
+        put(&db, 0, "c", "3")?;
+        // `a` and `b` are durable whatever comes after them; `c` is not until flushed.
+        assert!(!db.flush_upto(b)?);
+        assert!(!db.durable(db.written()));
+        assert_eq!(db.flushes(), 1);
+        assert!(db.flush_upto(db.written())?);
+        assert_eq!(db.flushes(), 2);
+        assert!(db.durable(db.written()));
         Ok(())
     }
 

@@ -545,14 +545,35 @@ impl Store {
         self.durable_for(Vec::new()).await
     }
 
+    /// A mark for everything written so far (for [`Store::durable_upto`]): what a caller
+    /// read from the store before taking it is covered.
+    pub fn written(&self) -> u64 {
+        self.inner.db.written()
+    }
+
+    /// Waits until everything up to `mark` (from [`Store::written`]) is on disk: at once when
+    /// a flush covered it already, as when sending what a writer has flushed itself.
+    pub async fn durable_upto(&self, mark: u64) -> Result<()> {
+        self.check()?;
+        if self.inner.db.durable(mark) {
+            return Ok(());
+        }
+        self.wait_flush(mark, Vec::new()).await
+    }
+
     /// [`Store::durable`] for writes announced with [`Store::durable_intent`]: they are no
     /// longer on their way once the flusher has the request.
     pub async fn durable_for(&self, intents: Vec<Intent>) -> Result<()> {
         self.check()?;
+        self.wait_flush(self.written(), intents).await
+    }
+
+    /// Asks the flusher for a flush covering `mark`, and waits for it.
+    async fn wait_flush(&self, mark: u64, intents: Vec<Intent>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         let sender = self.inner.flush_tx.as_ref().ok_or_else(shutting_down)?;
         sender
-            .send(Waiter(vec![tx]))
+            .send(Waiter(vec![tx], mark))
             .await
             .map_err(|_| shutting_down())?;
         drop(intents);
@@ -1084,7 +1105,7 @@ fn commit_group(core: &Core, batch: &mut Vec<Box<dyn Job>>) -> (Waiter, Vec<Inte
             }
         }
     }
-    (Waiter(durable), intents)
+    (Waiter(durable, core.db.written()), intents)
 }
 
 #[cfg(test)]
@@ -1508,7 +1529,7 @@ pub(crate) mod tests {
         let send = |tx: &mpsc::Sender<Waiter>, reply: FlushReply| {
             let tx = tx.clone();
             async move {
-                tx.send(Waiter(vec![reply]))
+                tx.send(Waiter(vec![reply], u64::MAX))
                     .await
                     .map_err(|_| shutting_down())
             }
@@ -1553,6 +1574,36 @@ pub(crate) mod tests {
         }
         let after = counts(&store);
         assert_eq!((after.0 - before.0, after.1 - before.1), (1, 2));
+        Ok(())
+    }
+
+    // What a writer's own flush covered is sent on (the link's outbox) without another flush;
+    // what no flush covered yet is waited for, and flushed.
+    #[tokio::test]
+    async fn waiting_for_writes_a_flush_covered_already_costs_no_flush() -> Result<()> {
+        let (_dir, store) = temp_store()?;
+        let put = |v: &'static [u8]| {
+            store.write(move |tx| {
+                tx.put_raw(T::Meta, b"test", v)?;
+                Ok(((), vec![]))
+            })
+        };
+        let flushes = || store.inner.stats.flushes.load(Ordering::Relaxed);
+        put(b"1")?;
+        let mark = store.written();
+        store.durable().await?;
+        let before = flushes();
+        put(b"2")?;
+        store.durable_upto(mark).await?;
+        assert_eq!(flushes(), before, "the first write was durable already");
+        // Through the flusher, as when the mark is not yet covered on the fast path.
+        store.wait_flush(mark, Vec::new()).await?;
+        assert_eq!(flushes(), before, "the flusher saw it covered too");
+        let later = store.written();
+        assert!(!store.inner.db.durable(later));
+        store.durable_upto(later).await?;
+        assert_eq!(flushes(), before + 1);
+        assert!(store.inner.db.durable(later));
         Ok(())
     }
 
@@ -1697,11 +1748,11 @@ impl Drop for Intent {
 /// Where a write's caller is told that a flush covers it: Ok, or the failure's message.
 type FlushReply = oneshot::Sender<std::result::Result<(), String>>;
 
-/// A request for durability: the callers a flush that starts after it answers. One for a
-/// [`Store::durable`] call; one for a committer group's durable writes (so that a group's
-/// callers never split over flushes).
+/// A request for durability: the callers a flush answers, and the mark (see
+/// [`kv::Db::written`]) it must cover. One for a [`Store::durable`] call; one for a
+/// committer group's durable writes (so that a group's callers never split over flushes).
 #[derive(Debug)]
-struct Waiter(Vec<FlushReply>);
+struct Waiter(Vec<FlushReply>, u64);
 
 impl Waiter {
     /// How many durable writes (or `durable` calls) it stands for.
@@ -1781,6 +1832,8 @@ fn flusher(
         }
         let started = std::time::Instant::now();
         let n: usize = batch.iter().map(Waiter::covers).sum();
+        // A flush that ran while these waited may have covered them all already.
+        let mark = batch.iter().map(|w| w.1).max().unwrap_or(u64::MAX);
         let res = match failure.error() {
             // Storage takes no more work after its first failure; no need to ask it again.
             Some(e) => Err(e.to_string()),
@@ -1790,7 +1843,7 @@ fn flusher(
                     f.since = Some(started);
                     f.waiters.append(&mut batch);
                 }
-                db.flush().map_err(|e| failure.set(&e).to_string())
+                db.flush_upto(mark).map_err(|e| failure.set(&e).to_string())
             }
         };
         // A flush with nothing new to make durable costs no `fdatasync`, and is not counted.

@@ -510,8 +510,11 @@ async fn pump(
             continue;
         }
         // Nothing leaves before it is durable here: the writer's flush may not have run yet,
-        // and a peer must never hold what this broker could forget in a crash.
-        if let Err(e) = app.store.durable().await {
+        // and a peer must never hold what this broker could forget in a crash. The mark,
+        // taken after the read, covers the entries read; most often their writer's own flush
+        // has covered them by now, and no flush of later writes is waited for.
+        let mark = app.store.written();
+        if let Err(e) = app.store.durable_upto(mark).await {
             tracing::error!(error = %e, "flush failed; holding the outbox");
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
