@@ -389,8 +389,8 @@ mod tests {
         Ok(())
     }
 
-    // The key is signed with by ed25519-dalek, expanded once, but kept in ring's PKCS#8 file:
-    // its signatures are ring's, byte for byte (Ed25519 is deterministic), and verify.
+    // The broker signs with ed25519-dalek, the key kept in ring's PKCS#8 file: its signatures
+    // are ring's, byte for byte (Ed25519 is deterministic), and verify.
     #[test]
     fn signatures_are_those_of_the_key_file_and_a_damaged_file_is_refused() -> Result<()> {
         let dir = tempfile::tempdir().map_err(BrokerError::internal)?;
@@ -411,8 +411,8 @@ mod tests {
                     .is_ok()
             );
         }
-        // A flipped seed byte no longer matches the public key in the file; a cut file is
-        // no document at all. Both are refused, naming the file.
+        // A flipped seed byte no longer matches the public key in the file; a cut file, or
+        // text, is no document at all. Each is refused, naming the file.
         let seed_at = pkcs8.len() - 32 - 5 - 32;
         let mut flipped = pkcs8.clone();
         flipped[seed_at] ^= 1;
