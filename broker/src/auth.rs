@@ -55,5 +55,20 @@ pub fn cert_identity<B>(req: &tonic::Request<B>) -> Result<pki::CertIdentity> {
     let leaf = certs.first().ok_or_else(|| {
         BrokerError::Unauthenticated("no client certificate; govshare needs mutual TLS".into())
     })?;
-    pki::identity_from_der(leaf.as_ref())
+    let conn = req
+        .extensions()
+        .get::<std::sync::Arc<crate::tls::ConnIdentity>>();
+    identity_of(leaf.as_ref(), conn.map(|c| &**c))
+}
+
+/// The identity `leaf` asserts: the one its connection parsed at the handshake when that was
+/// parsed from these very bytes, else parsed now.
+pub(crate) fn identity_of(
+    leaf: &[u8],
+    conn: Option<&crate::tls::ConnIdentity>,
+) -> Result<pki::CertIdentity> {
+    match conn {
+        Some(c) if c.der == leaf => Ok(c.identity.clone()),
+        _ => pki::identity_from_der(leaf),
+    }
 }

@@ -638,6 +638,45 @@ mod tests {
         Ok(data)
     }
 
+    /// A call's identity comes from its connection's handshake only for the same certificate.
+    #[test]
+    fn a_connections_identity_serves_only_calls_with_its_certificate(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let data = national(dir.path())?;
+        let der = |node: &str, role| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+            let out = dir.path().join(node.replace('/', "-"));
+            issue_identity(&data, node, role, &out, &[])?;
+            rustls_pemfile_der(&std::fs::read(out.join(NODE_CERT))?)
+        };
+        let a = der("110000/mca", NodeRole::Department)?;
+        let b = der("120000/mca", NodeRole::Department)?;
+        let conn = crate::tls::ConnIdentity {
+            der: a.clone(),
+            identity: identity_from_der(&a)?,
+        };
+        // Marked, so that an identity taken from the connection can be told from a parsed one.
+        let mut marked = conn.identity.clone();
+        marked.sha256 = "from-the-handshake".into();
+        let conn = crate::tls::ConnIdentity {
+            identity: marked,
+            ..conn
+        };
+        assert_eq!(
+            crate::auth::identity_of(&a, Some(&conn))?.sha256,
+            "from-the-handshake"
+        );
+        let other = crate::auth::identity_of(&b, Some(&conn))?;
+        assert_eq!(other.node_id.as_str(), "120000/mca");
+        assert_eq!(other.sha256, certificate_sha256(&b));
+        assert_eq!(
+            crate::auth::identity_of(&a, None)?.sha256,
+            certificate_sha256(&a)
+        );
+        assert!(crate::auth::identity_of(b"not a certificate", Some(&conn)).is_err());
+        Ok(())
+    }
+
     #[test]
     fn default_scopes() -> Result<(), Box<dyn std::error::Error>> {
         let scope = |id: &str| NodeId::parse(id, "test").map(|n| default_scope(&n));

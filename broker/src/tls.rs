@@ -199,6 +199,20 @@ pub struct ConnState {
     active: AtomicUsize,
     /// Why its calls are refused, when it is over its node's cap.
     refused: Option<String>,
+    /// The identity its client certificate asserts, parsed once at the handshake.
+    identity: Option<Arc<ConnIdentity>>,
+}
+
+/// A connection's client certificate and the identity parsed from it at the handshake, put
+/// in each call's extensions so that a call need not parse and hash the certificate again.
+/// The certificate is kept to compare: the identity is used only for a call presenting the
+/// same bytes (connections are found by peer address, which two listeners could share).
+#[derive(Debug)]
+pub struct ConnIdentity {
+    /// The leaf certificate, DER.
+    pub der: Vec<u8>,
+    /// What it asserts.
+    pub identity: crate::pki::CertIdentity,
 }
 
 impl Conns {
@@ -212,7 +226,16 @@ impl Conns {
     }
 
     /// Counts a new connection of `node`; the state says whether it is over the cap.
-    fn admit(self: &Arc<Self>, addr: SocketAddr, node: String, cap: usize) -> Registration {
+    fn admit(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        identity: Option<Arc<ConnIdentity>>,
+        cap: usize,
+    ) -> Registration {
+        let node = identity
+            .as_ref()
+            .map(|i| i.identity.node_id.to_string())
+            .unwrap_or_default();
         let refused = {
             let mut per_node = lock(&self.per_node);
             let n = per_node.entry(node.clone()).or_insert(0);
@@ -229,6 +252,7 @@ impl Conns {
         let state = Arc::new(ConnState {
             active: AtomicUsize::new(0),
             refused,
+            identity,
         });
         lock(&self.by_addr).insert(addr, state.clone());
         Registration {
@@ -254,6 +278,17 @@ struct Registration {
     addr: SocketAddr,
     node: Option<String>,
     state: Arc<ConnState>,
+}
+
+impl Registration {
+    /// The node id of the connection's certificate, or "" when it asserts none.
+    fn node_id(&self) -> String {
+        self.state
+            .identity
+            .as_ref()
+            .map(|i| i.identity.node_id.to_string())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for Registration {
@@ -436,16 +471,21 @@ pub fn incoming(
                         return;
                     }
                 };
-                let node = stream
+                let identity = stream
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(|leaf| crate::pki::identity_from_der(leaf.as_ref()).ok())
-                    .map(|id| id.node_id.to_string())
-                    .unwrap_or_default();
-                let reg = conns.admit(peer, node.clone(), limits.per_node);
+                    .and_then(|leaf| {
+                        let identity = crate::pki::identity_from_der(leaf.as_ref()).ok()?;
+                        Some(Arc::new(ConnIdentity {
+                            der: leaf.as_ref().to_vec(),
+                            identity,
+                        }))
+                    });
+                let reg = conns.admit(peer, identity, limits.per_node);
                 if reg.state.refused.is_some() {
+                    let node = reg.node_id();
                     tracing::info!(%peer, node = %node, "connection over the per-node cap");
                     refused("node_connection_cap");
                 }
@@ -515,7 +555,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
+    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
         let state = req
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -523,6 +563,9 @@ where
             .and_then(|a| self.conns.state(&a));
         if let Some(why) = state.as_ref().and_then(|s| s.refused.clone()) {
             return Box::pin(async move { Ok(tonic::Status::resource_exhausted(why).into_http()) });
+        }
+        if let Some(id) = state.as_ref().and_then(|s| s.identity.clone()) {
+            req.extensions_mut().insert(id);
         }
         let _open = state.map(OpenCall::new);
         // The clone polled ready is the one called; a fresh clone waits for its next turn.

@@ -9,8 +9,9 @@ use crate::error::{BrokerError, Result};
 use crate::store::{seq_key, T};
 use crate::time::{ms, now_ms, ts};
 use govshare_proto::v1::{
-    broker_message, BrokerMessage, DeadLetter, ErrorStatus, ExchangeResult, ExchangeState, Grant,
-    ProviderAnswer, ProviderRequest, ServeHeartbeat, ServeReady,
+    broker_message, BrokerMessage, DeadLetter, ErrorStatus, ExchangeEnvelope, ExchangeRequest,
+    ExchangeResult, ExchangeState, Grant, ProviderAnswer, ProviderRequest, Query, ServeHeartbeat,
+    ServeReady,
 };
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -833,20 +834,19 @@ impl Actor {
         }
     }
 
-    fn grant_of(&self, rec: &StoredExchange) -> Option<Grant> {
-        let gid = rec.envelope.as_ref()?.request.as_ref()?.grant_id.clone();
-        self.engine
-            .store()
-            .get::<Grant>(T::Grants, &gid)
-            .ok()
-            .flatten()
-    }
-
     /// Checks the grant again (it may have been revoked or expired while queued).
     fn recheck(&self, rec: &StoredExchange) -> std::result::Result<Grant, Denial> {
-        let env = rec.envelope.clone().unwrap_or_default();
-        let req = env.request.clone().unwrap_or_default();
-        let Some(grant) = self.grant_of(rec) else {
+        let default_env = ExchangeEnvelope::default();
+        let env = rec.envelope.as_ref().unwrap_or(&default_env);
+        let default_req = ExchangeRequest::default();
+        let req = env.request.as_ref().unwrap_or(&default_req);
+        let grant = self
+            .engine
+            .store()
+            .get::<Grant>(T::Grants, &req.grant_id)
+            .ok()
+            .flatten();
+        let Some(grant) = grant else {
             return Err(Denial {
                 rule: "grant_missing",
                 detail: format!("grant {} is no longer on this broker", req.grant_id),
@@ -863,7 +863,7 @@ impl Actor {
             &grant,
             &env.consumer,
             &req.dataset_id,
-            &req.query.unwrap_or_default(),
+            req.query.as_ref().unwrap_or(&Query::default()),
             now_ms(),
         )?;
         Ok(grant)
@@ -1093,14 +1093,12 @@ impl Actor {
         if let Some(p) = self.pending.get_mut(&id) {
             p.delivery = None;
         }
-        let end = match self.load(&id) {
-            None => None,
-            Some(rec) if rec.finished() => None,
-            Some(rec) => Some(self.shape(&rec, answer)),
-        };
-        match end {
-            Some(e) => self.end(&id, e),
-            None => self.forget(&id),
+        match self.load(&id) {
+            Some(rec) if !rec.finished() => {
+                let end = self.shape(&rec, answer);
+                self.end_loaded(&id, end, Some(&rec));
+            }
+            _ => self.forget(&id),
         }
         self.dispatch(&dest);
     }
@@ -1176,6 +1174,15 @@ impl Actor {
 
     /// Ends an exchange durably (written now, flushed with the batch) and releases it.
     fn end(&mut self, id: &str, end: End) {
+        if self.ending.iter().any(|e| e.id == id) {
+            return; // already ending in this batch
+        }
+        let rec = self.load(id);
+        self.end_loaded(id, end, rec.as_ref());
+    }
+
+    /// [`Actor::end`] with the exchange's record as the caller just read it.
+    fn end_loaded(&mut self, id: &str, end: End, rec: Option<&StoredExchange>) {
         // A staged delivery of this exchange is written before its end: `commit` writes the
         // batch's deliveries first, in the same transaction.
         if self.ending.iter().any(|e| e.id == id) {
@@ -1191,7 +1198,7 @@ impl Actor {
         };
         // Where a result for a consumer on another broker goes; looked up before the
         // transaction, since sled reads cannot run inside one.
-        let back = match self.load(id).and_then(|r| r.envelope) {
+        let back = match rec.and_then(|r| r.envelope.as_ref()) {
             Some(env) if env.origin_broker != store.broker_id() => {
                 self.engine.fed().route(&env.consumer).ok().flatten()
             }

@@ -587,6 +587,7 @@ impl Engine {
             deadline: Some(ts(deadline)),
             origin_broker: store.broker_id().to_string(),
         };
+        let mut resolved = None;
         let denial = if dataset.state() != DatasetState::Published {
             Some(Denial {
                 rule: "dataset_withdrawn",
@@ -601,12 +602,14 @@ impl Engine {
                     if query.fields.is_empty() {
                         query.fields = g.fields.clone();
                     }
-                    match crate::keys::verify_grant(&g, &store.keys()?) {
+                    let denial = match crate::keys::verify_grant(&g, &store.keys()?) {
                         Err(d) => Some(d),
                         Ok(_) => {
                             enforce::check_grant(&g, &consumer, &req.dataset_id, &query, now).err()
                         }
-                    }
+                    };
+                    resolved = Some(g);
+                    denial
                 }
             }
         };
@@ -616,9 +619,8 @@ impl Engine {
             self.audit_denial(&env, &d).await?;
             return Err(d.to_error());
         }
-        let grant: Grant = store
-            .get(T::Grants, &req.grant_id)?
-            .ok_or_else(|| BrokerError::internal("grant vanished during accept"))?;
+        let grant: Grant =
+            resolved.ok_or_else(|| BrokerError::internal("no grant resolved during accept"))?;
         env.trail
             .push(self.inner.key.receipt(&exchange_id, 0, "accepted", now));
         let dest = env.provider.clone();

@@ -64,11 +64,15 @@ pub fn traceparent_trace_id<B>(req: &Request<B>) -> Option<String> {
 
 /// Takes the trace id from `traceparent` when the request itself names none, so that the
 /// logs of every hop (and of the caller's own systems) join on one id.
-fn with_trace<B>(req: &Request<B>, mut r: ExchangeRequest) -> ExchangeRequest {
-    if r.trace_id.is_empty() {
-        if let Some(t) = traceparent_trace_id(req) {
-            r.trace_id = t;
-        }
+fn with_trace(req: Request<ExchangeRequest>) -> ExchangeRequest {
+    let from_header = if req.get_ref().trace_id.is_empty() {
+        traceparent_trace_id(&req)
+    } else {
+        None
+    };
+    let mut r = req.into_inner();
+    if let Some(t) = from_header {
+        r.trace_id = t;
     }
     r
 }
@@ -82,7 +86,7 @@ impl ExchangeService for ExchangeSvc {
         let c = caller(&self.0, &req).await?;
         c.require_department("exchange data")?;
         let deadline = call_deadline_ms(&req);
-        let inner = with_trace(&req, req.get_ref().clone());
+        let inner = with_trace(req);
         let r = self.0.engine.request(c, inner, deadline).await?;
         Ok(Response::new(r))
     }
@@ -93,7 +97,7 @@ impl ExchangeService for ExchangeSvc {
     ) -> Result<Response<SubmitResponse>, Status> {
         let c = caller(&self.0, &req).await?;
         c.require_department("exchange data")?;
-        let inner = with_trace(&req, req.get_ref().clone());
+        let inner = with_trace(req);
         Ok(Response::new(self.0.engine.submit(c, inner).await?))
     }
 
