@@ -1273,7 +1273,6 @@ impl Actor {
             truncated: end.truncated,
         };
         rec.state = end.state as i32;
-        rec.result = Some(result.clone());
         rec.result_seq = result_seq;
         tx.unmark(T::Queue, &seq_key(&rec.dest, rec.queue_seq))?;
         tx.unmark(T::InFlight, id.as_bytes())?;
@@ -1326,6 +1325,8 @@ impl Actor {
             }
             tracing::error!(exchange = id, consumer = %env.consumer, "no route back to the consumer's broker; the result stays here");
         }
+        // Kept in the record, and taken back out once it is encoded: no copy of the rows.
+        rec.result = Some(result);
         tx.put_raw(
             T::Results,
             &seq_key(&env.consumer, result_seq),
@@ -1341,6 +1342,7 @@ impl Actor {
             tx.put(T::DeadLetters, id, &dl)?;
         }
         tx.put(T::Exchanges, id, &rec)?;
+        let result = rec.result.take().unwrap_or_default();
         let mut e = exchange_entry(end.decision, store.broker_id(), &env);
         e.reason = if end.message.is_empty() {
             format!("rows: {}", end.rows.len())
