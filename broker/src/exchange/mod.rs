@@ -369,16 +369,22 @@ impl Engine {
 
     /// Called by the dispatcher once an exchange's end is durable.
     pub(crate) fn finished(&self, consumer: &str, result: ExchangeResult, sync: bool) {
-        let waiters = lock(&self.inner.waiters).remove(&result.exchange_id);
+        let id = result.exchange_id.clone();
+        let mut waiters = lock(&self.inner.waiters).remove(&id).unwrap_or_default();
         let mut delivered = false;
-        for w in waiters.into_iter().flatten() {
+        // The last waiter (most often the only one) takes the result itself.
+        let last = waiters.pop();
+        for w in waiters {
             delivered |= w.send(result.clone()).is_ok();
+        }
+        if let Some(w) = last {
+            delivered |= w.send(result).is_ok();
         }
         if sync && !delivered {
             // Its Request call is gone (deadline, cancel): nobody will take this result, so
             // release it rather than keep it forever. Its end is in the audit log.
             let me = self.clone();
-            let (c, id) = (consumer.to_string(), result.exchange_id.clone());
+            let c = consumer.to_string();
             tokio::spawn(async move {
                 let _ = me.ack(c, vec![id]).await;
             });
@@ -624,7 +630,7 @@ impl Engine {
         env.trail
             .push(self.inner.key.receipt(&exchange_id, 0, "accepted", now));
         let dest = env.provider.clone();
-        let record = StoredExchange {
+        let mut record = StoredExchange {
             envelope: Some(env.clone()),
             state: ExchangeState::Queued as i32,
             deliveries: 0,
@@ -637,6 +643,7 @@ impl Engine {
             purpose: grant.purpose.clone(),
         };
         let bytes = record.encoded_len() as u64;
+        record.bytes = bytes;
         self.reserve(&dest, bytes)?;
         let quota_key = quota_key(&grant.id, now);
         // The quota is counted where it is authoritative: at the provider's home broker, the
@@ -661,8 +668,11 @@ impl Engine {
                 )));
             }
         };
-        let mut outgoing = env.clone();
-        outgoing.grant = grant.token.clone();
+        // Only an exchange leaving through a link carries the grant's signed terms.
+        let outgoing = next_hop.as_ref().map(|_| ExchangeEnvelope {
+            grant: grant.token.clone(),
+            ..env.clone()
+        });
         let window_ms = self.window_ms();
         let fed = self.inner.fed.clone();
         let (consumer_w, exchange_id_w, next_hop_w, dedup_key_w, dest_w) = (
@@ -697,19 +707,17 @@ impl Engine {
                         return Ok((Ok(Some(d)), vec![e]));
                     }
                 }
-                if let Some(peer) = next_hop {
+                if let (Some(peer), Some(outgoing)) = (next_hop, &outgoing) {
                     fed.put_outbox(
                         tx,
                         peer,
                         govshare_proto::v1::link_frame::Body::Exchange(outgoing.clone()),
                     )?;
                 }
-                let mut rec = record.clone();
-                rec.bytes = bytes;
-                tx.put(T::Exchanges, exchange_id, &rec)?;
+                tx.put(T::Exchanges, exchange_id, &record)?;
                 tx.put_raw(
                     T::Queue,
-                    &seq_key(dest, rec.queue_seq),
+                    &seq_key(dest, record.queue_seq),
                     exchange_id.as_bytes(),
                 )?;
                 if let Some(k) = dedup_key {
@@ -1172,11 +1180,10 @@ impl Engine {
         Ok(move |tx: &store::Tx<'_>| {
             let mut n = 0;
             for id in &ids {
-                let Some(r) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
+                let Some(r) = tx.get::<record::ExchangeHead>(T::Exchanges, id)? else {
                     continue;
                 };
-                let env = r.envelope.clone().unwrap_or_default();
-                if env.consumer != consumer {
+                if r.consumer() != consumer {
                     return Err(BrokerError::not_found(format!(
                         "exchange {id} is not one of {consumer}'s"
                     )));

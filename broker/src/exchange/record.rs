@@ -44,6 +44,41 @@ impl StoredExchange {
     }
 }
 
+/// What releasing an exchange reads of its [`StoredExchange`]: the same tags, and only these
+/// fields, so that decoding skips the request, the trail and the result's rows.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExchangeHead {
+    /// The consumer, from the envelope.
+    #[prost(message, optional, tag = "1")]
+    pub envelope: Option<EnvelopeHead>,
+    /// Where it stands (`ExchangeState`).
+    #[prost(enumeration = "ExchangeState", tag = "2")]
+    pub state: i32,
+    /// Its key in the `results` tree once it has ended.
+    #[prost(uint64, tag = "6")]
+    pub result_seq: u64,
+}
+
+/// The consumer of an `ExchangeEnvelope` (its tag 2), read alone.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EnvelopeHead {
+    /// The consumer node.
+    #[prost(string, tag = "2")]
+    pub consumer: String,
+}
+
+impl ExchangeHead {
+    /// The consumer node, or "" when the record names none.
+    pub fn consumer(&self) -> &str {
+        self.envelope.as_ref().map_or("", |e| e.consumer.as_str())
+    }
+
+    /// True once the exchange has ended.
+    pub fn finished(&self) -> bool {
+        is_final(self.state())
+    }
+}
+
 /// True for the states an exchange ends in.
 pub fn is_final(s: ExchangeState) -> bool {
     matches!(
@@ -85,4 +120,52 @@ pub struct InFlight {
     /// When it was handed over, Unix ms.
     #[prost(int64, tag = "5")]
     pub since_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// The head reads the fields of a full record, whatever else the record holds.
+    #[test]
+    fn a_records_head_is_its_consumer_state_and_result_key() -> Result<(), prost::DecodeError> {
+        let full = StoredExchange {
+            envelope: Some(ExchangeEnvelope {
+                exchange_id: "x".into(),
+                consumer: "110000/mca".into(),
+                provider: "120000/mca".into(),
+                origin_broker: "000000/hub".into(),
+                hops_left: 3,
+                ..Default::default()
+            }),
+            state: ExchangeState::Answered as i32,
+            deliveries: 2,
+            result: Some(ExchangeResult {
+                exchange_id: "x".into(),
+                trace_id: "t".into(),
+                ..Default::default()
+            }),
+            queue_seq: 7,
+            result_seq: 42,
+            sync: true,
+            dest: "120000/mca".into(),
+            bytes: 99,
+            purpose: "p".into(),
+        };
+        let head = ExchangeHead::decode(full.encode_to_vec().as_slice())?;
+        assert_eq!(head.consumer(), "110000/mca");
+        assert_eq!(head.state(), ExchangeState::Answered);
+        assert!(head.finished());
+        assert_eq!(head.result_seq, 42);
+        let queued = StoredExchange {
+            state: ExchangeState::Queued as i32,
+            envelope: None,
+            ..full
+        };
+        let head = ExchangeHead::decode(queued.encode_to_vec().as_slice())?;
+        assert_eq!(head.consumer(), "");
+        assert!(!head.finished());
+        Ok(())
+    }
 }
