@@ -266,6 +266,9 @@ struct Writer {
     buf: Vec<u8>,
     /// Frames appended so far (this run): what a flush covers is named by it.
     frames: u64,
+    /// The highest id ceiling written to the log, flushed or not: what compaction must carry
+    /// over when it takes the segment a reservation was written in.
+    ceiling_written: u64,
 }
 
 #[derive(Debug)]
@@ -603,6 +606,7 @@ impl Db {
             failed: None,
             buf: Vec::new(),
             frames: 0,
+            ceiling_written: id_ceiling,
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -926,12 +930,19 @@ impl Db {
             return Ok(());
         }
         let ceiling = id.saturating_add(ID_BLOCK);
+        self.write_ceiling(ceiling)?;
+        self.inner.id_ceiling.fetch_max(ceiling, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Writes an id ceiling to the log and flushes it; the caller publishes it afterwards.
+    fn write_ceiling(&self, ceiling: u64) -> Result<()> {
         {
             let mut w = self.writer()?;
             self.commit(&mut w, &[ceiling_op(ceiling)])?;
+            w.ceiling_written = w.ceiling_written.max(ceiling);
         }
         self.flush()?;
-        self.inner.id_ceiling.fetch_max(ceiling, Ordering::AcqRel);
         Ok(())
     }
 
@@ -941,11 +952,7 @@ impl Db {
         let _one = lock(&self.inner.reserving);
         if floor > self.inner.next_id.load(Ordering::Acquire) {
             let ceiling = floor.max(self.inner.id_ceiling.load(Ordering::Acquire));
-            {
-                let mut w = self.writer()?;
-                self.commit(&mut w, &[ceiling_op(ceiling)])?;
-            }
-            self.flush()?;
+            self.write_ceiling(ceiling)?;
             self.inner.next_id.fetch_max(floor, Ordering::AcqRel);
             self.inner.id_ceiling.fetch_max(ceiling, Ordering::AcqRel);
         }
@@ -1049,9 +1056,9 @@ impl Db {
         if had_ceiling {
             // The id reservation must outlive the segment it was written in.
             let mut w = self.writer()?;
-            // A reservation being flushed now wrote its own record in the head segment, which
-            // compaction never takes; replay keeps the highest ceiling it reads.
-            let ceiling = self.inner.id_ceiling.load(Ordering::Acquire);
+            // The highest written, not the highest published: a reservation still being
+            // flushed may have been written in the very segment being taken.
+            let ceiling = w.ceiling_written;
             self.commit(&mut w, &[ceiling_op(ceiling)])?;
         }
         Ok(())
