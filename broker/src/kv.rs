@@ -285,6 +285,8 @@ struct Inner {
     synced: AtomicU64,
     /// [`Writer::frames`], readable without the writer's lock (see [`Db::written`]).
     written: AtomicU64,
+    /// Bytes appended to segment files since open (see [`Db::appended`]).
+    appended: AtomicU64,
     /// The next id [`Db::generate_id`] hands out. Outside the writer's lock: ids are taken
     /// on request paths, which must not wait for a group transaction being written.
     next_id: AtomicU64,
@@ -618,6 +620,7 @@ impl Db {
                 flushes: AtomicU64::new(0),
                 synced: AtomicU64::new(0),
                 written: AtomicU64::new(0),
+                appended: AtomicU64::new(0),
                 next_id: AtomicU64::new(id_ceiling),
                 id_ceiling: AtomicU64::new(id_ceiling),
                 reserving: Mutex::new(()),
@@ -796,6 +799,9 @@ impl Db {
         }
         w.len += buf.len() as u64;
         w.frames += 1;
+        self.inner
+            .appended
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         // Before the index shows the writes: whoever reads them can name a mark covering them.
         self.inner.written.store(w.frames, Ordering::Release);
         let body_at = at + FRAME_HEAD as u64;
@@ -873,6 +879,12 @@ impl Db {
     /// covered by the mark the call returns.
     pub fn written(&self) -> u64 {
         self.inner.written.load(Ordering::Acquire)
+    }
+
+    /// Bytes of frames appended to the log since the store was opened: a caller that reads
+    /// the disk's free space only now and then can tell how much was written since.
+    pub fn appended(&self) -> u64 {
+        self.inner.appended.load(Ordering::Relaxed)
     }
 
     /// Whether everything up to `mark` (from [`Db::written`]) is on disk already.
@@ -1513,6 +1525,25 @@ mod tests {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    #[test]
+    fn appended_counts_every_byte_written_and_a_read_writes_none() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let db = Db::open(dir.path(), small())?;
+        assert_eq!(db.appended(), 0);
+        let big = "x".repeat(3000);
+        put(&db, 0, "a", &big)?;
+        let one = db.appended();
+        assert!(one >= 3000, "{one}");
+        db.get(0, b"a")?;
+        db.flush()?;
+        assert_eq!(db.appended(), one);
+        // Into a new segment (4096 bytes each) and over the rolled one: still counted.
+        put(&db, 0, "a", &big)?;
+        put(&db, 0, "b", &big)?;
+        assert!(db.appended() >= 3 * 3000, "{}", db.appended());
+        Ok(())
     }
 
     #[test]
