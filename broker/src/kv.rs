@@ -24,6 +24,7 @@
 //! segment is what makes it safe to drop its removes: no older segment is left that could
 //! hold a put they undo.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -115,6 +116,10 @@ pub struct Options {
     pub segment_bytes: u64,
     /// Values up to this size are kept in memory; larger ones are read from their segment.
     pub inline_bytes: usize,
+    /// Trees whose keys are 8-byte big-endian sequence numbers, mostly appended in order
+    /// (the audit log): indexed in a quarter of the memory (see [`Index::Seq`]). A key of
+    /// another length turns the tree's index back into the general one, so nothing breaks.
+    pub seq_trees: Vec<usize>,
 }
 
 impl Default for Options {
@@ -123,6 +128,7 @@ impl Default for Options {
             trees: 32,
             segment_bytes: 64 << 20,
             inline_bytes: 64,
+            seq_trees: Vec::new(),
         }
     }
 }
@@ -167,9 +173,263 @@ struct Seg {
     live: u64,
 }
 
+/// One tree's index of its keys.
+#[derive(Debug)]
+enum Index {
+    /// Any keys: an ordered map to where each value is.
+    Map(BTreeMap<Box<[u8]>, Slot>),
+    /// Keys that are all 8-byte big-endian numbers: 24 bytes an entry in sorted chunks,
+    /// against about a hundred in the map (its node's share and the boxed key). The audit
+    /// log gains a few entries with every exchange and never loses one, so in a map it
+    /// would grow the broker's memory for as long as it runs.
+    Seq(SeqIndex),
+}
+
+/// Sorted entries in chunks of at most [`SEQ_CHUNK`] (twice that after inserts in the
+/// middle, which are rare): appending fills a chunk and starts the next, so a growing tree
+/// never reallocates, or copies, more than one chunk.
+#[derive(Debug, Default)]
+struct SeqIndex {
+    chunks: Vec<Vec<SeqEntry>>,
+    len: usize,
+}
+
+/// Entries a sequence index's chunk is filled to when appending.
+#[cfg(not(test))]
+const SEQ_CHUNK: usize = 4096;
+/// Small in unit tests, so that they cross chunks.
+#[cfg(test)]
+const SEQ_CHUNK: usize = 4;
+
+/// An entry of a sequence index: the key as a number, and where its value is (never held
+/// inline: the audit log's values are hundreds of bytes).
+#[derive(Debug, Clone, Copy)]
+struct SeqEntry {
+    key: u64,
+    seg: u32,
+    off: u32,
+    len: u32,
+}
+
+impl SeqEntry {
+    fn slot(&self) -> Slot {
+        Slot {
+            seg: self.seg,
+            off: self.off,
+            len: self.len,
+            inline: None,
+        }
+    }
+
+    fn key(&self) -> [u8; 8] {
+        self.key.to_be_bytes()
+    }
+}
+
+impl SeqIndex {
+    /// The first position (chunk, index) whose key fails `before`, which must hold for a
+    /// prefix of the keys; `(chunks.len(), 0)` when it holds for all.
+    fn position(&self, before: impl Fn(&[u8]) -> bool) -> (usize, usize) {
+        let c = self
+            .chunks
+            .partition_point(|ch| ch.last().is_some_and(|e| before(&e.key())));
+        let i = self
+            .chunks
+            .get(c)
+            .map_or(0, |ch| ch.partition_point(|e| before(&e.key())));
+        (c, i)
+    }
+
+    fn find(&self, key: u64) -> std::result::Result<(usize, usize), (usize, usize)> {
+        let at = self.position(|k| *k < key.to_be_bytes()[..]);
+        match self.chunks.get(at.0).and_then(|ch| ch.get(at.1)) {
+            Some(e) if e.key == key => Ok(at),
+            _ => Err(at),
+        }
+    }
+
+    fn get(&self, key: u64) -> Option<&SeqEntry> {
+        let (c, i) = self.find(key).ok()?;
+        self.chunks.get(c)?.get(i)
+    }
+
+    fn insert(&mut self, e: SeqEntry) -> Option<SeqEntry> {
+        let (c, i) = match self.find(e.key) {
+            Ok((c, i)) => return Some(std::mem::replace(&mut self.chunks[c][i], e)),
+            Err(at) => at,
+        };
+        self.len += 1;
+        // Past the last key: onto the last chunk, or a new one once it is full.
+        let Some(last) = self.chunks.len().checked_sub(1) else {
+            self.chunks.push(Self::chunk(e));
+            return None;
+        };
+        if c > last {
+            if self.chunks[last].len() >= SEQ_CHUNK {
+                self.chunks.push(Self::chunk(e));
+            } else {
+                self.chunks[last].push(e);
+            }
+            return None;
+        }
+        let ch = &mut self.chunks[c];
+        ch.insert(i, e);
+        if ch.len() > 2 * SEQ_CHUNK {
+            let rest = ch.split_off(SEQ_CHUNK);
+            self.chunks.insert(c + 1, rest);
+        }
+        None
+    }
+
+    fn chunk(e: SeqEntry) -> Vec<SeqEntry> {
+        let mut ch = Vec::with_capacity(SEQ_CHUNK);
+        ch.push(e);
+        ch
+    }
+
+    fn remove(&mut self, key: u64) -> Option<SeqEntry> {
+        let (c, i) = self.find(key).ok()?;
+        let e = self.chunks[c].remove(i);
+        if self.chunks[c].is_empty() {
+            self.chunks.remove(c);
+        }
+        self.len -= 1;
+        Some(e)
+    }
+
+    /// The first (or, `back`, the last) entry within the bounds, compared as bytes.
+    fn edge(&self, lo: Bound<&[u8]>, hi: Bound<&[u8]>, back: bool) -> Option<&SeqEntry> {
+        let start = match lo {
+            Bound::Included(b) => self.position(|k| k < b),
+            Bound::Excluded(b) => self.position(|k| k <= b),
+            Bound::Unbounded => (0, 0),
+        };
+        let end = match hi {
+            Bound::Included(b) => self.position(|k| k <= b),
+            Bound::Excluded(b) => self.position(|k| k < b),
+            Bound::Unbounded => (self.chunks.len(), 0),
+        };
+        if start >= end {
+            return None;
+        }
+        let (c, i) = if !back {
+            start
+        } else if end.1 > 0 {
+            (end.0, end.1 - 1)
+        } else {
+            let c = end.0.checked_sub(1)?;
+            (c, self.chunks.get(c)?.len().checked_sub(1)?)
+        };
+        self.chunks.get(c)?.get(i)
+    }
+}
+
+/// The number an 8-byte key stands for in a sequence index.
+fn seq_of(key: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
+}
+
+impl Index {
+    fn new(seq: bool) -> Self {
+        if seq {
+            Index::Seq(SeqIndex::default())
+        } else {
+            Index::Map(BTreeMap::new())
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Cow<'_, Slot>> {
+        match self {
+            Index::Map(m) => m.get(key).map(Cow::Borrowed),
+            Index::Seq(q) => Some(Cow::Owned(q.get(seq_of(key)?)?.slot())),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Index::Map(m) => m.len(),
+            Index::Seq(q) => q.len,
+        }
+    }
+
+    fn insert(&mut self, key: &[u8], slot: Slot) -> Option<Slot> {
+        if let Index::Seq(q) = self {
+            match seq_of(key) {
+                Some(k) => {
+                    let e = SeqEntry {
+                        key: k,
+                        seg: slot.seg,
+                        off: slot.off,
+                        len: slot.len,
+                    };
+                    return q.insert(e).map(|old| old.slot());
+                }
+                None => {
+                    // Not a sequence number after all: the general index from now on.
+                    let q = std::mem::take(q);
+                    let m = q
+                        .chunks
+                        .into_iter()
+                        .flatten()
+                        .map(|e| (Box::<[u8]>::from(&e.key()[..]), e.slot()))
+                        .collect();
+                    *self = Index::Map(m);
+                }
+            }
+        }
+        match self {
+            Index::Map(m) => m.insert(key.into(), slot),
+            Index::Seq(_) => None,
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Option<Slot> {
+        match self {
+            Index::Map(m) => m.remove(key),
+            Index::Seq(q) => q.remove(seq_of(key)?).map(|e| e.slot()),
+        }
+    }
+
+    /// Empties the index, answering each key's length and slot of what it held.
+    fn take(&mut self) -> Vec<(usize, Slot)> {
+        match self {
+            Index::Map(m) => std::mem::take(m)
+                .into_iter()
+                .map(|(k, s)| (k.len(), s))
+                .collect(),
+            Index::Seq(q) => std::mem::take(q)
+                .chunks
+                .into_iter()
+                .flatten()
+                .map(|e| (8, e.slot()))
+                .collect(),
+        }
+    }
+
+    /// The first (or, `back`, the last) key within the bounds, and its slot.
+    fn edge(
+        &self,
+        lo: Bound<&[u8]>,
+        hi: Bound<&[u8]>,
+        back: bool,
+    ) -> Option<(Vec<u8>, Cow<'_, Slot>)> {
+        match self {
+            Index::Map(m) => {
+                let mut r = m.range::<[u8], _>((lo, hi));
+                let (k, s) = if back { r.next_back() } else { r.next() }?;
+                Some((k.to_vec(), Cow::Borrowed(s)))
+            }
+            Index::Seq(q) => {
+                let e = q.edge(lo, hi, back)?;
+                Some((e.key().to_vec(), Cow::Owned(e.slot())))
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
-    trees: Vec<BTreeMap<Box<[u8]>, Slot>>,
+    trees: Vec<Index>,
     segs: BTreeMap<u32, Seg>,
 }
 
@@ -184,7 +444,7 @@ impl State {
         if let Some(s) = self.segs.get_mut(&slot.seg) {
             s.live += rec_size(key.len(), slot.len);
         }
-        if let Some(old) = self.trees[tree].insert(key.into(), slot) {
+        if let Some(old) = self.trees[tree].insert(key, slot) {
             self.kill(key.len(), &old);
         }
     }
@@ -196,9 +456,8 @@ impl State {
     }
 
     fn clear(&mut self, tree: usize) {
-        let old = std::mem::take(&mut self.trees[tree]);
-        for (key, slot) in &old {
-            self.kill(key.len(), slot);
+        for (key_len, slot) in self.trees[tree].take() {
+            self.kill(key_len, &slot);
         }
     }
 
@@ -532,7 +791,9 @@ impl Db {
         }
         ids.sort_unstable();
         let mut state = State {
-            trees: vec![BTreeMap::new(); opts.trees],
+            trees: (0..opts.trees)
+                .map(|t| Index::new(opts.seq_trees.contains(&t)))
+                .collect(),
             segs: BTreeMap::new(),
         };
         let mut id_ceiling = 0;
@@ -639,7 +900,7 @@ impl Db {
         let loc = {
             let st = read_lock(&self.inner.state);
             match st.trees.get(tree).and_then(|t| t.get(key)) {
-                Some(slot) => st.locate(slot),
+                Some(slot) => st.locate(&slot),
                 None => return Ok(None),
             }
         };
@@ -651,7 +912,7 @@ impl Db {
         read_lock(&self.inner.state)
             .trees
             .get(tree)
-            .is_some_and(|t| t.contains_key(key))
+            .is_some_and(|t| t.get(key).is_some())
     }
 
     /// How many keys `tree` holds.
@@ -659,7 +920,7 @@ impl Db {
         read_lock(&self.inner.state)
             .trees
             .get(tree)
-            .map_or(0, BTreeMap::len)
+            .map_or(0, Index::len)
     }
 
     /// Whether `tree` is empty.
@@ -1448,14 +1709,11 @@ impl Iter {
                 return None;
             }
         }
-        let mut r = tree.range::<[u8], _>(bounds);
-        let found = if back { r.next_back() } else { r.next() };
-        let Some((k, slot)) = found else {
+        let Some((key, slot)) = tree.edge(bounds.0, bounds.1, back) else {
             self.done = true;
             return None;
         };
-        let key = k.to_vec();
-        let loc = self.values.then(|| st.locate(slot));
+        let loc = self.values.then(|| st.locate(&slot));
         drop(st);
         let v = loc.map_or(Ok(Value::new()), Loc::read);
         let kv = Value::from(key.clone());
@@ -1495,6 +1753,7 @@ mod tests {
             trees: 4,
             segment_bytes: 4096,
             inline_bytes: 8,
+            seq_trees: Vec::new(),
         }
     }
 
@@ -1912,9 +2171,34 @@ mod tests {
         Refused(u8),
         Reopen,
         Compact,
+        /// A key of another length into the sequence tree (it becomes a general one).
+        Odd(u8),
+        /// A range read: tree, bounds (0 unbounded, 1 included, 2 excluded), from the back.
+        Range(usize, (u8, Vec<u8>), (u8, Vec<u8>), bool),
+    }
+
+    /// The tree with a sequence index in the property test.
+    const SEQ: usize = 2;
+
+    /// Key `k` of tree `t`: 8 bytes in the sequence tree, spread over them.
+    fn key(t: usize, k: u8) -> Vec<u8> {
+        if t == SEQ {
+            (u64::from(k) * 0x0100_0100_0001).to_be_bytes().to_vec()
+        } else {
+            vec![k]
+        }
+    }
+
+    fn bound(b: &(u8, Vec<u8>)) -> Bound<&[u8]> {
+        match b.0 {
+            1 => Bound::Included(&b.1),
+            2 => Bound::Excluded(&b.1),
+            _ => Bound::Unbounded,
+        }
     }
 
     fn step() -> impl Strategy<Value = Step> {
+        let b = || (0..3u8, proptest::collection::vec(0..24u8, 0..10));
         prop_oneof![
             8 => (0..3usize, 0..24u8, 0..200usize).prop_map(|(t, k, n)| Step::Put(t, k, n)),
             3 => (0..3usize, 0..24u8).prop_map(|(t, k)| Step::Remove(t, k)),
@@ -1922,6 +2206,8 @@ mod tests {
             1 => (0..24u8).prop_map(Step::Refused),
             1 => Just(Step::Reopen),
             1 => Just(Step::Compact),
+            1 => (0..24u8).prop_map(Step::Odd),
+            3 => (0..3usize, b(), b(), any::<bool>()).prop_map(|(t, l, h, back)| Step::Range(t, l, h, back)),
         ]
     }
 
@@ -1946,19 +2232,48 @@ mod tests {
             steps in proptest::collection::vec(step(), 1..160)
         ) {
             let dir = tempfile::tempdir()?;
-            let opts = Options { trees: 3, segment_bytes: 1024, inline_bytes: 16 };
+            let opts = Options { trees: 3, segment_bytes: 1024, inline_bytes: 16, seq_trees: vec![SEQ] };
             let mut db = Db::open(dir.path(), opts.clone())?;
             let mut model: Vec<Model<Vec<u8>, Vec<u8>>> = vec![Model::new(); 3];
             for (i, s) in steps.into_iter().enumerate() {
                 match s {
                     Step::Put(t, k, n) => {
                         let v = vec![(i % 251) as u8; n];
-                        db.transaction(|tx| tx.insert(t, &[k], v.clone()))?;
-                        model[t].insert(vec![k], v);
+                        db.transaction(|tx| tx.insert(t, &key(t, k), v.clone()))?;
+                        model[t].insert(key(t, k), v);
                     }
                     Step::Remove(t, k) => {
-                        db.transaction(|tx| tx.remove(t, &[k]))?;
-                        model[t].remove(&vec![k]);
+                        db.transaction(|tx| tx.remove(t, &key(t, k)))?;
+                        model[t].remove(&key(t, k));
+                    }
+                    Step::Odd(k) => {
+                        db.transaction(|tx| tx.insert(SEQ, &[k], vec![k; 3]))?;
+                        model[SEQ].insert(vec![k], vec![k; 3]);
+                    }
+                    Step::Range(t, lo, hi, back) => {
+                        let (lo, hi) = (bound(&lo), bound(&hi));
+                        let it = db.range(t, lo, hi);
+                        let got: Vec<(Vec<u8>, Vec<u8>)> = if back {
+                            it.rev().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect::<Result<_>>()?
+                        } else {
+                            it.map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect::<Result<_>>()?
+                        };
+                        // What BTreeMap::range would panic on is an empty range.
+                        let empty = match (lo, hi) {
+                            (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => {
+                                a > b || (a == b && !matches!((lo, hi), (Bound::Included(_), Bound::Included(_))))
+                            }
+                            _ => false,
+                        };
+                        let mut want: Vec<(Vec<u8>, Vec<u8>)> = if empty {
+                            Vec::new()
+                        } else {
+                            model[t].range::<[u8], _>((lo, hi)).map(|(k, v)| (k.clone(), v.clone())).collect()
+                        };
+                        if back {
+                            want.reverse();
+                        }
+                        prop_assert_eq!(got, want);
                     }
                     Step::Clear(t) => {
                         db.transaction(|tx| tx.clear(t))?;

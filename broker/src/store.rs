@@ -879,6 +879,8 @@ fn refuse_sled(path: &Path) -> Result<()> {
 fn kv_options() -> kv::Options {
     kv::Options {
         trees: TREE_NAMES.len(),
+        // Keyed by sequence number, and never shrinking: the compact index.
+        seq_trees: vec![T::Audit as usize],
         ..kv::Options::default()
     }
 }

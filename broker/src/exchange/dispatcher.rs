@@ -15,6 +15,7 @@ use govshare_proto::v1::{
 };
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// How often the dispatcher looks for expired exchanges and overdue deliveries.
@@ -111,12 +112,13 @@ pub enum Cmd {
 /// An exchange found in the durable queue at start.
 #[derive(Debug, Clone)]
 pub struct Recovered {
-    /// Exchange id.
-    pub id: String,
-    /// Destination.
-    pub dest: String,
-    /// Dataset.
-    pub dataset: String,
+    /// Exchange id (the very string the dispatcher then keeps: a million queued exchanges
+    /// are a million of them).
+    pub id: Id,
+    /// Destination (one string shared by every exchange of the destination).
+    pub dest: Id,
+    /// Dataset (one string shared by every exchange of the dataset).
+    pub dataset: Id,
     /// Deadline, Unix ms.
     pub deadline_ms: i64,
     /// Stored size.
@@ -142,29 +144,54 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
         return Ok(queued);
     }
     let mut out = Vec::new();
+    let mut names = Names::default();
     for kv in store.tree(T::Queue).iter() {
         let (k, v) = kv?;
         let Some(split) = k.iter().position(|b| *b == 0) else {
             continue;
         };
-        let dest = String::from_utf8_lossy(&k[..split]).into_owned();
-        let id = String::from_utf8_lossy(&v).into_owned();
+        let id = String::from_utf8_lossy(&v);
         let Some(rec) = store.get::<StoredExchange>(T::Exchanges, &id)? else {
             continue;
         };
         if rec.finished() {
             continue;
         }
-        let env = rec.envelope.clone().unwrap_or_default();
+        let dataset = rec
+            .envelope
+            .as_ref()
+            .and_then(|e| e.request.as_ref())
+            .map_or("", |r| r.dataset_id.as_str());
+        let env = rec.envelope.as_ref();
         out.push(Recovered {
-            id,
-            dest,
-            dataset: env.request.map(|r| r.dataset_id).unwrap_or_default(),
-            deadline_ms: ms(&env.deadline),
+            id: id.into(),
+            dest: names.get(&String::from_utf8_lossy(&k[..split])),
+            dataset: names.get(dataset),
+            deadline_ms: env.map_or(0, |e| ms(&e.deadline)),
             bytes: rec.bytes,
         });
     }
     Ok(out)
+}
+
+/// An exchange id, or a destination's or dataset's name, as the dispatcher holds it: one
+/// allocation shared by every index that names it (the queue, the pending map, the
+/// deadlines), where a `String` in each would be a copy each.
+pub type Id = Arc<str>;
+
+/// Destination and dataset names, each held once however many exchanges name it.
+#[derive(Debug, Default)]
+struct Names(HashSet<Id>);
+
+impl Names {
+    fn get(&mut self, name: &str) -> Id {
+        if let Some(n) = self.0.get(name) {
+            return n.clone();
+        }
+        let n: Id = name.into();
+        self.0.insert(n.clone());
+        n
+    }
 }
 
 /// What [`repair`] put right.
@@ -209,6 +236,7 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
         entries.insert(key_seq(&k), k);
     }
     let mut out = Vec::new();
+    let mut names = Names::default();
     for kv in store.tree(T::Exchanges).iter() {
         let (k, v) = kv?;
         let id = k.as_ref();
@@ -233,13 +261,9 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
             out.push((
                 rec.queue_seq,
                 Recovered {
-                    id: String::from_utf8_lossy(id).into_owned(),
-                    dest: rec.dest.clone(),
-                    dataset: env
-                        .request
-                        .as_ref()
-                        .map(|r| r.dataset_id.clone())
-                        .unwrap_or_default(),
+                    id: String::from_utf8_lossy(id).into(),
+                    dest: names.get(&rec.dest),
+                    dataset: names.get(env.request.as_ref().map_or("", |r| r.dataset_id.as_str())),
                     deadline_ms: ms(&env.deadline),
                     bytes: rec.bytes,
                 },
@@ -323,7 +347,7 @@ pub fn spawn(
             };
             let mut actor = Actor::new(engine);
             for r in recovered {
-                actor.queue(r.id, r.dest, r.dataset, r.deadline_ms, false);
+                actor.queue(r.id, &r.dest, &r.dataset, r.deadline_ms, false);
             }
             rt.block_on(actor.run(rx));
         })
@@ -333,7 +357,7 @@ pub fn spawn(
 #[derive(Debug, Default)]
 struct DestQ {
     /// Per dataset, exchange ids in order. Ids that ended meanwhile are skipped lazily.
-    queues: BTreeMap<String, VecDeque<String>>,
+    queues: BTreeMap<Id, VecDeque<Id>>,
     /// Rotates which dataset goes first, so one busy dataset cannot starve another.
     turn: usize,
 }
@@ -392,10 +416,12 @@ struct Staged {
     delivery_id: String,
 }
 
+/// An exchange in the dispatcher's hands (queued or delivered): one per queued exchange, so
+/// kept small (see [`Id`]).
 #[derive(Debug)]
 struct Pending {
-    dest: String,
-    dataset: String,
+    dest: Id,
+    dataset: Id,
     deadline_ms: i64,
     delivery: Option<String>,
 }
@@ -460,8 +486,10 @@ struct Actor {
     /// Rotates which instance gets the next delivery.
     instance_turn: u64,
     deliveries: HashMap<String, Delivery>,
-    pending: HashMap<String, Pending>,
-    deadlines: BTreeSet<(i64, String)>,
+    pending: HashMap<Id, Pending>,
+    deadlines: BTreeSet<(i64, Id)>,
+    /// The destinations' and datasets' names [`Pending`] and the queues share.
+    names: Names,
     /// Ended exchanges whose consumers are told after the next shared flush.
     done: Vec<(String, ExchangeResult, bool)>,
     /// Links whose outboxes got results, woken after the next shared flush.
@@ -492,6 +520,7 @@ impl Actor {
             deliveries: HashMap::new(),
             pending: HashMap::new(),
             deadlines: BTreeSet::new(),
+            names: Names::default(),
             done: Vec::new(),
             wake: BTreeSet::new(),
             staged: Vec::new(),
@@ -673,7 +702,7 @@ impl Actor {
                 dataset,
                 deadline_ms,
             } => {
-                self.queue(id, dest.clone(), dataset, deadline_ms, false);
+                self.queue(id.into(), &dest, &dataset, deadline_ms, false);
                 self.dispatch(&dest);
             }
             Cmd::Connect { spec, reply } => {
@@ -734,28 +763,31 @@ impl Actor {
     }
 
     /// Adds an exchange to its queue (at the back, or the front when it is being retried).
-    fn queue(&mut self, id: String, dest: String, dataset: String, deadline_ms: i64, front: bool) {
-        if !self.pending.contains_key(&id) {
-            self.deadlines.insert((deadline_ms, id.clone()));
-            self.pending.insert(
-                id.clone(),
-                Pending {
-                    dest: dest.clone(),
+    fn queue(&mut self, id: Id, dest: &str, dataset: &str, deadline_ms: i64, front: bool) {
+        let dataset = self.names.get(dataset);
+        let id = match self.pending.get_key_value(&id) {
+            Some(_) if !front => return, // already queued
+            // The id the other indexes hold already, not a second copy.
+            Some((held, _)) => held.clone(),
+            None => {
+                self.deadlines.insert((deadline_ms, id.clone()));
+                let p = Pending {
+                    dest: self.names.get(dest),
                     dataset: dataset.clone(),
                     deadline_ms,
                     delivery: None,
-                },
-            );
-        } else if !front {
-            return; // already queued
+                };
+                self.pending.insert(id.clone(), p);
+                id
+            }
+        };
+        if !self.dests.contains_key(dest) {
+            self.dests.insert(dest.to_string(), DestQ::default());
         }
-        let q = self
-            .dests
-            .entry(dest)
-            .or_default()
-            .queues
-            .entry(dataset)
-            .or_default();
+        let Some(dq) = self.dests.get_mut(dest) else {
+            return;
+        };
+        let q = dq.queues.entry(dataset).or_default();
         if front {
             q.push_front(id);
         } else {
@@ -772,7 +804,7 @@ impl Actor {
             let Some(dq) = self.dests.get_mut(dest) else {
                 return;
             };
-            let datasets: Vec<String> = dq
+            let datasets: Vec<Id> = dq
                 .queues
                 .iter()
                 .filter(|(_, q)| !q.is_empty())
@@ -1048,16 +1080,24 @@ impl Actor {
         if let Err(e) = self.engine.store().tree(T::InFlight).remove(id.as_bytes()) {
             tracing::warn!(exchange = id, error = %e, "cannot clear in-flight record");
         }
-        if let Some(p) = self.pending.get_mut(id) {
+        let Some((held, p)) = self.pending.get_key_value(id) else {
+            return;
+        };
+        let (id, dest, ds, dl) = (
+            held.clone(),
+            p.dest.clone(),
+            p.dataset.clone(),
+            p.deadline_ms,
+        );
+        if let Some(p) = self.pending.get_mut(&id) {
             p.delivery = None;
-            let (dest, ds, dl) = (p.dest.clone(), p.dataset.clone(), p.deadline_ms);
-            self.queue(id.to_string(), dest, ds, dl, true);
         }
+        self.queue(id, &dest, &ds, dl, true);
     }
 
     fn forget(&mut self, id: &str) {
-        if let Some(p) = self.pending.remove(id) {
-            self.deadlines.remove(&(p.deadline_ms, id.to_string()));
+        if let Some((held, p)) = self.pending.remove_entry(id) {
+            self.deadlines.remove(&(p.deadline_ms, held));
             if let Some(d) = p.delivery {
                 self.deliveries.remove(&d);
             }
@@ -1090,7 +1130,7 @@ impl Actor {
         };
         self.engine.record_stage("provider", now_ms() - d.since_ms);
         let id = d.exchange_id;
-        if let Some(p) = self.pending.get_mut(&id) {
+        if let Some(p) = self.pending.get_mut(id.as_str()) {
             p.delivery = None;
         }
         match self.load(&id) {
@@ -1205,13 +1245,13 @@ impl Actor {
             _ => None,
         };
         // Out of the dispatcher's hands now; written with the batch by `commit`.
-        let pending = self.pending.remove(id);
-        if let Some(p) = &pending {
-            self.deadlines.remove(&(p.deadline_ms, id.to_string()));
+        let pending = self.pending.remove_entry(id).map(|(held, p)| {
+            self.deadlines.remove(&(p.deadline_ms, held));
             if let Some(d) = &p.delivery {
                 self.deliveries.remove(d);
             }
-        }
+            p
+        });
         self.ending.push(Ending {
             id: id.to_string(),
             end,
@@ -1379,7 +1419,7 @@ impl Actor {
                 tracing::error!(error = %e, exchanges = ending.len(), "cannot end exchanges; they stay queued");
                 for x in ending {
                     if let Some(p) = x.pending {
-                        self.queue(x.id, p.dest, p.dataset, p.deadline_ms, true);
+                        self.queue(x.id.into(), &p.dest, &p.dataset, p.deadline_ms, true);
                     }
                 }
                 return;
@@ -1487,7 +1527,7 @@ impl Actor {
         let now = now_ms();
         // Ending an exchange removes its deadline; one that cannot end now (storage trouble)
         // keeps it and is tried again at the next tick.
-        let due: Vec<(i64, String)> = self
+        let due: Vec<(i64, Id)> = self
             .deadlines
             .iter()
             .take_while(|(dl, _)| *dl < now)
@@ -1522,8 +1562,8 @@ impl Actor {
                 tracing::info!(exchange = %del.exchange_id, "no answer within the ack wait; redelivering");
                 metrics::counter!(crate::metrics::REDELIVERIES).increment(1);
                 self.requeue_front(&del.exchange_id);
-                if let Some(p) = self.pending.get(&del.exchange_id) {
-                    dests.insert(p.dest.clone());
+                if let Some(p) = self.pending.get(del.exchange_id.as_str()) {
+                    dests.insert(p.dest.to_string());
                 }
             }
         }
@@ -1563,7 +1603,7 @@ impl Actor {
     /// Ends the queued exchanges of a revoked grant as denied (in-flight ones are denied
     /// when their answer comes, or when they are taken back).
     fn revoked(&mut self, grant_id: &str) {
-        let queued: Vec<String> = self
+        let queued: Vec<Id> = self
             .pending
             .iter()
             .filter(|(_, p)| p.delivery.is_none())
@@ -1632,7 +1672,7 @@ impl Actor {
         let env = rec.envelope.clone().unwrap_or_default();
         let dataset = env.request.map(|r| r.dataset_id).unwrap_or_default();
         self.engine.force_reserve(&rec.dest, rec.bytes);
-        self.queue(id.to_string(), rec.dest.clone(), dataset, deadline, false);
+        self.queue(id.into(), &rec.dest, &dataset, deadline, false);
         self.dispatch(&rec.dest);
         Ok(())
     }
@@ -1753,7 +1793,7 @@ mod tests {
         put(&store, T::Results, &seq_key(CONSUMER, 50), b"accepted");
 
         let (queued, fixed) = repair(&store, 60_000)?;
-        let queued: Vec<_> = queued.into_iter().map(|r| r.id).collect();
+        let queued: Vec<_> = queued.into_iter().map(|r| r.id.to_string()).collect();
         assert_eq!(queued, ["accepted", "whole"]);
         assert_eq!(
             fixed,

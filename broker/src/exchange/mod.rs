@@ -203,7 +203,7 @@ impl Engine {
         {
             let mut depth = lock(&engine.inner.depth);
             for r in &recovered {
-                let d = depth.entry(r.dest.clone()).or_default();
+                let d = depth.entry(r.dest.to_string()).or_default();
                 d.0 += 1;
                 d.1 += r.bytes;
             }
