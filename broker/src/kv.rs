@@ -24,7 +24,6 @@
 //! segment is what makes it safe to drop its removes: no older segment is left that could
 //! hold a put they undo.
 
-use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -147,14 +146,112 @@ const ID_TREE: u8 = u8::MAX;
 const ID_BLOCK: u64 = 1 << 20;
 
 /// Where a key's value is: the segment and offset of its bytes (which also name the record,
-/// for compaction), and the value itself when small.
-#[derive(Debug, Clone)]
-struct Slot {
+/// for compaction), and the value itself when small, borrowed from the index (or from the
+/// frame being written, on its way in).
+#[derive(Debug, Clone, Copy)]
+struct Slot<'a> {
     seg: u32,
     off: u32,
     len: u32,
-    /// A box rather than `Value`: half the size, in every entry of the index.
-    inline: Option<Box<[u8]>>,
+    inline: Option<&'a [u8]>,
+}
+
+/// What the general index keeps for a key besides the key: where its value is, and whether
+/// the value is held inline, after the key in the key's own allocation (see [`Key`]).
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    seg: u32,
+    off: u32,
+    len: u32,
+    inline: bool,
+}
+
+impl Stored {
+    fn slot<'a>(&self, key: &'a Key) -> Slot<'a> {
+        Slot {
+            seg: self.seg,
+            off: self.off,
+            len: self.len,
+            inline: self.inline.then(|| key.parts().1),
+        }
+    }
+}
+
+/// A key of the general index, followed by its value when the value is held inline: one
+/// allocation where a key and an inline value took two, and 32 bytes an entry in the map's
+/// nodes (with [`Stored`]) where they took 48. Every key of every tree is in memory, so
+/// this is most of what a queued exchange costs the store. Layout: the key's length (one
+/// byte below 255, else 255 and four bytes, little-endian), the key, the value.
+#[derive(Debug)]
+struct Key(Box<[u8]>);
+
+impl Key {
+    fn new(key: &[u8], inline: Option<&[u8]>) -> Self {
+        let value = inline.unwrap_or_default();
+        let head = if key.len() < usize::from(u8::MAX) {
+            1
+        } else {
+            5
+        };
+        // Exactly the size: a boxed slice made from a larger Vec would reallocate.
+        let mut b = Vec::with_capacity(head + key.len() + value.len());
+        match u8::try_from(key.len()) {
+            Ok(n) if n < u8::MAX => b.push(n),
+            _ => {
+                b.push(u8::MAX);
+                b.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            }
+        }
+        b.extend_from_slice(key);
+        b.extend_from_slice(value);
+        Key(b.into_boxed_slice())
+    }
+
+    /// The key, and the inline value (empty when there is none).
+    fn parts(&self) -> (&[u8], &[u8]) {
+        let b = &self.0[..];
+        let (n, at) = match b.first() {
+            Some(&n) if n < u8::MAX => (usize::from(n), 1),
+            Some(_) => (
+                b.get(1..5)
+                    .and_then(|l| <[u8; 4]>::try_from(l).ok())
+                    .map_or(0, |l| u32::from_le_bytes(l) as usize),
+                5,
+            ),
+            None => (0, 0),
+        };
+        let end = (at + n).min(b.len());
+        (
+            b.get(at.min(end)..end).unwrap_or_default(),
+            b.get(end..).unwrap_or_default(),
+        )
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.parts().0
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts().0 == other.parts().0
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.parts().0.cmp(other.parts().0)
+    }
 }
 
 /// A put record's size in the log (op, tree, key length, key, value length, value), for the
@@ -177,7 +274,7 @@ struct Seg {
 #[derive(Debug)]
 enum Index {
     /// Any keys: an ordered map to where each value is.
-    Map(BTreeMap<Box<[u8]>, Slot>),
+    Map(BTreeMap<Key, Stored>),
     /// Keys that are all 8-byte big-endian numbers: 24 bytes an entry in sorted chunks,
     /// against about a hundred in the map (its node's share and the boxed key). The audit
     /// log gains a few entries with every exchange and never loses one, so in a map it
@@ -212,12 +309,21 @@ struct SeqEntry {
 }
 
 impl SeqEntry {
-    fn slot(&self) -> Slot {
+    fn slot(&self) -> Slot<'static> {
         Slot {
             seg: self.seg,
             off: self.off,
             len: self.len,
             inline: None,
+        }
+    }
+
+    fn stored(&self) -> Stored {
+        Stored {
+            seg: self.seg,
+            off: self.off,
+            len: self.len,
+            inline: false,
         }
     }
 
@@ -338,10 +444,10 @@ impl Index {
         }
     }
 
-    fn get(&self, key: &[u8]) -> Option<Cow<'_, Slot>> {
+    fn get(&self, key: &[u8]) -> Option<Slot<'_>> {
         match self {
-            Index::Map(m) => m.get(key).map(Cow::Borrowed),
-            Index::Seq(q) => Some(Cow::Owned(q.get(seq_of(key)?)?.slot())),
+            Index::Map(m) => m.get_key_value(key).map(|(k, s)| s.slot(k)),
+            Index::Seq(q) => Some(q.get(seq_of(key)?)?.slot()),
         }
     }
 
@@ -352,7 +458,8 @@ impl Index {
         }
     }
 
-    fn insert(&mut self, key: &[u8], slot: Slot) -> Option<Slot> {
+    /// Points `key` at `slot`; answers where its value was before.
+    fn insert(&mut self, key: &[u8], slot: Slot<'_>) -> Option<Stored> {
         if let Index::Seq(q) = self {
             match seq_of(key) {
                 Some(k) => {
@@ -362,7 +469,7 @@ impl Index {
                         off: slot.off,
                         len: slot.len,
                     };
-                    return q.insert(e).map(|old| old.slot());
+                    return q.insert(e).map(|old| old.stored());
                 }
                 None => {
                     // Not a sequence number after all: the general index from now on.
@@ -371,57 +478,67 @@ impl Index {
                         .chunks
                         .into_iter()
                         .flatten()
-                        .map(|e| (Box::<[u8]>::from(&e.key()[..]), e.slot()))
+                        .map(|e| (Key::new(&e.key(), None), e.stored()))
                         .collect();
                     *self = Index::Map(m);
                 }
             }
         }
-        match self {
-            Index::Map(m) => m.insert(key.into(), slot),
-            Index::Seq(_) => None,
+        let Index::Map(m) = self else {
+            return None;
+        };
+        let new = Stored {
+            seg: slot.seg,
+            off: slot.off,
+            len: slot.len,
+            inline: slot.inline.is_some(),
+        };
+        if let Some(s) = m.get_mut(key) {
+            if !s.inline && !new.inline {
+                return Some(std::mem::replace(s, new));
+            }
         }
+        // An inline value lives in its key's allocation, and a map keeps the key it has on
+        // an insert: a value held inline, before or after, takes a new key.
+        let old = m.remove(key);
+        m.insert(Key::new(key, slot.inline), new);
+        old
     }
 
-    fn remove(&mut self, key: &[u8]) -> Option<Slot> {
+    fn remove(&mut self, key: &[u8]) -> Option<Stored> {
         match self {
             Index::Map(m) => m.remove(key),
-            Index::Seq(q) => q.remove(seq_of(key)?).map(|e| e.slot()),
+            Index::Seq(q) => q.remove(seq_of(key)?).map(|e| e.stored()),
         }
     }
 
-    /// Empties the index, answering each key's length and slot of what it held.
-    fn take(&mut self) -> Vec<(usize, Slot)> {
+    /// Empties the index, answering each key's length and where its value was.
+    fn take(&mut self) -> Vec<(usize, Stored)> {
         match self {
             Index::Map(m) => std::mem::take(m)
                 .into_iter()
-                .map(|(k, s)| (k.len(), s))
+                .map(|(k, s)| (k.parts().0.len(), s))
                 .collect(),
             Index::Seq(q) => std::mem::take(q)
                 .chunks
                 .into_iter()
                 .flatten()
-                .map(|e| (8, e.slot()))
+                .map(|e| (8, e.stored()))
                 .collect(),
         }
     }
 
     /// The first (or, `back`, the last) key within the bounds, and its slot.
-    fn edge(
-        &self,
-        lo: Bound<&[u8]>,
-        hi: Bound<&[u8]>,
-        back: bool,
-    ) -> Option<(Vec<u8>, Cow<'_, Slot>)> {
+    fn edge(&self, lo: Bound<&[u8]>, hi: Bound<&[u8]>, back: bool) -> Option<(Vec<u8>, Slot<'_>)> {
         match self {
             Index::Map(m) => {
                 let mut r = m.range::<[u8], _>((lo, hi));
                 let (k, s) = if back { r.next_back() } else { r.next() }?;
-                Some((k.to_vec(), Cow::Borrowed(s)))
+                Some((k.parts().0.to_vec(), s.slot(k)))
             }
             Index::Seq(q) => {
                 let e = q.edge(lo, hi, back)?;
-                Some((e.key().to_vec(), Cow::Owned(e.slot())))
+                Some((e.key().to_vec(), e.slot()))
             }
         }
     }
@@ -434,13 +551,13 @@ struct State {
 }
 
 impl State {
-    fn kill(&mut self, key: usize, old: &Slot) {
+    fn kill(&mut self, key: usize, old: &Stored) {
         if let Some(s) = self.segs.get_mut(&old.seg) {
             s.live = s.live.saturating_sub(rec_size(key, old.len));
         }
     }
 
-    fn put(&mut self, tree: usize, key: &[u8], slot: Slot) {
+    fn put(&mut self, tree: usize, key: &[u8], slot: Slot<'_>) {
         if let Some(s) = self.segs.get_mut(&slot.seg) {
             s.live += rec_size(key.len(), slot.len);
         }
@@ -479,8 +596,8 @@ impl State {
 
     /// Where to read a slot's value from, so that the read can happen after the lock is let
     /// go: a segment compacted away meanwhile stays readable through its open file.
-    fn locate(&self, slot: &Slot) -> Loc {
-        match (&slot.inline, self.segs.get(&slot.seg)) {
+    fn locate(&self, slot: &Slot<'_>) -> Loc {
+        match (slot.inline, self.segs.get(&slot.seg)) {
             (Some(v), _) => Loc::Inline(Value::copy_from_slice(v)),
             (None, Some(s)) => Loc::Disk(s.file.clone(), s.path.clone(), slot.off, slot.len),
             (None, None) => Loc::Gone(slot.seg),
@@ -1080,7 +1197,7 @@ impl Db {
                             seg: w.head,
                             off: (body_at + rel as u64) as u32,
                             len: v.len() as u32,
-                            inline: (v.len() <= self.inner.opts.inline_bytes).then(|| v[..].into()),
+                            inline: (v.len() <= self.inner.opts.inline_bytes).then_some(&v[..]),
                         };
                         if usize::from(*t) == usize::from(ID_TREE) {
                             continue;
@@ -1460,7 +1577,7 @@ fn replay(
                         seg: id,
                         off: (body_at + at) as u32,
                         len: value.len() as u32,
-                        inline: (value.len() <= opts.inline_bytes).then(|| value.into()),
+                        inline: (value.len() <= opts.inline_bytes).then_some(value),
                     };
                     state.put(t, key, slot);
                 }
@@ -2180,10 +2297,13 @@ mod tests {
     /// The tree with a sequence index in the property test.
     const SEQ: usize = 2;
 
-    /// Key `k` of tree `t`: 8 bytes in the sequence tree, spread over them.
+    /// Key `k` of tree `t`: 8 bytes in the sequence tree, spread over them; in tree 1 some
+    /// longer than a one-byte length can say (see [`Key`]).
     fn key(t: usize, k: u8) -> Vec<u8> {
         if t == SEQ {
             (u64::from(k) * 0x0100_0100_0001).to_be_bytes().to_vec()
+        } else if t == 1 && k.is_multiple_of(3) {
+            vec![k; 300]
         } else {
             vec![k]
         }
