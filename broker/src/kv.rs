@@ -25,7 +25,7 @@
 //! hold a put they undo.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{btree_map, BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Bound;
@@ -493,16 +493,25 @@ impl Index {
             len: slot.len,
             inline: slot.inline.is_some(),
         };
-        if let Some(s) = m.get_mut(key) {
-            if !s.inline && !new.inline {
-                return Some(std::mem::replace(s, new));
+        // One descent of the tree for a new key and for a new place of a value on disk (what
+        // opening replays, a million times at a million queued); the key built for it is
+        // dropped in the second case.
+        match m.entry(Key::new(key, slot.inline)) {
+            btree_map::Entry::Vacant(v) => {
+                v.insert(new);
+                None
+            }
+            btree_map::Entry::Occupied(mut o) => {
+                if !o.get().inline && !new.inline {
+                    return Some(o.insert(new));
+                }
+                // An inline value lives in its key's allocation, and a map keeps the key it
+                // has: a value held inline, before or after, takes the new key.
+                let (_, old) = o.remove_entry();
+                m.insert(Key::new(key, slot.inline), new);
+                Some(old)
             }
         }
-        // An inline value lives in its key's allocation, and a map keeps the key it has on
-        // an insert: a value held inline, before or after, takes a new key.
-        let old = m.remove(key);
-        m.insert(Key::new(key, slot.inline), new);
-        old
     }
 
     fn remove(&mut self, key: &[u8]) -> Option<Stored> {

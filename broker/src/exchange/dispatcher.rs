@@ -152,23 +152,17 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
             continue;
         };
         let id = String::from_utf8_lossy(&v);
-        let Some(rec) = store.get::<StoredExchange>(T::Exchanges, &id)? else {
+        let Some(rec) = store.get::<super::record::QueuedHead>(T::Exchanges, &id)? else {
             continue;
         };
         if rec.finished() {
             continue;
         }
-        let dataset = rec
-            .envelope
-            .as_ref()
-            .and_then(|e| e.request.as_ref())
-            .map_or("", |r| r.dataset_id.as_str());
-        let env = rec.envelope.as_ref();
         out.push(Recovered {
             id: id.into(),
             dest: names.get(&String::from_utf8_lossy(&k[..split])),
-            dataset: names.get(dataset),
-            deadline_ms: env.map_or(0, |e| ms(&e.deadline)),
+            dataset: names.get(rec.dataset()),
+            deadline_ms: rec.envelope.as_ref().map_or(0, |e| ms(&e.deadline)),
             bytes: rec.bytes,
         });
     }
