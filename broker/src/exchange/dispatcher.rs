@@ -115,10 +115,8 @@ pub struct Recovered {
     /// Exchange id (the very string the dispatcher then keeps: a million queued exchanges
     /// are a million of them).
     pub id: Id,
-    /// Destination (one string shared by every exchange of the destination).
-    pub dest: Id,
-    /// Dataset (one string shared by every exchange of the dataset).
-    pub dataset: Id,
+    /// Destination and dataset (one lane shared by every exchange queued under them).
+    pub lane: Arc<Lane>,
     /// Deadline, Unix ms.
     pub deadline_ms: i64,
     /// Stored size.
@@ -145,7 +143,7 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
     }
     // Exactly sized: at a million queued, doubling would leave up to 64 MB unused.
     let mut out = Vec::with_capacity(store.tree(T::Queue).len());
-    let mut names = Names::default();
+    let mut lanes = Lanes::default();
     for kv in store.tree(T::Queue).iter() {
         let (k, v) = kv?;
         let Some(split) = k.iter().position(|b| *b == 0) else {
@@ -160,8 +158,7 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
         }
         out.push(Recovered {
             id: id.into(),
-            dest: names.get(&String::from_utf8_lossy(&k[..split])),
-            dataset: names.get(rec.dataset()),
+            lane: lanes.get(&String::from_utf8_lossy(&k[..split]), rec.dataset()),
             deadline_ms: rec.envelope.as_ref().map_or(0, |e| ms(&e.deadline)),
             bytes: rec.bytes,
         });
@@ -173,21 +170,6 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
 /// allocation shared by every index that names it (the queue, the pending map, the
 /// deadlines), where a `String` in each would be a copy each.
 pub type Id = Arc<str>;
-
-/// Destination and dataset names, each held once however many exchanges name it.
-#[derive(Debug, Default)]
-struct Names(HashSet<Id>);
-
-impl Names {
-    fn get(&mut self, name: &str) -> Id {
-        if let Some(n) = self.0.get(name) {
-            return n.clone();
-        }
-        let n: Id = name.into();
-        self.0.insert(n.clone());
-        n
-    }
-}
 
 /// What [`repair`] put right.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -231,7 +213,7 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
         entries.insert(key_seq(&k), k);
     }
     let mut out = Vec::with_capacity(entries.len());
-    let mut names = Names::default();
+    let mut lanes = Lanes::default();
     for kv in store.tree(T::Exchanges).iter() {
         let (k, v) = kv?;
         let id = k.as_ref();
@@ -257,8 +239,10 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
                 rec.queue_seq,
                 Recovered {
                     id: String::from_utf8_lossy(id).into(),
-                    dest: names.get(&rec.dest),
-                    dataset: names.get(env.request.as_ref().map_or("", |r| r.dataset_id.as_str())),
+                    lane: lanes.get(
+                        &rec.dest,
+                        env.request.as_ref().map_or("", |r| r.dataset_id.as_str()),
+                    ),
                     deadline_ms: ms(&env.deadline),
                     bytes: rec.bytes,
                 },
@@ -288,7 +272,7 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
     })?;
     store.flush_blocking()?;
     // The queue's order: by destination, then sequence number.
-    out.sort_by(|(a, x), (b, y)| (&x.dest, a).cmp(&(&y.dest, b)));
+    out.sort_by(|(a, x), (b, y)| (&x.lane.dest, a).cmp(&(&y.lane.dest, b)));
     Ok((out.into_iter().map(|(_, r)| r).collect(), fixed))
 }
 
@@ -342,7 +326,7 @@ pub fn spawn(
             };
             let mut actor = Actor::new(engine);
             for r in recovered {
-                actor.queue(r.id, &r.dest, &r.dataset, r.deadline_ms, false);
+                actor.queue(r.id, &r.lane.dest, &r.lane.dataset, r.deadline_ms, false);
             }
             rt.block_on(actor.run(rx));
         })
@@ -424,9 +408,11 @@ struct Pending {
 
 /// A destination and a dataset: what an exchange is queued under.
 #[derive(Debug)]
-struct Lane {
-    dest: Id,
-    dataset: Id,
+pub struct Lane {
+    /// The destination (provider node, or next-hop broker).
+    pub dest: Id,
+    /// The dataset.
+    pub dataset: Id,
 }
 
 /// Every lane in use, each held once, found by its names.

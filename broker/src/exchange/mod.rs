@@ -203,7 +203,7 @@ impl Engine {
         {
             let mut depth = lock(&engine.inner.depth);
             for r in &recovered {
-                let d = depth.entry(r.dest.to_string()).or_default();
+                let d = depth.entry(r.lane.dest.to_string()).or_default();
                 d.0 += 1;
                 d.1 += r.bytes;
             }
@@ -369,24 +369,28 @@ impl Engine {
 
     /// Called by the dispatcher once an exchange's end is durable.
     pub(crate) fn finished(&self, consumer: &str, result: ExchangeResult, sync: bool) {
-        let id = result.exchange_id.clone();
-        let mut waiters = lock(&self.inner.waiters).remove(&id).unwrap_or_default();
+        let mut waiters = lock(&self.inner.waiters)
+            .remove(&result.exchange_id)
+            .unwrap_or_default();
         let mut delivered = false;
-        // The last waiter (most often the only one) takes the result itself.
+        // The last waiter (most often the only one) takes the result itself; a send that
+        // fails hands it back, for the release below.
         let last = waiters.pop();
         for w in waiters {
             delivered |= w.send(result.clone()).is_ok();
         }
-        if let Some(w) = last {
-            delivered |= w.send(result).is_ok();
-        }
-        if sync && !delivered {
+        let untaken = match last {
+            Some(w) => w.send(result).err(),
+            None => Some(result),
+        };
+        delivered |= untaken.is_none();
+        if let (true, false, Some(r)) = (sync, delivered, untaken) {
             // Its Request call is gone (deadline, cancel): nobody will take this result, so
             // release it rather than keep it forever. Its end is in the audit log.
             let me = self.clone();
             let c = consumer.to_string();
             tokio::spawn(async move {
-                let _ = me.ack(c, vec![id]).await;
+                let _ = me.ack(c, vec![r.exchange_id]).await;
             });
         }
         self.notify_for(consumer).notify_waiters();
