@@ -41,7 +41,9 @@ pub enum T {
     Meta,
     /// Exchange id → `StoredExchange`.
     Exchanges,
-    /// destination ‖ 0 ‖ seq (u64 BE) → exchange id: the durable queues, in order.
+    /// No longer written (until 2026-11-30: destination ‖ 0 ‖ seq → exchange id, the durable
+    /// queues; each record names its queue and place), cleared at start; kept so that the
+    /// trees after it keep their numbers.
     Queue,
     /// consumer ‖ 0 ‖ seq (u64 BE) → exchange id: finished exchanges awaiting the consumer's ack.
     Results,

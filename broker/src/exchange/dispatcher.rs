@@ -123,11 +123,17 @@ pub struct Recovered {
     pub bytes: u64,
 }
 
-/// Reads the durable queues, in order: everything not ended goes back to be delivered,
-/// including what was in flight when the broker stopped.
+/// Reads the queued exchanges from their records, in queue order: everything not ended goes
+/// back to be delivered, including what was in flight when the broker stopped.
 /// `window_ms` is the idempotency window (see [`repair`]).
 pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recovered>> {
     store.tree(T::InFlight).clear()?;
+    // Until 2026-11-30 a queued exchange also had an entry in the `queue` tree, which said
+    // nothing its record does not (destination, queue seq) and cost ~130 bytes of index each.
+    let old_queue = store.tree(T::Queue);
+    if !old_queue.is_empty() {
+        old_queue.clear()?;
+    }
     if store.unclean_start() {
         // The check reads every record anyway, so it finds the queued exchanges too.
         let (queued, fixed) = repair(store, window_ms)?;
@@ -141,29 +147,35 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
         }
         return Ok(queued);
     }
-    // Exactly sized: at a million queued, doubling would leave up to 64 MB unused.
-    let mut out = Vec::with_capacity(store.tree(T::Queue).len());
+    let exchanges = store.tree(T::Exchanges);
+    // Sized for every record (ended ones not yet acknowledged included): at a million queued,
+    // doubling as it grows would leave up to 48 MB unused.
+    let mut out = Vec::with_capacity(exchanges.len());
     let mut lanes = Lanes::default();
-    for kv in store.tree(T::Queue).iter() {
-        let (k, v) = kv?;
-        let Some(split) = k.iter().position(|b| *b == 0) else {
-            continue;
-        };
-        let id = String::from_utf8_lossy(&v);
-        let Some(rec) = store.get::<super::record::QueuedHead>(T::Exchanges, &id)? else {
-            continue;
-        };
+    for kv in exchanges.iter() {
+        let (id, v) = kv?;
+        let rec = super::record::QueuedHead::decode(v.as_ref())?;
         if rec.finished() {
             continue;
         }
-        out.push(Recovered {
-            id: id.into(),
-            lane: lanes.get(&String::from_utf8_lossy(&k[..split]), rec.dataset()),
-            deadline_ms: rec.envelope.as_ref().map_or(0, |e| ms(&e.deadline)),
-            bytes: rec.bytes,
-        });
+        out.push((
+            rec.queue_seq,
+            Recovered {
+                id: String::from_utf8_lossy(&id).into(),
+                lane: lanes.get(&rec.dest, rec.dataset()),
+                deadline_ms: rec.envelope.as_ref().map_or(0, |e| ms(&e.deadline)),
+                bytes: rec.bytes,
+            },
+        ));
     }
-    Ok(out)
+    Ok(in_queue_order(out))
+}
+
+/// Orders recovered exchanges by queue seq (taken from one counter, so within each
+/// destination this is the order they were queued in).
+fn in_queue_order(mut found: Vec<(u64, Recovered)>) -> Vec<Recovered> {
+    found.sort_unstable_by_key(|(seq, _)| *seq);
+    found.into_iter().map(|(_, r)| r).collect()
 }
 
 /// An exchange id, or a destination's or dataset's name, as the dispatcher holds it: one
@@ -174,13 +186,11 @@ pub type Id = Arc<str>;
 /// What [`repair`] put right.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Repaired {
-    /// Queue entries restored for exchanges that had not ended.
-    pub queued: u64,
     /// Result entries restored for exchanges that had ended (else Watch never shows them).
     pub results: u64,
     /// Idempotency keys restored (else a retried submit would make a second exchange).
     pub keys: u64,
-    /// Queue and result entries removed that no record (or a different one) stands behind.
+    /// Result entries removed that no record (or a different one) stands behind.
     pub stale: u64,
 }
 
@@ -196,25 +206,15 @@ impl Repaired {
 /// transaction tree by tree, and a write failing half-way (a full disk) can leave the earlier
 /// trees written and not the later ones, e.g. an exchange ended in the `exchanges` tree with
 /// no entry in `results`, which no Watch would ever show. Idempotency keys are restored for
-/// exchanges accepted within `window_ms`. Reads each tree once, in order (no lookups per
-/// queued exchange), holding the queue's keys in memory meanwhile.
+/// exchanges accepted within `window_ms`. Reads the records once, in order.
 pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recovered>, Repaired)> {
     let mut fixed = Repaired::default();
     let now = now_ms();
-    let (queue, results, dedup) = (
-        store.tree(T::Queue),
-        store.tree(T::Results),
-        store.tree(T::Dedup),
-    );
-    // Every queue entry by its sequence number; those no unfinished record claims are stale.
-    let mut entries: HashMap<u64, crate::kv::Value> = HashMap::new();
-    for k in queue.iter().keys() {
-        let k = k?;
-        entries.insert(key_seq(&k), k);
-    }
-    let mut out = Vec::with_capacity(entries.len());
+    let (results, dedup) = (store.tree(T::Results), store.tree(T::Dedup));
+    let exchanges = store.tree(T::Exchanges);
+    let mut out = Vec::with_capacity(exchanges.len());
     let mut lanes = Lanes::default();
-    for kv in store.tree(T::Exchanges).iter() {
+    for kv in exchanges.iter() {
         let (k, v) = kv?;
         let id = k.as_ref();
         let rec = StoredExchange::decode(v.as_ref())?;
@@ -228,13 +228,6 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
                 }
             }
         } else {
-            let key = seq_key(&rec.dest, rec.queue_seq);
-            if entries.get(&rec.queue_seq).is_some_and(|k| *k == key) {
-                entries.remove(&rec.queue_seq);
-            } else {
-                queue.insert(key, id)?;
-                fixed.queued += 1;
-            }
             out.push((
                 rec.queue_seq,
                 Recovered {
@@ -263,17 +256,11 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
             }
         }
     }
-    for k in entries.into_values() {
-        queue.remove(k)?;
-        fixed.stale += 1;
-    }
     fixed.stale += drop_stale(store, T::Results, |r, seq| {
         r.finished() && r.result.is_some() && r.result_seq == seq
     })?;
     store.flush_blocking()?;
-    // The queue's order: by destination, then sequence number.
-    out.sort_by(|(a, x), (b, y)| (&x.lane.dest, a).cmp(&(&y.lane.dest, b)));
-    Ok((out.into_iter().map(|(_, r)| r).collect(), fixed))
+    Ok((in_queue_order(out), fixed))
 }
 
 /// The sequence number at the end of an `owner ‖ 0 ‖ seq` key (0 if it is malformed).
@@ -1318,7 +1305,6 @@ impl Actor {
         };
         rec.state = end.state as i32;
         rec.result_seq = result_seq;
-        tx.unmark(T::Queue, &seq_key(&rec.dest, rec.queue_seq))?;
         tx.unmark(T::InFlight, id.as_bytes())?;
         if env.origin_broker != store.broker_id() {
             // The consumer is on another broker: the result travels back over the links,
@@ -1674,7 +1660,6 @@ impl Actor {
             rec.bytes = rec.encoded_len() as u64;
             tx.unmark(T::DeadLetters, id.as_bytes())?;
             tx.put(T::Exchanges, id, &rec)?;
-            tx.put_raw(T::Queue, &seq_key(&rec.dest, queue_seq), id.as_bytes())?;
             let mut e = exchange_entry("exchange_replayed", actor, &env);
             e.reason = format!("replayed from the dead-letter queue (was: {})", dl.reason);
             Ok((rec, vec![e]))
@@ -1772,22 +1757,20 @@ mod tests {
             .collect()
     }
 
-    // Each half-written state a failed transaction can leave (the `exchanges` tree is written
-    // before `queue`, `results` and `dedup`), and entries left behind by records that moved on.
+    // Each half-written state a failed sled transaction could leave (the `exchanges` tree was
+    // written before `results` and `dedup`), and entries left behind by records that moved on.
     #[test]
     fn repair_makes_the_indexes_agree_with_the_records() -> Result<()> {
         let (_dir, store) = crate::store::tests::temp_store()?;
-        // Ended in its record, still queued, and without a result entry: Watch never shows it.
+        // Ended in its record, without a result entry: Watch never shows it.
         let ended = record("ended", "", ExchangeState::Answered, 1, 10);
         put(&store, T::Exchanges, b"ended", &ended.encode_to_vec());
-        put(&store, T::Queue, &seq_key(PROVIDER, 1), b"ended");
-        // Accepted in its record, but neither queued nor under its idempotency key.
+        // Accepted in its record, but not under its idempotency key.
         let accepted = record("accepted", "key-a", ExchangeState::Queued, 2, 0);
         put(&store, T::Exchanges, b"accepted", &accepted.encode_to_vec());
         // Whole: left as it is.
         let whole = record("whole", "key-w", ExchangeState::Queued, 3, 0);
         put(&store, T::Exchanges, b"whole", &whole.encode_to_vec());
-        put(&store, T::Queue, &seq_key(PROVIDER, 3), b"whole");
         let first = super::super::record::DedupRecord {
             exchange_id: "whole".into(),
             at_ms: now_ms(),
@@ -1808,19 +1791,10 @@ mod tests {
         assert_eq!(
             fixed,
             Repaired {
-                queued: 1,
                 results: 1,
                 keys: 1,
-                stale: 3,
+                stale: 2,
             }
-        );
-        let queue = keys(&store, T::Queue);
-        assert_eq!(
-            queue,
-            vec![
-                (seq_key(PROVIDER, 2), b"accepted".to_vec()),
-                (seq_key(PROVIDER, 3), b"whole".to_vec()),
-            ]
         );
         assert_eq!(
             keys(&store, T::Results),
@@ -1841,6 +1815,40 @@ mod tests {
         Ok(())
     }
 
+    // A clean start queues again what the records say has not ended, in the order it was
+    // queued (the records' keys are ids, in no such order), and drops the entries of the
+    // `queue` tree that data dirs written before 2026-11-30 hold.
+    #[test]
+    fn recovery_queues_the_unended_records_in_queue_order() -> Result<()> {
+        let (_dir, store) = crate::store::tests::temp_store()?;
+        for (id, state, seq, dest) in [
+            ("c", ExchangeState::Queued, 9, PROVIDER),
+            ("a", ExchangeState::InFlight, 5, PROVIDER),
+            ("b", ExchangeState::Queued, 2, "440000/other"),
+            ("done", ExchangeState::Answered, 1, PROVIDER),
+        ] {
+            let mut r = record(id, "", state, seq, 0);
+            r.dest = dest.into();
+            put(&store, T::Exchanges, id.as_bytes(), &r.encode_to_vec());
+        }
+        put(&store, T::Queue, &seq_key(PROVIDER, 9), b"c");
+        assert!(!store.unclean_start());
+        let got: Vec<_> = recover(&store, 60_000)?
+            .into_iter()
+            .map(|r| (r.id.to_string(), r.lane.dest.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("b".to_string(), "440000/other".to_string()),
+                ("a".to_string(), PROVIDER.to_string()),
+                ("c".to_string(), PROVIDER.to_string()),
+            ]
+        );
+        assert!(store.tree(T::Queue).is_empty());
+        Ok(())
+    }
+
     // An idempotency key past its window is not brought back: the sweep would only drop it.
     #[test]
     fn repair_leaves_expired_idempotency_keys_out() -> Result<()> {
@@ -1850,7 +1858,6 @@ mod tests {
             env.accepted_at = Some(ts(now_ms() - 120_000));
         }
         put(&store, T::Exchanges, b"old", &old.encode_to_vec());
-        put(&store, T::Queue, &seq_key(PROVIDER, 4), b"old");
         assert_eq!(repair(&store, 60_000)?.1, Repaired::default());
         assert!(keys(&store, T::Dedup).is_empty());
         Ok(())

@@ -12,7 +12,7 @@ use super::{exchange_entry, Engine};
 use crate::error::Result;
 use crate::federation::{in_scope, Effect, Route};
 use crate::ids::DatasetId;
-use crate::store::{index_key, seq_key, Tx, T};
+use crate::store::{index_key, Tx, T};
 use crate::time::{ms, now_ms, ts};
 use govshare_proto::v1::AuditEntry;
 use govshare_proto::v1::{
@@ -405,7 +405,6 @@ impl Engine {
                 return Ok((Written::QuotaSpent(d), vec![]));
             }
             tx.put(T::Exchanges, &id, &record)?;
-            tx.put_raw(T::Queue, &seq_key(&dest, record.queue_seq), id.as_bytes())?;
             Ok((
                 Written::Effects(vec![enqueue.clone()]),
                 vec![accepted.clone()],

@@ -679,23 +679,17 @@ impl Engine {
         });
         let window_ms = self.window_ms();
         let fed = self.inner.fed.clone();
-        let (consumer_w, exchange_id_w, next_hop_w, dedup_key_w, dest_w) = (
+        let (consumer_w, exchange_id_w, next_hop_w, dedup_key_w) = (
             consumer.clone(),
             exchange_id.clone(),
             next_hop.clone(),
             dedup_key.clone(),
-            dest.clone(),
         );
         // Grouped with other accepts: one sled transaction and one flush for many exchanges.
         let outcome = store
             .write_grouped_durable(intent, move |tx| {
-                let (consumer, exchange_id, next_hop, dedup_key, dest) = (
-                    &consumer_w,
-                    &exchange_id_w,
-                    &next_hop_w,
-                    &dedup_key_w,
-                    &dest_w,
-                );
+                let (consumer, exchange_id, next_hop, dedup_key) =
+                    (&consumer_w, &exchange_id_w, &next_hop_w, &dedup_key_w);
                 if let Some(k) = dedup_key {
                     if let Some(raw) = tx.get_raw(T::Dedup, k)? {
                         let d = DedupRecord::decode(raw.as_ref())?;
@@ -719,11 +713,6 @@ impl Engine {
                     )?;
                 }
                 tx.put(T::Exchanges, exchange_id, &record)?;
-                tx.put_raw(
-                    T::Queue,
-                    &seq_key(dest, record.queue_seq),
-                    exchange_id.as_bytes(),
-                )?;
                 if let Some(k) = dedup_key {
                     let d = DedupRecord {
                         exchange_id: exchange_id.clone(),

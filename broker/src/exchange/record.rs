@@ -17,7 +17,8 @@ pub struct StoredExchange {
     /// The outcome, once it has ended.
     #[prost(message, optional, tag = "4")]
     pub result: Option<ExchangeResult>,
-    /// Its key in the `queue` tree while it has not ended.
+    /// Its place in its destination's queue (from one counter of the broker's), while it has
+    /// not ended: restarts queue it again in this order.
     #[prost(uint64, tag = "5")]
     pub queue_seq: u64,
     /// Its key in the `results` tree once it has ended.
@@ -80,8 +81,9 @@ impl ExchangeHead {
 }
 
 /// What recovery reads of a queued exchange's [`StoredExchange`] (same tags): where it
-/// stands, its dataset, deadline and size, without the request's query, the trail or the
-/// grant's terms. At a million queued, decoding whole records was most of a restart.
+/// stands, its queue and place in it, its dataset, deadline and size, without the request's
+/// query, the trail or the grant's terms. At a million queued, decoding whole records was most
+/// of a restart.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct QueuedHead {
     /// The dataset and deadline, from the envelope.
@@ -90,6 +92,12 @@ pub struct QueuedHead {
     /// Where it stands (`ExchangeState`).
     #[prost(enumeration = "ExchangeState", tag = "2")]
     pub state: i32,
+    /// Its place in the queue, from one counter of the broker's.
+    #[prost(uint64, tag = "5")]
+    pub queue_seq: u64,
+    /// The queue it waits in.
+    #[prost(string, tag = "8")]
+    pub dest: String,
     /// Its encoded size, counted against the destination's byte bound.
     #[prost(uint64, tag = "9")]
     pub bytes: u64,
@@ -221,7 +229,7 @@ mod tests {
 
     /// Recovery's head reads the dataset, deadline, size and state of a full record.
     #[test]
-    fn a_queued_records_head_is_its_dataset_deadline_size_and_state(
+    fn a_queued_records_head_is_its_queue_dataset_deadline_size_and_state(
     ) -> Result<(), prost::DecodeError> {
         let deadline = prost_types::Timestamp {
             seconds: 1_800_000_000,
@@ -254,6 +262,7 @@ mod tests {
             Some(deadline)
         );
         assert_eq!(head.bytes, 1234);
+        assert_eq!((head.dest.as_str(), head.queue_seq), ("120000/mca", 7));
         assert!(!head.finished());
         let ended = StoredExchange {
             state: ExchangeState::Expired as i32,
