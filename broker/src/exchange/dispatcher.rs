@@ -390,7 +390,6 @@ struct Pending {
     /// where two names took 32.
     lane: Arc<Lane>,
     deadline_ms: i64,
-    delivery: Option<Box<str>>,
 }
 
 /// A destination and a dataset: what an exchange is queued under.
@@ -484,6 +483,9 @@ struct Actor {
     instance_turn: u64,
     deliveries: HashMap<String, Delivery>,
     pending: HashMap<Id, Pending>,
+    /// The delivery id of each pending exchange in a provider's hands. Apart from `pending`,
+    /// whose entries (a million for a million queued) it would otherwise make half as big again.
+    delivered: HashMap<Id, Box<str>>,
     deadlines: BTreeSet<(i64, Id)>,
     /// The lanes [`Pending`] and the queues share.
     lanes: Lanes,
@@ -516,6 +518,7 @@ impl Actor {
             instance_turn: 0,
             deliveries: HashMap::new(),
             pending: HashMap::new(),
+            delivered: HashMap::new(),
             deadlines: BTreeSet::new(),
             lanes: Lanes::default(),
             done: Vec::new(),
@@ -771,7 +774,6 @@ impl Actor {
                 let p = Pending {
                     lane: lane.clone(),
                     deadline_ms,
-                    delivery: None,
                 };
                 self.pending.insert(id.clone(), p);
                 id
@@ -825,7 +827,7 @@ impl Actor {
                 let Some(id) = id else { continue };
                 progressed = true;
                 // Ended meanwhile (expired, replayed elsewhere): drop the stale entry.
-                if self.pending.get(&id).is_none_or(|p| p.delivery.is_some()) {
+                if !self.pending.contains_key(&id) || self.delivered.contains_key(&id) {
                     continue;
                 }
                 if !self.deliver(&id, inst) {
@@ -1011,8 +1013,8 @@ impl Actor {
                 since_ms: now,
             },
         );
-        if let Some(p) = self.pending.get_mut(id) {
-            p.delivery = Some(delivery_id.into());
+        if let Some((held, _)) = self.pending.get_key_value(id) {
+            self.delivered.insert(held.clone(), delivery_id.into());
         }
         true
     }
@@ -1080,16 +1082,14 @@ impl Actor {
             return;
         };
         let (id, lane, dl) = (held.clone(), p.lane.clone(), p.deadline_ms);
-        if let Some(p) = self.pending.get_mut(&id) {
-            p.delivery = None;
-        }
+        self.delivered.remove(&id);
         self.queue(id, &lane.dest, &lane.dataset, dl, true);
     }
 
     fn forget(&mut self, id: &str) {
         if let Some((held, p)) = self.pending.remove_entry(id) {
             self.deadlines.remove(&(p.deadline_ms, held));
-            if let Some(d) = p.delivery {
+            if let Some(d) = self.delivered.remove(id) {
                 self.deliveries.remove(&*d);
             }
         }
@@ -1121,9 +1121,7 @@ impl Actor {
         };
         self.engine.record_stage("provider", now_ms() - d.since_ms);
         let id = d.exchange_id;
-        if let Some(p) = self.pending.get_mut(id.as_str()) {
-            p.delivery = None;
-        }
+        self.delivered.remove(id.as_str());
         match self.load(&id) {
             Some(rec) if !rec.finished() => {
                 let end = self.shape(&rec, answer);
@@ -1238,8 +1236,8 @@ impl Actor {
         // Out of the dispatcher's hands now; written with the batch by `commit`.
         let pending = self.pending.remove_entry(id).map(|(held, p)| {
             self.deadlines.remove(&(p.deadline_ms, held));
-            if let Some(d) = &p.delivery {
-                self.deliveries.remove(&**d);
+            if let Some(d) = self.delivered.remove(id) {
+                self.deliveries.remove(&*d);
             }
             p
         });
@@ -1463,7 +1461,7 @@ impl Actor {
     }
 
     fn expire(&mut self, id: &str) {
-        let in_flight = self.pending.get_mut(id).and_then(|p| p.delivery.take());
+        let in_flight = self.delivered.remove(id);
         if let Some(d) = &in_flight {
             if let Some(del) = self.deliveries.remove(&**d) {
                 if let Some(inst) = self.instances.get_mut(&del.instance) {
@@ -1602,7 +1600,7 @@ impl Actor {
         let queued: Vec<Id> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.delivery.is_none())
+            .filter(|(id, _)| !self.delivered.contains_key(*id))
             .map(|(id, _)| id.clone())
             .collect();
         for id in queued {
