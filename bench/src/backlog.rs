@@ -108,6 +108,11 @@ pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
         Some(fx.restart(load.unclean_restart).await?)
     };
     let rss_recovered = sys::rss(None);
+    // The recovery's own peak, then the drain's, apart: which of the two sets the peak.
+    let peak_recovery = restart.and(sys::peak_rss(None));
+    if restart.is_some() {
+        sys::reset_peak_rss();
+    }
 
     // 3. Drain: the provider comes back; results are watched and acknowledged.
     let consumer = fx.consumers[0].client.clone();
@@ -177,7 +182,7 @@ pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
     r.exchanges = fill.ok;
     r.elapsed_s = drain.as_secs_f64();
     r.cpu_s_per_1k = c_start.zip(c_end).and_then(|(a, b)| r.per_1k(b - a));
-    r.peak_rss_mib = peak_fill.max(peak_drain).map(sys::mib);
+    r.peak_rss_mib = peak_fill.max(peak_drain).max(peak_recovery).map(sys::mib);
     let flushes = [(f0, f1), (f2, f3)]
         .iter()
         .map(|(a, b)| a.zip(*b).map(|(a, b)| b.0.saturating_sub(a.0)))
@@ -208,8 +213,13 @@ pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
     );
     ex.insert(
         "peak_rss_recovery_drain_mib".into(),
-        peak_drain.map(sys::mib).into(),
+        peak_drain.max(peak_recovery).map(sys::mib).into(),
     );
+    ex.insert(
+        "peak_rss_recovery_mib".into(),
+        peak_recovery.map(sys::mib).into(),
+    );
+    ex.insert("peak_rss_drain_mib".into(), peak_drain.map(sys::mib).into());
     ex.insert(
         "rss_after_drain_mib".into(),
         rss_drained.map(sys::mib).into(),

@@ -134,6 +134,13 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
     if !old_queue.is_empty() {
         old_queue.clear()?;
     }
+    let digested = digest_dedup_keys(store)?;
+    if digested > 0 {
+        tracing::info!(
+            keys = digested,
+            "idempotency keys rewritten in their compact form"
+        );
+    }
     if store.unclean_start() {
         // The check reads every record anyway, so it finds the queued exchanges too.
         let (queued, fixed) = repair(store, window_ms)?;
@@ -169,6 +176,22 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
         ));
     }
     Ok(in_queue_order(out))
+}
+
+/// Rewrites the idempotency keys of a data dir written before 2026-11-30 (consumer ‖ 0 ‖ key)
+/// as [`dedup_key`]s, which are what accepts look up; answers how many.
+fn digest_dedup_keys(store: &crate::store::Store) -> Result<u64> {
+    let dedup = store.tree(T::Dedup);
+    let mut n = 0;
+    for kv in dedup.iter() {
+        let (k, v) = kv?;
+        if let Some(digested) = super::record::undigested_dedup_key(&k) {
+            dedup.insert(digested, v)?;
+            dedup.remove(&k)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Orders recovered exchanges by queue seq (taken from one counter, so within each
@@ -243,7 +266,7 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
         }
         let idem = env.request.as_ref().map(|r| r.idempotency_key.as_str());
         if let Some(idem) = idem.filter(|k| !k.is_empty()) {
-            let key = crate::store::index_key(&env.consumer, idem);
+            let key = super::record::dedup_key(&env.consumer, idem);
             let at_ms = ms(&env.accepted_at);
             let local = env.origin_broker == store.broker_id();
             if local && now - at_ms <= window_ms && !dedup.contains_key(&key)? {
@@ -1776,7 +1799,7 @@ mod tests {
         put(
             &store,
             T::Dedup,
-            &index_key(CONSUMER, "key-w"),
+            &super::super::record::dedup_key(CONSUMER, "key-w"),
             &first.encode_to_vec(),
         );
         // Results entries of a record acknowledged since, and of one that has not ended.
@@ -1802,7 +1825,7 @@ mod tests {
         assert_eq!(dedup.len(), 2);
         let restored = dedup
             .iter()
-            .find(|(k, _)| *k == index_key(CONSUMER, "key-a"))
+            .find(|(k, _)| *k == super::super::record::dedup_key(CONSUMER, "key-a"))
             .map(|(_, v)| super::super::record::DedupRecord::decode(v.as_slice()));
         assert_eq!(
             restored.transpose()?.map(|d| d.exchange_id),
@@ -1844,6 +1867,31 @@ mod tests {
             ]
         );
         assert!(store.tree(T::Queue).is_empty());
+        Ok(())
+    }
+
+    // Idempotency keys stored before 2026-11-30 (consumer ‖ 0 ‖ key) are rewritten at start in
+    // the form accepts look up, with their values; hop marks stay as they are.
+    #[test]
+    fn recovery_rewrites_old_idempotency_keys_in_their_digested_form() -> Result<()> {
+        let (_dir, store) = crate::store::tests::temp_store()?;
+        let first = super::super::record::DedupRecord {
+            exchange_id: "first".into(),
+            at_ms: 7,
+        };
+        let hop = index_key("#hop", "x");
+        put(
+            &store,
+            T::Dedup,
+            &index_key(CONSUMER, "k1"),
+            &first.encode_to_vec(),
+        );
+        put(&store, T::Dedup, &hop, b"mark");
+        recover(&store, 60_000)?;
+        let digested = super::super::record::dedup_key(CONSUMER, "k1");
+        let mut want = vec![(digested, first.encode_to_vec()), (hop, b"mark".to_vec())];
+        want.sort();
+        assert_eq!(keys(&store, T::Dedup), want);
         Ok(())
     }
 

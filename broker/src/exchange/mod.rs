@@ -28,7 +28,7 @@ use govshare_proto::v1::{
     SubmitResponse,
 };
 use prost::Message;
-use record::{DedupRecord, StoredExchange};
+use record::{dedup_key, DedupRecord, StoredExchange};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -575,7 +575,7 @@ impl Engine {
         }
         let consumer = caller.id.to_string();
         let dedup_key =
-            (!req.idempotency_key.is_empty()).then(|| index_key(&consumer, &req.idempotency_key));
+            (!req.idempotency_key.is_empty()).then(|| dedup_key(&consumer, &req.idempotency_key));
         if let Some(k) = &dedup_key {
             if let Some(dup) = self.duplicate(k, now)? {
                 return Ok(dup);

@@ -160,6 +160,39 @@ pub struct DedupRecord {
     pub at_ms: i64,
 }
 
+/// The first byte of a [`dedup_key`]: never the first byte of a node id (UTF-8 text) nor of a
+/// hop mark (`#hop ‖ 0 ‖ id`), so such keys are told from both.
+pub const DEDUP_HASHED: u8 = 0xFF;
+
+/// The `dedup` tree's key for a consumer's idempotency key: [`DEDUP_HASHED`], then the first
+/// 16 bytes of SHA-256 over consumer ‖ 0 ‖ key. Every exchange submitted with a key has one
+/// for the whole window (a day by default), so its size counts: 17 bytes, where the joined
+/// text (the key until 2026-11-30, see [`undigested_dedup_key`]) took about 50.
+pub fn dedup_key(consumer: &str, key: &str) -> Vec<u8> {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(consumer.as_bytes())
+        .chain_update([0])
+        .chain_update(key.as_bytes())
+        .finalize();
+    let mut k = Vec::with_capacity(17);
+    k.push(DEDUP_HASHED);
+    k.extend_from_slice(&digest[..16]);
+    k
+}
+
+/// For a `dedup` key in the form written until 2026-11-30 (consumer ‖ 0 ‖ idempotency key),
+/// its [`dedup_key`]; None for a key already digested and for a hop mark.
+pub fn undigested_dedup_key(k: &[u8]) -> Option<Vec<u8>> {
+    if k.first() == Some(&DEDUP_HASHED) || k.starts_with(b"#hop\0") {
+        return None;
+    }
+    let split = k.iter().position(|b| *b == 0)?;
+    let consumer = std::str::from_utf8(&k[..split]).ok()?;
+    let key = std::str::from_utf8(&k[split + 1..]).ok()?;
+    Some(dedup_key(consumer, key))
+}
+
 /// A delivery in progress, as recorded in the `in_flight` tree.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct InFlight {
@@ -228,6 +261,26 @@ mod tests {
     }
 
     /// Recovery's head reads the dataset, deadline, size and state of a full record.
+    #[test]
+    fn a_dedup_key_is_17_bytes_apart_for_every_consumer_and_key() {
+        let k = dedup_key("330100/civil", "k1");
+        assert_eq!((k.len(), k[0]), (17, DEDUP_HASHED));
+        assert_eq!(k, dedup_key("330100/civil", "k1"));
+        // The separator keeps ("a", "b\0c") apart from ("a\0b", "c") only if names hold no NUL,
+        // which node ids never do; these differ in their bytes before it.
+        for other in [
+            dedup_key("330100/civil", "k2"),
+            dedup_key("330100/civi", "lk1"),
+            dedup_key("330200/civil", "k1"),
+        ] {
+            assert_ne!(k, other);
+        }
+        assert_eq!(undigested_dedup_key(b"330100/civil\0k1"), Some(k.clone()));
+        assert_eq!(undigested_dedup_key(&k), None);
+        assert_eq!(undigested_dedup_key(b"#hop\0some-exchange"), None);
+        assert_eq!(undigested_dedup_key(b"no separator"), None);
+    }
+
     #[test]
     fn a_queued_records_head_is_its_queue_dataset_deadline_size_and_state(
     ) -> Result<(), prost::DecodeError> {
