@@ -41,7 +41,7 @@ pub enum T {
     Meta,
     /// Exchange id → `StoredExchange`.
     Exchanges,
-    /// No longer written (until 2026-11-30: destination ‖ 0 ‖ seq → exchange id, the durable
+    /// No longer written (until 2026-11-29: destination ‖ 0 ‖ seq → exchange id, the durable
     /// queues; each record names its queue and place), cleared at start; kept so that the
     /// trees after it keep their numbers.
     Queue,

@@ -130,7 +130,7 @@ pub struct Recovered {
 /// `window_ms` is the idempotency window (see [`repair`]).
 pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recovered>> {
     store.tree(T::InFlight).clear()?;
-    // Until 2026-11-30 a queued exchange also had an entry in the `queue` tree, which said
+    // Until 2026-11-29 a queued exchange also had an entry in the `queue` tree, which said
     // nothing its record does not (destination, queue seq) and cost ~130 bytes of index each.
     let old_queue = store.tree(T::Queue);
     if !old_queue.is_empty() {
@@ -181,7 +181,7 @@ pub fn recover(store: &crate::store::Store, window_ms: i64) -> Result<Vec<Recove
     Ok(out)
 }
 
-/// Rewrites the idempotency keys of a data dir written before 2026-11-30 (consumer ‖ 0 ‖ key)
+/// Rewrites the idempotency keys of a data dir written before 2026-11-29 (consumer ‖ 0 ‖ key)
 /// as [`dedup_key`]s, which are what accepts look up; answers how many.
 fn digest_dedup_keys(store: &crate::store::Store) -> Result<u64> {
     let dedup = store.tree(T::Dedup);
@@ -1842,7 +1842,7 @@ mod tests {
 
     // A clean start queues again what the records say has not ended, in the order it was
     // queued (the records' keys are ids, in no such order), and drops the entries of the
-    // `queue` tree that data dirs written before 2026-11-30 hold.
+    // `queue` tree that data dirs written before 2026-11-29 hold.
     #[test]
     fn recovery_queues_the_unended_records_in_queue_order() -> Result<()> {
         let (_dir, store) = crate::store::tests::temp_store()?;
@@ -1874,7 +1874,7 @@ mod tests {
         Ok(())
     }
 
-    // Idempotency keys stored before 2026-11-30 (consumer ‖ 0 ‖ key) are rewritten at start in
+    // Idempotency keys stored before 2026-11-29 (consumer ‖ 0 ‖ key) are rewritten at start in
     // the form accepts look up, with their values; hop marks stay as they are.
     #[test]
     fn recovery_rewrites_old_idempotency_keys_in_their_digested_form() -> Result<()> {

@@ -167,7 +167,7 @@ pub const DEDUP_HASHED: u8 = 0xFF;
 /// The `dedup` tree's key for a consumer's idempotency key: [`DEDUP_HASHED`], then the first
 /// 16 bytes of SHA-256 over consumer ‖ 0 ‖ key. Every exchange submitted with a key has one
 /// for the whole window (a day by default), so its size counts: 17 bytes, where the joined
-/// text (the key until 2026-11-30, see [`undigested_dedup_key`]) took about 50.
+/// text (the key until 2026-11-29, see [`undigested_dedup_key`]) took about 50.
 pub fn dedup_key(consumer: &str, key: &str) -> Vec<u8> {
     use sha2::Digest;
     let digest = sha2::Sha256::new()
@@ -181,7 +181,7 @@ pub fn dedup_key(consumer: &str, key: &str) -> Vec<u8> {
     k
 }
 
-/// For a `dedup` key in the form written until 2026-11-30 (consumer ‖ 0 ‖ idempotency key),
+/// For a `dedup` key in the form written until 2026-11-29 (consumer ‖ 0 ‖ idempotency key),
 /// its [`dedup_key`]; None for a key already digested and for a hop mark.
 pub fn undigested_dedup_key(k: &[u8]) -> Option<Vec<u8>> {
     if k.first() == Some(&DEDUP_HASHED) || k.starts_with(b"#hop\0") {
