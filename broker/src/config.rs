@@ -673,6 +673,8 @@ queue_max_count = {x_qc}
 # Most bytes queued for one destination. Default 1073741824 (1 GiB).
 queue_max_bytes = {x_qb}
 # Seconds a repeated idempotency key returns the first exchange. Default 86400.
+# Each key stays in memory (about 125 bytes) this long: at 100 keyed exchanges a
+# second, the default day holds about 1 GB of them.
 idempotency_window_secs = {x_idem}
 # Most rows in one response (the rest are cut, the result marked truncated). Default 1000.
 max_rows = {x_rows}

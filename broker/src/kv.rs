@@ -444,6 +444,13 @@ impl Index {
         }
     }
 
+    /// Rebuilds a map from its sorted entries, which fills its nodes (see [`Db::open`]).
+    fn pack(&mut self) {
+        if let Index::Map(m) = self {
+            *m = std::mem::take(m).into_iter().collect();
+        }
+    }
+
     fn get(&self, key: &[u8]) -> Option<Slot<'_>> {
         match self {
             Index::Map(m) => m.get_key_value(key).map(|(k, s)| s.slot(k)),
@@ -966,6 +973,13 @@ impl Db {
             if let Some(s) = state.segs.get_mut(&id) {
                 s.size = size;
             }
+        }
+        // Keys replayed in the order they were written (exchange ids are time-ordered) leave a
+        // map's nodes little more than half full: the B-tree splits a full node in the middle,
+        // and inserts in order never come back to the left half. Built in one go from sorted
+        // entries, the nodes are full: at a million queued exchanges, ~50 MB less.
+        for index in &mut state.trees {
+            index.pack();
         }
         let head = match last {
             Some(id) => id,

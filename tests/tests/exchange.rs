@@ -107,6 +107,15 @@ fn generous() -> Arc<dyn Fn(&ProviderRequest) -> Reply + Send + Sync> {
     })
 }
 
+/// A deadline `secs` seconds from now, in whole seconds.
+fn deadline_in(secs: u64) -> Result<prost_types::Timestamp> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    Ok(prost_types::Timestamp {
+        seconds: i64::try_from(now.as_secs() + secs)?,
+        nanos: 0,
+    })
+}
+
 fn code_of<T: std::fmt::Debug>(r: &Result<T, ClientError>) -> Option<(Code, String)> {
     r.as_ref()
         .err()
@@ -394,13 +403,7 @@ async fn expiry_and_dead_letters_and_replay() -> Result<()> {
     let admin = s.broker.admin().await?;
     // Expiry while queued (no provider).
     let mut r = ask("1");
-    r.deadline = Some(prost_types::Timestamp {
-        seconds: (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-            + 1) as i64,
-        nanos: 0,
-    });
+    r.deadline = Some(deadline_in(1)?);
     let sub = s.civil.submit(r).await?;
     let expired = s
         .civil
@@ -496,13 +499,7 @@ async fn a_revocation_ends_queued_exchanges_at_once_even_with_no_provider() -> R
 async fn an_acknowledged_dead_letter_cannot_be_replayed() -> Result<()> {
     let s = setup().await?;
     let mut r = ask("1");
-    r.deadline = Some(prost_types::Timestamp {
-        seconds: (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-            + 1) as i64,
-        nanos: 0,
-    });
+    r.deadline = Some(deadline_in(1)?);
     let sub = s.civil.submit(r).await?;
     let expired = s
         .civil
@@ -582,6 +579,10 @@ async fn queued_exchanges_survive_a_restart() -> Result<()> {
     for i in 0..5 {
         ids.push(s.civil.submit(ask(&i.to_string())).await?.exchange_id);
     }
+    // One with a deadline a few seconds out: the restarted broker must still end it then.
+    let mut short = ask("short");
+    short.deadline = Some(deadline_in(3)?);
+    let short = s.civil.submit(short).await?.exchange_id;
     s.broker.restart().await?;
     let hrss = s
         .broker
@@ -591,6 +592,11 @@ async fn queued_exchanges_survive_a_restart() -> Result<()> {
         .broker
         .connect(&s.broker.scratch("id-330100-civil"))
         .await?;
+    let expired = civil
+        .with_timeout(Duration::from_secs(10))
+        .get_exchange(&short, true)
+        .await?;
+    ensure!(expired.state() == ExchangeState::Expired, "{expired:?}");
     let _p = TestProvider::start(&hrss, &[DS], 4, "p", generous()).await?;
     for id in &ids {
         let r = civil.get_exchange(id, true).await?;

@@ -188,10 +188,12 @@ fn digest_dedup_keys(store: &crate::store::Store) -> Result<u64> {
     let mut n = 0;
     // Digested keys sort last (they start with 0xFF) and hop marks together, so only the old
     // keys are read: a start does not step through a day's worth of keys to find none.
-    let hop: &[u8] = b"#hop\0";
-    let after_hop: &[u8] = b"#hop\x01";
-    let last: &[u8] = &[super::record::DEDUP_HASHED];
-    for kv in dedup.range(..hop).chain(dedup.range(after_hop..last)) {
+    use super::record::{DEDUP_HASHED, HOP_MARKS_END, HOP_MARK_PREFIX};
+    let last: &[u8] = &[DEDUP_HASHED];
+    for kv in dedup
+        .range(..HOP_MARK_PREFIX)
+        .chain(dedup.range(HOP_MARKS_END..last))
+    {
         let (k, v) = kv?;
         if let Some(digested) = super::record::undigested_dedup_key(&k) {
             dedup.insert(digested, v)?;
@@ -336,12 +338,7 @@ pub fn spawn(
                 }
             };
             let mut actor = Actor::new(engine);
-            // Sized once: grown by doubling, a million entries would briefly need the old
-            // table and the new one (a third as much again as the map itself).
-            actor.pending.reserve(recovered.len());
-            for r in recovered {
-                actor.queue(r.id, &r.lane.dest, &r.lane.dataset, r.deadline_ms, false);
-            }
+            actor.take_over(recovered);
             rt.block_on(actor.run(rx));
         })
         .map_err(|e| BrokerError::internal(format!("cannot start the dispatcher thread: {e}")))
@@ -806,10 +803,15 @@ impl Actor {
                 id
             }
         };
-        if !self.dests.contains_key(dest) {
-            self.dests.insert(dest.to_string(), DestQ::default());
+        self.lane_queue(&lane, id, front);
+    }
+
+    /// Puts an id in its lane's queue (nothing else).
+    fn lane_queue(&mut self, lane: &Lane, id: Id, front: bool) {
+        if !self.dests.contains_key(&*lane.dest) {
+            self.dests.insert(lane.dest.to_string(), DestQ::default());
         }
-        let Some(dq) = self.dests.get_mut(dest) else {
+        let Some(dq) = self.dests.get_mut(&*lane.dest) else {
             return;
         };
         let q = dq.queues.entry(lane.dataset.clone()).or_default();
@@ -818,6 +820,46 @@ impl Actor {
         } else {
             q.push_back(id);
         }
+    }
+
+    /// Queues what [`recover`] found, in its order, before anything else reaches the
+    /// dispatcher. It does what [`Actor::queue`] does for each, in an order that keeps the
+    /// peak low at a million queued: the pending map is sized once (grown by doubling, it
+    /// would briefly need its old table and its new one); the list's memory is given back as
+    /// it empties (48 MB at a million, which otherwise stays until its last entry is in); and
+    /// the deadlines come last, built in one go from a sorted list (full B-tree nodes, about
+    /// 26 MB, where inserting in order leaves them half full), once the recovered list is gone.
+    fn take_over(&mut self, mut recovered: Vec<Recovered>) {
+        if recovered.is_empty() {
+            return;
+        }
+        self.pending.reserve(recovered.len());
+        recovered.reverse();
+        while let Some(r) = recovered.pop() {
+            let lane = self.lanes.get(&r.lane.dest, &r.lane.dataset);
+            let p = Pending {
+                lane: lane.clone(),
+                deadline_ms: r.deadline_ms,
+            };
+            // Ids are keys of one tree, so none is there twice.
+            self.pending.insert(r.id.clone(), p);
+            self.lane_queue(&lane, r.id, false);
+            // At a quarter, not a half: mimalloc shrinks a block in place, keeping all of it,
+            // when at least half of it is still used.
+            if recovered.capacity() > 4096 && recovered.len() < recovered.capacity() / 4 {
+                recovered.shrink_to_fit();
+            }
+        }
+        drop(recovered);
+        let mut deadlines: Vec<(i64, Id)> = self
+            .pending
+            .iter()
+            .map(|(id, p)| (p.deadline_ms, id.clone()))
+            .collect();
+        // Sorted here, in place: the set's own (stable) sort then finds a single run and leaves
+        // its scratch space untouched, so it costs no memory.
+        deadlines.sort_unstable();
+        self.deadlines = deadlines.into_iter().collect();
     }
 
     /// Delivers as much of a destination's queue as its instances have credit for.
@@ -1353,7 +1395,7 @@ impl Actor {
                 };
                 tx.put_raw(
                     T::Dedup,
-                    &crate::store::index_key("#hop", id),
+                    &super::record::hop_mark_key(id),
                     &seen.encode_to_vec(),
                 )?;
                 let mut e = exchange_entry(end.decision, store.broker_id(), &env);
@@ -1711,7 +1753,7 @@ fn sweep_dedup(engine: &Engine, now: i64) -> Result<()> {
     for kv in tree.iter() {
         let (k, v) = kv?;
         let d = super::record::DedupRecord::decode(v.as_ref())?;
-        let keep = if k.starts_with(b"#hop\0") {
+        let keep = if k.starts_with(super::record::HOP_MARK_PREFIX) {
             hop_window
         } else {
             window

@@ -12,7 +12,7 @@ use super::{exchange_entry, Engine};
 use crate::error::Result;
 use crate::federation::{in_scope, Effect, Route};
 use crate::ids::DatasetId;
-use crate::store::{index_key, Tx, T};
+use crate::store::{Tx, T};
 use crate::time::{ms, now_ms, ts};
 use govshare_proto::v1::AuditEntry;
 use govshare_proto::v1::{
@@ -20,11 +20,6 @@ use govshare_proto::v1::{
     GrantRevocation, GrantState, ResultEnvelope,
 };
 use prost::Message;
-
-/// The dedup key that marks an exchange id as already handled by this hop.
-fn seen_key(id: &str) -> Vec<u8> {
-    index_key("#hop", id)
-}
 
 /// A refusal at this hop, with the gRPC code the consumer sees.
 struct HopDenial {
@@ -107,7 +102,9 @@ impl HopWrite {
 /// True when this hop has taken the exchange already, as seen inside a transaction: two
 /// frames of one exchange in one grouped transaction are written once.
 fn taken(tx: &Tx<'_>, id: &str) -> Result<bool> {
-    Ok(tx.get_raw(T::Dedup, &seen_key(id))?.is_some()
+    Ok(tx
+        .get_raw(T::Dedup, &super::record::hop_mark_key(id))?
+        .is_some()
         || tx.get_raw(T::Exchanges, id.as_bytes())?.is_some())
 }
 
@@ -115,7 +112,9 @@ impl Engine {
     /// True when this hop has handled the exchange before (a frame resent after a lost ack).
     fn seen(&self, id: &str) -> Result<bool> {
         let store = self.store();
-        Ok(store.tree(T::Dedup).contains_key(seen_key(id))?
+        Ok(store
+            .tree(T::Dedup)
+            .contains_key(super::record::hop_mark_key(id))?
             || store.tree(T::Exchanges).contains_key(id.as_bytes())?)
     }
 
@@ -619,5 +618,9 @@ fn mark_seen(tx: &crate::store::Tx<'_>, id: &str, now: i64) -> Result<()> {
         exchange_id: id.to_string(),
         at_ms: now,
     };
-    tx.put_raw(T::Dedup, &seen_key(id), &d.encode_to_vec())
+    tx.put_raw(
+        T::Dedup,
+        &super::record::hop_mark_key(id),
+        &d.encode_to_vec(),
+    )
 }

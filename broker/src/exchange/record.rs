@@ -160,6 +160,18 @@ pub struct DedupRecord {
     pub at_ms: i64,
 }
 
+/// The key of a hop mark in the `dedup` tree (`#hop ‖ 0 ‖ id`): an exchange id this broker
+/// has already handled as a hop, so a frame sent again is not handled twice.
+pub fn hop_mark_key(id: &str) -> Vec<u8> {
+    crate::store::index_key("#hop", id)
+}
+
+/// What every [`hop_mark_key`] starts with.
+pub const HOP_MARK_PREFIX: &[u8] = b"#hop\0";
+
+/// The first key after every [`hop_mark_key`].
+pub const HOP_MARKS_END: &[u8] = b"#hop\x01";
+
 /// The first byte of a [`dedup_key`]: never the first byte of a node id (UTF-8 text) nor of a
 /// hop mark (`#hop ‖ 0 ‖ id`), so such keys are told from both.
 pub const DEDUP_HASHED: u8 = 0xFF;
@@ -184,7 +196,7 @@ pub fn dedup_key(consumer: &str, key: &str) -> Vec<u8> {
 /// For a `dedup` key in the form written until 2026-11-29 (consumer ‖ 0 ‖ idempotency key),
 /// its [`dedup_key`]; None for a key already digested and for a hop mark.
 pub fn undigested_dedup_key(k: &[u8]) -> Option<Vec<u8>> {
-    if k.first() == Some(&DEDUP_HASHED) || k.starts_with(b"#hop\0") {
+    if k.first() == Some(&DEDUP_HASHED) || k.starts_with(HOP_MARK_PREFIX) {
         return None;
     }
     let split = k.iter().position(|b| *b == 0)?;
@@ -279,6 +291,23 @@ mod tests {
         assert_eq!(undigested_dedup_key(&k), None);
         assert_eq!(undigested_dedup_key(b"#hop\0some-exchange"), None);
         assert_eq!(undigested_dedup_key(b"no separator"), None);
+    }
+
+    // Recovery reads the keys outside the hop marks' range (see `digest_dedup_keys`), so every
+    // mark must lie inside it, whatever the id, and no digested key may.
+    #[test]
+    fn hop_marks_lie_between_their_prefix_and_their_end() {
+        for id in [
+            "",
+            "0",
+            "01a22961-2cf5-71c5-a6a9-aaa425473559",
+            "\u{10FFFF}",
+        ] {
+            let k = hop_mark_key(id);
+            assert!(k.starts_with(HOP_MARK_PREFIX), "{k:?}");
+            assert!(k.as_slice() < HOP_MARKS_END, "{k:?}");
+        }
+        assert!(dedup_key("a", "b").as_slice() > HOP_MARKS_END);
     }
 
     #[test]
