@@ -1377,8 +1377,11 @@ impl Actor {
         if rec.finished() {
             return Ok((None, vec![]));
         }
-        let env = rec.envelope.clone().unwrap_or_default();
-        let req = env.request.clone().unwrap_or_default();
+        // Borrowed, not copied: the envelope (with its request and trail) is most of the record.
+        let default_env = ExchangeEnvelope::default();
+        let env = rec.envelope.as_ref().unwrap_or(&default_env);
+        let default_req = ExchangeRequest::default();
+        let req = env.request.as_ref().unwrap_or(&default_req);
         let result = ExchangeResult {
             exchange_id: id.to_string(),
             state: end.state as i32,
@@ -1434,7 +1437,7 @@ impl Actor {
                     &super::record::hop_mark_key(id),
                     &seen.encode_to_vec(),
                 )?;
-                let mut e = exchange_entry(end.decision, store.broker_id(), &env);
+                let mut e = exchange_entry(end.decision, store.broker_id(), env);
                 e.reason = if end.message.is_empty() {
                     format!(
                         "rows: {}; result sent toward {}",
@@ -1476,7 +1479,7 @@ impl Actor {
         }
         tx.put(T::Exchanges, id, &rec)?;
         let result = rec.result.take().unwrap_or_default();
-        let mut e = exchange_entry(end.decision, store.broker_id(), &env);
+        let mut e = exchange_entry(end.decision, store.broker_id(), env);
         e.reason = if end.message.is_empty() {
             format!("rows: {}", end.rows.len())
         } else {
