@@ -447,6 +447,11 @@ impl Index {
     /// Rebuilds a map from its sorted entries, which fills its nodes (see [`Db::open`]).
     fn pack(&mut self) {
         if let Index::Map(m) = self {
+            // `collect` frees the old nodes as it reads them into a list (32 bytes an entry),
+            // then builds full nodes from it: for a moment the list and the new nodes are
+            // held, a little more than the old nodes were. `append` onto a one-entry map
+            // avoids the list but, with every key after that entry, keeps the old nodes as
+            // they are (measured: nothing saved at a million queued).
             *m = std::mem::take(m).into_iter().collect();
         }
     }
@@ -2007,6 +2012,46 @@ mod tests {
         let db = Db::open(dir.path(), small())?;
         assert_eq!(dump(&db, 0)?, vec![("y".into(), "kept".into())]);
         Ok(())
+    }
+
+    // A packed map holds the same keys, in order, with the same places and inline values.
+    #[test]
+    fn packing_a_map_keeps_every_entry() {
+        let mut want = Vec::new();
+        let mut index = Index::new(false);
+        if let Index::Map(m) = &mut index {
+            for i in 0..5000u32 {
+                let key = format!("k{i:06}");
+                let inline = (i % 3 == 0).then(|| i.to_be_bytes());
+                let stored = Stored {
+                    seg: i % 7,
+                    off: i,
+                    len: 4,
+                    inline: inline.is_some(),
+                };
+                m.insert(
+                    Key::new(key.as_bytes(), inline.as_ref().map(|b| &b[..])),
+                    stored,
+                );
+                want.push((key.into_bytes(), inline, stored.seg, stored.off));
+            }
+        }
+        index.pack();
+        let Index::Map(m) = &index else {
+            panic!("still a map")
+        };
+        let got: Vec<_> = m
+            .iter()
+            .map(|(k, s)| {
+                let (key, value) = k.parts();
+                let inline = s
+                    .inline
+                    .then(|| <[u8; 4]>::try_from(value).unwrap_or_default());
+                (key.to_vec(), inline, s.seg, s.off)
+            })
+            .collect();
+        assert_eq!(got, want);
+        assert!(index.get(b"k004999").is_some() && index.get(b"k005000").is_none());
     }
 
     #[test]
