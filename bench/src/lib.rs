@@ -8,13 +8,14 @@
 //!
 //! Scenarios: `echo`, `sync`, `async`, `fanin`, `backlog`, `grant-check`, `cascade` (`sync`
 //! across three in-process brokers: consumer at province 330000 -> national hub -> province
-//! 440000 -> provider), and the durable peers `redis` and `nats` (run when `redis-server` /
-//! `nats-server` are on the PATH).
+//! 440000 -> provider), `fsync` (the disk's own floor: one append + `fdatasync` at a time), and
+//! the durable peers `redis` and `nats` (run when `redis-server` / `nats-server` are on the PATH).
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod backlog;
 pub mod cli;
+mod disk;
 mod driver;
 mod echo;
 mod exchange;
@@ -129,6 +130,7 @@ async fn run_one(scenario: Scenario, load: &LoadArgs) -> Result<Outcome> {
         Scenario::Cascade => exchange::run(exchange::Mode::Cascade, load).await?,
         Scenario::Redis => return peers::redis(load).await,
         Scenario::Nats => return peers::nats(load).await,
+        Scenario::Fsync => disk::run(load).await?,
     };
     Ok(Outcome::Done(Box::new(r)))
 }

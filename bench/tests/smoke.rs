@@ -172,6 +172,37 @@ fn cascade_across_three_brokers() {
 }
 
 #[test]
+fn fsync_one_writer() {
+    let s = run_scenario("fsync", &[]);
+    assert_eq!(
+        s["load"], "closed 1",
+        "one writer, whatever --concurrency: {s:#}"
+    );
+    assert_eq!(s["fsyncs_per_1k"].as_f64(), Some(1000.0));
+    assert!(s["notes"].to_string().contains("fdatasync"), "{s:#}");
+    let s = run_scenario("fsync", &["--rate", "200/s"]);
+    assert_eq!(s["load"], "open 200/s");
+}
+
+#[test]
+fn fsync_names_a_temp_dir_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_govshare-bench"))
+        .args(["run", "fsync", "-q"])
+        .args(SHORT)
+        .env("TMPDIR", &missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no-such-dir") && stderr.contains("TMPDIR"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn grant_check() {
     run_scenario("grant-check", &["--duration", "300ms"]);
 }
@@ -235,6 +266,7 @@ fn help_names_every_scenario() {
         "backlog",
         "grant-check",
         "cascade",
+        "fsync",
         "redis",
         "nats",
     ] {
