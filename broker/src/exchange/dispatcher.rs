@@ -104,6 +104,8 @@ pub enum Cmd {
         result: ExchangeResult,
         /// Answered once the outcome is durable (dropped if it could not be stored).
         done: oneshot::Sender<()>,
+        /// Says that the end it brings is on its way to a flush (see `Store::durable_intent`).
+        intent: crate::store::Intent,
     },
     /// Stop.
     Shutdown,
@@ -797,7 +799,14 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Cmd::GrantRevoked { grant_id } => self.revoked(&grant_id),
-            Cmd::Remote { result, done } => self.remote(result, done),
+            Cmd::Remote {
+                result,
+                done,
+                intent,
+            } => {
+                self.coming.push(intent);
+                self.remote(result, done)
+            }
             Cmd::Shutdown => return false,
         }
         true

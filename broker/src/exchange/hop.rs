@@ -54,6 +54,10 @@ fn deny(rule: &'static str, detail: String, code: tonic::Code) -> HopDenial {
 pub(crate) enum Hop {
     /// Nothing (more) to write: these effects follow.
     Done(Vec<Effect>),
+    /// Nothing written for this frame at all: its effects follow with no flush here first
+    /// (a result reaching its consumer's home broker, whose end the dispatcher makes durable
+    /// before the link may acknowledge it).
+    Pass(Vec<Effect>),
     /// A write to group with others, then what follows from it.
     Write(HopWrite),
 }
@@ -522,7 +526,7 @@ impl Engine {
             }
         }
         match self.fed().route(&env.consumer)? {
-            Some(Route::Local) => Ok(Hop::Done(vec![Effect::Result(result)])),
+            Some(Route::Local) => Ok(Hop::Pass(vec![Effect::Result(result)])),
             Some(Route::Via(peer)) if peer != from => {
                 let mut e = crate::audit::entry("result_forwarded", &me);
                 e.exchange_id = result.exchange_id.clone();

@@ -129,6 +129,19 @@ fn lock<'a, T>(m: &'a Mutex<T>) -> std::sync::MutexGuard<'a, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A result handed to the dispatcher by [`Engine::remote_result`], until its outcome is kept.
+#[derive(Debug)]
+pub struct RemoteKept(oneshot::Receiver<()>);
+
+impl RemoteKept {
+    /// Waits until the outcome is durable here (or there was nothing to keep).
+    pub async fn wait(self) -> Result<()> {
+        self.0.await.map_err(|_| {
+            BrokerError::Unavailable("the result could not be stored; it will be sent again".into())
+        })
+    }
+}
+
 /// How many refusals the console keeps.
 const RECENT_DENIALS: usize = 50;
 
@@ -266,19 +279,24 @@ impl Engine {
         &self.inner.fed
     }
 
-    /// An exchange of a local consumer came back over a link with its outcome. Returns once
-    /// the outcome is durable here (or there was nothing to keep): only then may the link
-    /// acknowledge it to the broker it came from.
-    pub async fn remote_result(&self, result: ExchangeResult) -> Result<()> {
+    /// An exchange of a local consumer came back over a link with its outcome: hands it to
+    /// the dispatcher. The returned wait ends once the outcome is durable here (or there was
+    /// nothing to keep): only then may the link acknowledge it to the broker it came from.
+    /// Handing over a batch's results before waiting lets one flush cover all their ends.
+    pub async fn remote_result(&self, result: ExchangeResult) -> Result<RemoteKept> {
         let (done, rx) = oneshot::channel();
+        // From here until the dispatcher asks for its flush, a flush may wait for it.
+        let intent = self.inner.store.durable_intent();
         self.inner
             .cmd
-            .send(Cmd::Remote { result, done })
+            .send(Cmd::Remote {
+                result,
+                done,
+                intent,
+            })
             .await
             .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
-        rx.await.map_err(|_| {
-            BrokerError::Unavailable("the result could not be stored; it will be sent again".into())
-        })
+        Ok(RemoteKept(rx))
     }
 
     /// Queues an exchange this broker took custody of from a link.

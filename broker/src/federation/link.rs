@@ -378,17 +378,33 @@ async fn session(
             }
         }
         if !custody.is_empty() {
+            // A flush that another writer asks for meanwhile waits for this batch's writes
+            // (up to `flush_linger_us`): under load, one fsync for the links' frames and the
+            // broker's own writes instead of one each.
+            let intent = app.store.durable_intent();
             let a = app.clone();
             let p = peer.clone();
             let handled = store::blocking(move || handle_frames(&a, &p, custody)).await;
-            let (up_to, effects) = match handled {
+            let Handled {
+                up_to,
+                effects,
+                wrote,
+            } = match handled {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(peer = %peer.id, error = %e, "cannot take custody of link frames; closing the link so the peer resends them");
                     return;
                 }
             };
-            if let Err(e) = app.store.durable().await {
+            let flushed = if wrote {
+                app.store.durable_for(vec![intent]).await
+            } else {
+                // Only results for this broker's consumers: the dispatcher makes each end
+                // durable before `apply` returns, and only then is the batch acknowledged.
+                drop(intent);
+                Ok(())
+            };
+            if let Err(e) = flushed {
                 tracing::error!(peer = %peer.id, error = %e, "flush failed; closing the link so the peer resends");
                 return;
             }
@@ -658,11 +674,21 @@ fn reachable(app: &App) -> Result<RouteAdvertisement> {
     Ok(adv)
 }
 
-/// Handles a batch of frames (blocking); returns the highest sequence number now held and what
-/// to do once the writes are durable. A frame refused by policy is audited and acknowledged;
-/// only storage trouble fails the batch (and the peer sends it again).
-fn handle_frames(app: &App, peer: &Peer, frames: Vec<(u64, Body)>) -> Result<(u64, Vec<Effect>)> {
+/// What a batch of link frames came to.
+struct Handled {
+    /// The highest sequence number now held.
+    up_to: u64,
+    /// What to do once the writes are durable.
+    effects: Vec<Effect>,
+    /// Whether any frame wrote here (or may have): if so, a flush before `effects`.
+    wrote: bool,
+}
+
+/// Handles a batch of frames (blocking). A frame refused by policy is audited and
+/// acknowledged; only storage trouble fails the batch (and the peer sends it again).
+fn handle_frames(app: &App, peer: &Peer, frames: Vec<(u64, Body)>) -> Result<Handled> {
     let mut up_to = 0;
+    let mut wrote = false;
     let mut effects = Vec::new();
     // Exchanges and results write in one grouped transaction for the run of them; any other
     // frame waits until that run is written, so that writes land in the frames' order.
@@ -673,14 +699,29 @@ fn handle_frames(app: &App, peer: &Peer, frames: Vec<(u64, Body)>) -> Result<(u6
             settle(app, peer, &mut pending, &mut effects)?;
         }
         match handle(app, peer, body) {
-            Ok(Hop::Done(mut e)) => effects.append(&mut e),
-            Ok(Hop::Write(w)) => pending.push(w),
-            Err(e) => refused(peer, e)?,
+            Ok(Hop::Pass(mut e)) => effects.append(&mut e),
+            Ok(Hop::Done(mut e)) => {
+                wrote = true;
+                effects.append(&mut e)
+            }
+            Ok(Hop::Write(w)) => {
+                wrote = true;
+                pending.push(w)
+            }
+            Err(e) => {
+                // It may have written before it failed.
+                wrote = true;
+                refused(peer, e)?
+            }
         }
         up_to = up_to.max(seq);
     }
     settle(app, peer, &mut pending, &mut effects)?;
-    Ok((up_to, effects))
+    Ok(Handled {
+        up_to,
+        effects,
+        wrote,
+    })
 }
 
 /// Writes the pending hop writes in one grouped transaction, then carries on with each.
@@ -1007,6 +1048,9 @@ fn revocation(app: &App, peer: &Peer, r: GrantRevocation) -> Result<Vec<Effect>>
 /// Carries out what handled frames led to, once their writes are durable. An error means
 /// something could not be kept: the link must not acknowledge, so the peer sends it again.
 pub async fn apply(app: &App, effects: Vec<Effect>) -> Result<()> {
+    // Every result goes to the dispatcher before any is waited for, so that one flush keeps
+    // the ends of the whole batch (waiting for each in turn cost a flush per result).
+    let mut kept = Vec::new();
     for e in effects {
         match e {
             Effect::Enqueue {
@@ -1019,12 +1063,15 @@ pub async fn apply(app: &App, effects: Vec<Effect>) -> Result<()> {
                     .enqueue_forwarded(&id, &dest, &dataset, deadline_ms)
                     .await
             }
-            Effect::Result(r) => app.engine.remote_result(r).await?,
+            Effect::Result(r) => kept.push(app.engine.remote_result(r).await?),
             Effect::Revoked(g) => app.engine.grant_revoked(g).await,
             Effect::Wake(p) => app.fed.wake(&p),
             Effect::Flood(b, except) => app.fed.broadcast(&b, &except),
             Effect::ToParent(b) => app.fed.to_parent(b),
         }
+    }
+    for k in kept {
+        k.wait().await?;
     }
     Ok(())
 }
