@@ -802,3 +802,41 @@ async fn an_exchange_sent_twice_in_one_batch_is_accepted_once_at_the_provider_br
     ensure!(accepted == 1, "accepted {accepted} times: {decisions:?}");
     Ok(())
 }
+
+// Every frame a link carries is acknowledged and let go: once exchanges have crossed the
+// cascade and come back, no broker holds a copy in any outbox. Many at once, so that frames,
+// results and acks travel in batches (a batch's acks are taken together, and its results are
+// all handed to the dispatcher before any is waited for).
+#[tokio::test]
+async fn acknowledged_frames_leave_every_outbox() -> Result<()> {
+    let c = cascade().await?;
+    let mut submitted = Vec::new();
+    for i in 0..40 {
+        let pension = c.pension.clone();
+        let req = ask(&c.ds, &format!("44010119900101{i:04}"));
+        submitted.push(tokio::spawn(async move { pension.submit(req).await }));
+    }
+    let mut ids = Vec::new();
+    for s in submitted {
+        ids.push(s.await??.exchange_id);
+    }
+    for id in &ids {
+        let r = outcome(&c.pension, id).await?;
+        ensure!(r.state() == ExchangeState::Answered, "{r:?}");
+    }
+    c.pension.ack(ids).await?;
+    for (name, broker, links) in [("zj", &c.zj, 1), ("hub", &c.hub, 2), ("gd", &c.gd, 1)] {
+        let base = broker.metrics_url().context("the operators' HTTP port")?;
+        wait_until(WAIT, &format!("every outbox at {name} empty"), || async {
+            let (code, text) = govshare_tests::http_get(&base, "/status").await?;
+            ensure!(code == 200, "/status answered {code}: {text}");
+            let status: serde_json::Value = serde_json::from_str(&text)?;
+            let list = status["links"].as_array().context("links")?;
+            ensure!(list.len() == links, "{name}'s links: {list:?}");
+            let waiting: u64 = list.iter().filter_map(|l| l["outbox"].as_u64()).sum();
+            Ok((waiting == 0).then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}

@@ -352,12 +352,14 @@ async fn session(
         metrics::counter!(crate::metrics::LINK_FRAMES, "peer" => label.clone(), "direction" => "received")
             .increment(frames.len() as u64);
         let mut custody = Vec::new();
+        // Acks are cumulative: only the batch's highest needs the outbox cleared up to it.
+        let mut ack_upto = None;
         for f in frames {
             match f.body {
                 // An ack covers only what was sent: a peer cannot wipe frames it never got.
                 Some(Body::Ack(a)) => {
                     let up_to = a.up_to_seq.min(sent_max.load(Ordering::Acquire));
-                    on_ack(&app, &peer.key, up_to, &acked, &ack_notify).await
+                    ack_upto = ack_upto.max(Some(up_to));
                 }
                 Some(Body::Ping(p)) => {
                     let _ = tx.try_send(LinkFrame {
@@ -376,6 +378,9 @@ async fn session(
                 Some(Body::Hello(_)) | None => {}
                 Some(body) => custody.push((f.seq, body)),
             }
+        }
+        if let Some(up_to) = ack_upto {
+            on_ack(&app, &peer.key, up_to, &acked, &ack_notify).await
         }
         if !custody.is_empty() {
             // A flush that another writer asks for meanwhile waits for this batch's writes
