@@ -155,6 +155,10 @@ pub fn spawn_parent_link(app: Arc<App>) -> tokio::task::JoinHandle<()> {
                         _ = task => {}
                         _ = stopping.wait_for(|s| *s) => return,
                     }
+                    // The session also ends when the broker stops; that is no link going down.
+                    if *stopping.borrow() {
+                        return;
+                    }
                     tracing::warn!(parent = %parent_id, %url, "link to the parent is down; reconnecting");
                 }
                 Err(e) => {
