@@ -1155,6 +1155,7 @@ pub(crate) mod tests {
             sled_ok(db.flush())?;
             last
         };
+        wait_for_sled_to_let_go(&path)?;
         match Store::open(&path, 1 << 20, "330000/hub") {
             Err(BrokerError::Unavailable(m)) => assert!(m.contains("migrate-storage"), "{m}"),
             other => panic!("a sled data dir must be refused, got {other:?}"),
@@ -1186,6 +1187,29 @@ pub(crate) mod tests {
             Err(BrokerError::FailedPrecondition(_))
         ));
         Ok(())
+    }
+
+    /// sled releases its lock file when the last of its threads drops the database, which
+    /// can be a moment after the caller's drop: waits (at most 10 s) until the lock is free.
+    fn wait_for_sled_to_let_go(path: &Path) -> Result<()> {
+        let lock_file = path.join("db");
+        let f =
+            std::fs::File::open(&lock_file).map_err(|e| BrokerError::internal(e.to_string()))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match f.try_lock() {
+                Ok(()) => return f.unlock().map_err(|e| BrokerError::internal(e.to_string())),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => {
+                    return Err(BrokerError::internal(format!(
+                        "{} still locked: {e}",
+                        lock_file.display()
+                    )))
+                }
+            }
+        }
     }
 
     fn entry(reason: &str) -> AuditEntry {
