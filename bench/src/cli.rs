@@ -8,6 +8,8 @@ use std::time::Duration;
 const AFTER_HELP: &str = "\
 Scenarios:
   echo         raw tonic unary echo over the broker's mutual TLS: the loopback ceiling
+  relay        echo relayed through a server to a provider's stream and back, two mutual-TLS
+               connections, nothing stored or signed: the ceiling of any broker in the middle
   sync         one broker: consumer -> broker -> provider -> back (Request)
   async        durable Submit; results taken with Watch and acknowledged with Ack, end to end
   fanin        many consumer nodes (--consumers, default 16) -> one provider, sync
@@ -84,6 +86,8 @@ pub enum Command {
 pub enum Scenario {
     /// Raw tonic unary echo with the broker's TLS settings: the loopback ceiling.
     Echo,
+    /// Echo relayed over a provider's stream: the ceiling of anything between consumer and provider.
+    Relay,
     /// Consumer -> broker -> provider -> back, with `Request`.
     Sync,
     /// `Submit`, results taken with `Watch` and `Ack`ed, end to end.
@@ -109,6 +113,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Echo => "echo",
+            Scenario::Relay => "relay",
             Scenario::Sync => "sync",
             Scenario::Async => "async",
             Scenario::Fanin => "fanin",

@@ -109,75 +109,131 @@ async fn call(channel: tonic::transport::Channel, payload: Bytes) -> Result<()> 
     Ok(())
 }
 
-/// Runs `echo`.
-pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
-    let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    pki::init_data_dir(&InitOptions {
-        data_dir: data.clone(),
-        broker_id: "330000/echo".into(),
-        sans: Vec::new(),
-        listen: None,
-        admin_id: None,
-        parent: None,
-        parent_identity: None,
-    })?;
-    let cfg = Config::load(&data)?;
-    let read = |p: &std::path::Path| {
-        let path = cfg.path(p);
-        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
-    };
-    // Exactly the broker's server TLS (broker/src/server.rs).
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read(&cfg.tls.cert)?,
-            read(&cfg.tls.key)?,
-        ))
-        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?));
-    let ident = dir.path().join("consumer");
-    pki::issue_identity(
-        &data,
-        "330100/bench-echo",
-        NodeRole::Department,
-        &ident,
-        &[],
-    )?;
+/// A temp dir with a development PKI: the broker's server TLS settings and one client
+/// identity, shared by `echo` and `relay` so that both run over exactly the broker's TLS.
+pub(crate) struct TlsFixture {
+    /// Holds the PKI; removed on drop.
+    _dir: tempfile::TempDir,
+    /// The server side, exactly as `govshare-broker` configures it (broker/src/server.rs).
+    pub tls: ServerTlsConfig,
+    /// A department identity issued by the same CA.
+    pub ident: std::path::PathBuf,
+}
 
-    let listener = crate::target::loopback_listener(!load.plain_listener)?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
-        .tls_config(tls)?
-        .add_service(EchoServer)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = stop_rx.await;
+impl TlsFixture {
+    /// Makes the PKI and issues the client identity `node`.
+    pub(crate) fn new(node: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        pki::init_data_dir(&InitOptions {
+            data_dir: data.clone(),
+            broker_id: "330000/echo".into(),
+            sans: Vec::new(),
+            listen: None,
+            admin_id: None,
+            parent: None,
+            parent_identity: None,
+        })?;
+        let cfg = Config::load(&data)?;
+        let read = |p: &std::path::Path| {
+            let path = cfg.path(p);
+            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read(&cfg.tls.cert)?,
+                read(&cfg.tls.key)?,
+            ))
+            .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?));
+        let ident = dir.path().join("client");
+        pki::issue_identity(&data, node, NodeRole::Department, &ident, &[])?;
+        Ok(Self {
+            _dir: dir,
+            tls,
+            ident,
+        })
+    }
+
+    /// Serves `router` on a loopback listener with the broker's TLS until stopped.
+    pub(crate) fn serve(
+        &self,
+        load: &LoadArgs,
+        router: tonic::transport::server::Router,
+    ) -> Result<Serving> {
+        let listener = crate::target::loopback_listener(!load.plain_listener)?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stopped.await;
         });
-    let server = tokio::spawn(server);
+        Ok(Serving {
+            addr,
+            stop,
+            task: tokio::spawn(server),
+        })
+    }
 
-    let client =
-        Client::connect(ClientConfig::new(&ident).with_broker_url(format!("https://{addr}")))
+    /// A client of the server at `addr`, on a connection of its own (mutual TLS, the SDK's
+    /// channel settings).
+    pub(crate) async fn client(&self, addr: std::net::SocketAddr) -> Result<Client> {
+        Client::connect(ClientConfig::new(&self.ident).with_broker_url(format!("https://{addr}")))
             .await
-            .context("connecting to the echo server")?;
-    let channel = client.channel();
-    let payload = Bytes::from(vec![b'x'; load.row_bytes]);
-    let op: OpFn = Arc::new(move |_w, _seq| Box::pin(call(channel.clone(), payload.clone())));
+            .with_context(|| format!("connecting to the in-process server at {addr}"))
+    }
+}
+
+/// A server started by [`TlsFixture::serve`].
+pub(crate) struct Serving {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Serving {
+    /// Stops the server and waits for it to finish.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Warms up and measures `op` (no broker, so no fsyncs); the result with CPU and peak RSS.
+pub(crate) async fn measure(name: &str, load: &LoadArgs, op: OpFn) -> Result<ScenarioResult> {
     let no_flushes = || Box::pin(async { None }) as futures::future::BoxFuture<'static, _>;
-    let (warm, measured, cpu, _) = warm_and_measure("echo", load, op, no_flushes).await?;
+    let (warm, measured, cpu, _) = warm_and_measure(name, load, op, no_flushes).await?;
     let peak = sys::peak_rss(None);
     let mut all: Vec<&PhaseStats> = warm.iter().collect();
     all.push(&measured);
-    let mut r = ScenarioResult::from_phase("echo", load, "in-process".into(), &measured, &all);
+    let mut r = ScenarioResult::from_phase(name, load, "in-process".into(), &measured, &all);
     r.cpu_s_per_1k = cpu.and_then(|c| r.per_1k(c));
     r.peak_rss_mib = peak.map(sys::mib);
+    if load.broker.is_some() {
+        r.notes.push(format!(
+            "{name} always runs in-process; --broker does not apply"
+        ));
+    }
+    Ok(r)
+}
+
+/// Runs `echo`.
+pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
+    let fx = TlsFixture::new("330100/bench-echo")?;
+    let server = fx.serve(
+        load,
+        Server::builder()
+            .tls_config(fx.tls.clone())?
+            .add_service(EchoServer),
+    )?;
+    let client = fx.client(server.addr).await?;
+    let channel = client.channel();
+    let payload = Bytes::from(vec![b'x'; load.row_bytes]);
+    let op: OpFn = Arc::new(move |_w, _seq| Box::pin(call(channel.clone(), payload.clone())));
+    let mut r = measure("echo", load, op).await?;
     r.notes.push(format!(
         "raw tonic unary echo of {} bytes each way over the broker's mutual TLS; nothing stored (no fsync)",
         load.row_bytes
     ));
-    if load.broker.is_some() {
-        r.notes
-            .push("echo always runs in-process; --broker does not apply".into());
-    }
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    server.stop().await;
     Ok(r)
 }

@@ -6,7 +6,8 @@
 //! mutual TLS as the broker). By default every scenario starts its own in-process broker in a
 //! temp dir; `--broker URL --identity DIR` drives an external one.
 //!
-//! Scenarios: `echo`, `sync`, `async`, `fanin`, `backlog`, `grant-check`, `cascade` (`sync`
+//! Scenarios: `echo`, `relay` (echo relayed over a provider's stream: the ceiling of a broker
+//! in the middle), `sync`, `async`, `fanin`, `backlog`, `grant-check`, `cascade` (`sync`
 //! across three in-process brokers: consumer at province 330000 -> national hub -> province
 //! 440000 -> provider), `fsync` (the disk's own floor: one append + `fdatasync` at a time), and
 //! the durable peers `redis` and `nats` (run when `redis-server` / `nats-server` are on the PATH).
@@ -22,6 +23,7 @@ mod exchange;
 mod grant_check;
 mod peers;
 mod plot;
+mod relay;
 mod report;
 mod sys;
 mod target;
@@ -122,6 +124,7 @@ async fn run_one(scenario: Scenario, load: &LoadArgs) -> Result<Outcome> {
     sys::reset_peak_rss();
     let r = match scenario {
         Scenario::Echo => echo::run(load).await?,
+        Scenario::Relay => relay::run(load).await?,
         Scenario::Sync => exchange::run(exchange::Mode::Sync, load).await?,
         Scenario::Async => exchange::run(exchange::Mode::Async, load).await?,
         Scenario::Fanin => exchange::run(exchange::Mode::Fanin, load).await?,

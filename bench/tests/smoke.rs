@@ -82,6 +82,15 @@ fn echo() {
 }
 
 #[test]
+fn relay_through_a_providers_stream() {
+    let s = run_scenario("relay", &["--concurrency", "8"]);
+    assert_eq!(
+        s["extra"]["provider_answered"], s["answered"],
+        "every call went through the provider's stream: {s:#}"
+    );
+}
+
+#[test]
 fn sync_closed_loop() {
     let s = run_scenario("sync", &["--concurrency", "8"]);
     assert!(
@@ -260,6 +269,7 @@ fn help_names_every_scenario() {
     let help = String::from_utf8_lossy(&out.stdout);
     for s in [
         "echo",
+        "relay",
         "sync",
         "async",
         "fanin",

@@ -3,7 +3,7 @@
 //!
 //! Why: sled 0.34 costs about 40% of the CPU of an exchange (its page cache, its transaction
 //! machinery, and an I/O thread pool that wakes every idle thread for each write), and it
-//! keeps the values it wrote in memory with no bound (README, Performance). Here a batch is
+//! keeps the values it wrote in memory with no bound (bench/HISTORY.md). Here a batch is
 //! one `pwrite` of one CRC-checked frame, durability is one `fdatasync` for every batch written
 //! since the last one, and the index holds only keys and where their values are, with small
 //! values inline. The trade: every key of every tree is in memory, and opening reads the
@@ -119,6 +119,16 @@ pub struct Options {
     /// (the audit log): indexed in a quarter of the memory (see [`Index::Seq`]). A key of
     /// another length turns the tree's index back into the general one, so nothing breaks.
     pub seq_trees: Vec<usize>,
+    /// Trees whose values are all kept in memory, whatever their size: small trees read on
+    /// every request, where a read from the segment would cost a system call each time.
+    pub memory_trees: Vec<usize>,
+}
+
+impl Options {
+    /// Whether a value of `len` bytes in `tree` is kept in memory.
+    fn inline(&self, tree: usize, len: usize) -> bool {
+        len <= self.inline_bytes || self.memory_trees.contains(&tree)
+    }
 }
 
 impl Default for Options {
@@ -128,6 +138,7 @@ impl Default for Options {
             segment_bytes: 64 << 20,
             inline_bytes: 64,
             seq_trees: Vec::new(),
+            memory_trees: Vec::new(),
         }
     }
 }
@@ -1225,7 +1236,11 @@ impl Db {
                             seg: w.head,
                             off: (body_at + rel as u64) as u32,
                             len: v.len() as u32,
-                            inline: (v.len() <= self.inner.opts.inline_bytes).then_some(&v[..]),
+                            inline: self
+                                .inner
+                                .opts
+                                .inline(usize::from(*t), v.len())
+                                .then_some(&v[..]),
                         };
                         if usize::from(*t) == usize::from(ID_TREE) {
                             continue;
@@ -1605,7 +1620,7 @@ fn replay(
                         seg: id,
                         off: (body_at + at) as u32,
                         len: value.len() as u32,
-                        inline: (value.len() <= opts.inline_bytes).then_some(value),
+                        inline: opts.inline(t, value.len()).then_some(value),
                     };
                     state.put(t, key, slot);
                 }
@@ -1899,6 +1914,7 @@ mod tests {
             segment_bytes: 4096,
             inline_bytes: 8,
             seq_trees: Vec::new(),
+            memory_trees: Vec::new(),
         }
     }
 
@@ -2052,6 +2068,55 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert!(index.get(b"k004999").is_some() && index.get(b"k005000").is_none());
+    }
+
+    /// Whether `key`'s value in `tree` is held in memory.
+    fn held_inline(db: &Db, tree: usize, key: &[u8]) -> bool {
+        read_lock(&db.inner.state).trees[tree]
+            .get(key)
+            .is_some_and(|s| s.inline.is_some())
+    }
+
+    // A memory tree holds every value in memory, large ones too, as written, after a reopen
+    // (replayed from the log) and after compaction moved it; other trees only small ones.
+    #[test]
+    fn a_memory_tree_keeps_large_values_in_memory() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let opts = Options {
+            memory_trees: vec![1],
+            ..small()
+        };
+        let big = vec![7u8; 1000];
+        let check = |db: &Db| -> R {
+            assert!(
+                held_inline(db, 1, b"big"),
+                "a large value of the memory tree"
+            );
+            assert!(!held_inline(db, 0, b"big"), "a large value of another tree");
+            assert!(
+                held_inline(db, 0, b"small"),
+                "a small value of another tree"
+            );
+            assert_eq!(db.get(1, b"big")?.as_deref(), Some(&big[..]));
+            assert_eq!(db.get(0, b"big")?.as_deref(), Some(&big[..]));
+            Ok(())
+        };
+        let db = Db::open(dir.path(), opts.clone())?;
+        db.transaction(|tx| {
+            tx.insert(0, b"big", big.clone())?;
+            tx.insert(1, b"big", big.clone())?;
+            tx.insert(0, b"small", b"s".to_vec())
+        })?;
+        check(&db)?;
+        drop(db);
+        let db = Db::open(dir.path(), opts)?;
+        check(&db)?;
+        // Enough dead records to compact the first segment away.
+        for i in 0..40u32 {
+            db.transaction(|tx| tx.insert(2, b"churn", vec![0u8; 400 + i as usize]))?;
+        }
+        assert!(db.compact()? > 0, "a segment compacted");
+        check(&db)
     }
 
     #[test]
@@ -2420,7 +2485,14 @@ mod tests {
             steps in proptest::collection::vec(step(), 1..160)
         ) {
             let dir = tempfile::tempdir()?;
-            let opts = Options { trees: 3, segment_bytes: 1024, inline_bytes: 16, seq_trees: vec![SEQ] };
+            // Tree 1 keeps every value in memory; tree 0 only those up to 16 bytes.
+            let opts = Options {
+                trees: 3,
+                segment_bytes: 1024,
+                inline_bytes: 16,
+                seq_trees: vec![SEQ],
+                memory_trees: vec![1],
+            };
             let mut db = Db::open(dir.path(), opts.clone())?;
             let mut model: Vec<Model<Vec<u8>, Vec<u8>>> = vec![Model::new(); 3];
             for (i, s) in steps.into_iter().enumerate() {
