@@ -118,16 +118,22 @@ impl tonic::server::StreamingService<RelayMsg> for ServeSvc {
     fn call(&mut self, req: tonic::Request<tonic::Streaming<RelayMsg>>) -> Self::Future {
         let hub = self.0.clone();
         Box::pin(async move {
+            // The harness opens one provider stream; a later one takes over from it.
             let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-            *lock(&hub.provider) = Some(tx);
+            *lock(&hub.provider) = Some(tx.clone());
             let mut answers = req.into_inner();
             tokio::spawn(async move {
                 while let Ok(Some(m)) = answers.message().await {
                     hub.answer(m);
                 }
-                // The calls still waiting fail at once rather than hang.
-                lock(&hub.provider).take();
-                lock(&hub.waiting).clear();
+                // The calls still waiting fail at once rather than hang (unless another
+                // stream took over, whose calls these may be).
+                let mut provider = lock(&hub.provider);
+                if provider.as_ref().is_some_and(|p| p.same_channel(&tx)) {
+                    provider.take();
+                    drop(provider);
+                    lock(&hub.waiting).clear();
+                }
             });
             Ok(tonic::Response::new(
                 Box::pin(ReceiverStream::new(rx)) as Requests
@@ -276,7 +282,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn calls_fail_rather_than_hang_when_the_provider_goes() {
+    async fn a_stray_answer_changes_nothing_and_a_cleared_wait_fails_the_call() {
         let hub = Arc::new(Hub::default());
         let (tx, mut rx) = mpsc::channel(4);
         *lock(&hub.provider) = Some(tx);
@@ -285,7 +291,8 @@ mod tests {
             async move { hub.relay(Bytes::from_static(b"x")).await }
         });
         let sent = rx.recv().await.unwrap().unwrap();
-        // An answer for another call changes nothing; the stream's end fails the call.
+        // An answer for another call changes nothing; clearing the waits (what the end of
+        // the provider's stream does) fails the call rather than leave it hanging.
         hub.answer(RelayMsg {
             id: sent.id + 1,
             payload: Bytes::new(),
