@@ -297,6 +297,7 @@ mod tests {
             id: sent.id + 1,
             payload: Bytes::new(),
         });
+        assert!(lock(&hub.waiting).contains_key(&sent.id), "still waiting");
         lock(&hub.waiting).clear();
         let e = call.await.unwrap().unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
