@@ -148,7 +148,8 @@ fn sync_op(fx: &Fixture) -> OpFn {
 /// insert or take one entry.
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<ExchangeResult>>>>;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a std Mutex held only briefly, taking it back even if a holder panicked.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

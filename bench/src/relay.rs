@@ -12,6 +12,7 @@
 use crate::cli::LoadArgs;
 use crate::driver::OpFn;
 use crate::echo::{measure, TlsFixture};
+use crate::exchange::lock;
 use crate::report::ScenarioResult;
 use anyhow::{anyhow, ensure, Context, Result};
 use bytes::Bytes;
@@ -57,10 +58,6 @@ struct Hub {
     waiting: Mutex<HashMap<u64, oneshot::Sender<Bytes>>>,
     /// The next call's id.
     next: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Hub {
@@ -281,16 +278,29 @@ mod tests {
         assert!(e.message().contains("no provider"), "{e}");
     }
 
-    #[tokio::test]
-    async fn a_stray_answer_changes_nothing_and_a_cleared_wait_fails_the_call() {
+    /// A hub with a provider stream, one call of `payload` on its way, and what the provider
+    /// received for it.
+    async fn one_call(
+        payload: &'static [u8],
+    ) -> (
+        Arc<Hub>,
+        tokio::task::JoinHandle<Result<Bytes, tonic::Status>>,
+        RelayMsg,
+    ) {
         let hub = Arc::new(Hub::default());
         let (tx, mut rx) = mpsc::channel(4);
         *lock(&hub.provider) = Some(tx);
         let call = tokio::spawn({
             let hub = hub.clone();
-            async move { hub.relay(Bytes::from_static(b"x")).await }
+            async move { hub.relay(Bytes::from_static(payload)).await }
         });
         let sent = rx.recv().await.unwrap().unwrap();
+        (hub, call, sent)
+    }
+
+    #[tokio::test]
+    async fn a_stray_answer_changes_nothing_and_a_cleared_wait_fails_the_call() {
+        let (hub, call, sent) = one_call(b"x").await;
         // An answer for another call changes nothing; clearing the waits (what the end of
         // the provider's stream does) fails the call rather than leave it hanging.
         hub.answer(RelayMsg {
@@ -305,14 +315,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_completes_its_own_call() {
-        let hub = Arc::new(Hub::default());
-        let (tx, mut rx) = mpsc::channel(4);
-        *lock(&hub.provider) = Some(tx);
-        let call = tokio::spawn({
-            let hub = hub.clone();
-            async move { hub.relay(Bytes::from_static(b"payload")).await }
-        });
-        let sent = rx.recv().await.unwrap().unwrap();
+        let (hub, call, sent) = one_call(b"payload").await;
         hub.answer(sent);
         assert_eq!(call.await.unwrap().unwrap(), Bytes::from_static(b"payload"));
     }
