@@ -175,8 +175,9 @@ pub struct LoadArgs {
     /// With --broker: the directory holding provider/, consumer/ (or consumer-N/) and optionally admin/.
     #[arg(long, value_name = "DIR", requires = "broker")]
     pub identity: Option<PathBuf>,
-    /// Bind in-process listeners without TCP_NODELAY, as `govshare-broker` binds its own today:
-    /// small responses then wait for delayed ACKs (about 40 ms). By default the harness sets it.
+    /// Bind the in-process listeners without TCP_NODELAY. Only `echo`'s and `relay`'s servers
+    /// feel it (their small responses then wait for delayed ACKs, about 40 ms): the broker sets
+    /// TCP_NODELAY on every connection it accepts, whatever its listener. By default it is set.
     #[arg(long)]
     pub plain_listener: bool,
     /// backlog: restart as after a crash. The database is left marked as in use, so the start

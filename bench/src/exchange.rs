@@ -125,15 +125,20 @@ fn check_answered(r: &ExchangeResult) -> Result<()> {
     Ok(())
 }
 
+/// Each consumer's client and the request it sends under its grant (worker `w` uses entry
+/// `w % len`).
+fn consumer_requests(fx: &Fixture) -> (Arc<Vec<Client>>, Arc<Vec<ExchangeRequest>>) {
+    let clients = fx.consumers.iter().map(|c| c.client.clone()).collect();
+    let reqs = fx
+        .grants
+        .iter()
+        .map(|g| base_request(&fx.dataset, g))
+        .collect();
+    (Arc::new(clients), Arc::new(reqs))
+}
+
 fn sync_op(fx: &Fixture) -> OpFn {
-    let clients: Arc<Vec<Client>> =
-        Arc::new(fx.consumers.iter().map(|c| c.client.clone()).collect());
-    let reqs: Arc<Vec<ExchangeRequest>> = Arc::new(
-        fx.grants
-            .iter()
-            .map(|g| base_request(&fx.dataset, g))
-            .collect(),
-    );
+    let (clients, reqs) = consumer_requests(fx);
     Arc::new(move |w, _seq| {
         let i = w % clients.len();
         let (c, req) = (clients[i].clone(), reqs[i].clone());
@@ -210,14 +215,7 @@ impl AsyncConsumers {
     }
 
     fn op(&self, fx: &Fixture) -> OpFn {
-        let clients: Arc<Vec<Client>> =
-            Arc::new(fx.consumers.iter().map(|c| c.client.clone()).collect());
-        let reqs: Arc<Vec<ExchangeRequest>> = Arc::new(
-            fx.grants
-                .iter()
-                .map(|g| base_request(&fx.dataset, g))
-                .collect(),
-        );
+        let (clients, reqs) = consumer_requests(fx);
         let nonce: u64 = rand::random();
         let pending = self.pending.clone();
         Arc::new(move |w, seq| {

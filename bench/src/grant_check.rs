@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 /// Checks timed together, so that the clock's cost does not swamp one check.
 const BATCH: u64 = 1000;
 
-/// A grant like the ones the broker issues: ten items, a validity window.
-pub(crate) fn sample_grant(now_ms: i64) -> Grant {
+/// A grant like the ones the broker issues: ten items, a validity window around `now_ms`.
+pub fn sample_grant(now_ms: i64) -> Grant {
     let ts = |ms: i64| prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
@@ -48,7 +48,12 @@ pub(crate) fn sample_grant(now_ms: i64) -> Grant {
 }
 
 /// A query inside that grant: one filter, three items.
-pub(crate) fn sample_query() -> Query {
+pub fn sample_query() -> Query {
+    query_for(&["status", "month", "amount"])
+}
+
+/// A query with the sample's filter asking for `fields` (inside the grant or not).
+pub fn query_for(fields: &[&str]) -> Query {
     Query {
         filters: vec![Filter {
             item: "id_number".into(),
@@ -56,7 +61,7 @@ pub(crate) fn sample_query() -> Query {
                 kind: Some(value::Kind::StringValue("330102199001011234".into())),
             }),
         }],
-        fields: vec!["status".into(), "month".into(), "amount".into()],
+        fields: fields.iter().map(|s| s.to_string()).collect(),
         limit: 0,
     }
 }

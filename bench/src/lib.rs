@@ -20,7 +20,7 @@ mod disk;
 mod driver;
 mod echo;
 mod exchange;
-mod grant_check;
+pub mod grant_check;
 mod peers;
 mod plot;
 mod relay;

@@ -88,13 +88,28 @@ async fn wait_listening(p: &mut PeerProcess, port: u16, what: &str) -> Result<()
     }
 }
 
-/// Adds the peer's own CPU and memory to a result.
-fn finish_result(
-    r: &mut ScenarioResult,
-    cpu_self: Option<f64>,
-    cpu_peer: Option<f64>,
+/// Drives a peer with `op` (warm-up, then measurement) and answers its result, with the
+/// peer's own CPU (its share over the measured phase) added to this process's, and the peer's
+/// peak memory.
+async fn measure_peer(
+    name: &str,
+    load: &LoadArgs,
+    version: String,
+    op: OpFn,
     peer_pid: Option<u32>,
-) {
+) -> Result<ScenarioResult> {
+    let cpu_peer0 = sys::cpu_seconds(peer_pid);
+    let no_flushes = || Box::pin(async { None }) as futures::future::BoxFuture<'static, _>;
+    let (warm, measured, cpu_self, _) = warm_and_measure(name, load, op, no_flushes).await?;
+    let cpu_peer1 = sys::cpu_seconds(peer_pid);
+    let mut all: Vec<&PhaseStats> = warm.iter().collect();
+    all.push(&measured);
+    let mut r = ScenarioResult::from_phase(name, load, version, &measured, &all);
+    // The peer's CPU over warm-up and measurement, scaled to the measured share.
+    let share = measured.elapsed.as_secs_f64()
+        / (measured.elapsed.as_secs_f64() + warm.as_ref().map_or(0.0, |w| w.elapsed.as_secs_f64()))
+            .max(1e-9);
+    let cpu_peer = cpu_peer0.zip(cpu_peer1).map(|(a, b)| (b - a) * share);
     r.cpu_s_per_1k = cpu_self
         .zip(cpu_peer)
         .map(|(a, b)| a + b)
@@ -102,6 +117,7 @@ fn finish_result(
     r.peak_rss_mib = sys::peak_rss(peer_pid).map(sys::mib);
     r.notes
         .push("cpu: this process plus the peer's; peak RSS: the peer's".into());
+    Ok(r)
 }
 
 // ----- Redis -----
@@ -198,23 +214,7 @@ pub(crate) async fn redis(load: &LoadArgs) -> Result<Outcome> {
             Ok(())
         })
     });
-    let cpu_peer0 = sys::cpu_seconds(p.pid);
-    let no_flushes = || Box::pin(async { None }) as futures::future::BoxFuture<'static, _>;
-    let (warm, measured, cpu, _) = warm_and_measure("redis", load, op, no_flushes).await?;
-    let cpu_peer1 = sys::cpu_seconds(p.pid);
-    let mut all: Vec<&PhaseStats> = warm.iter().collect();
-    all.push(&measured);
-    let mut r = ScenarioResult::from_phase("redis", load, version, &measured, &all);
-    // The peer's CPU over warm-up and measurement, scaled to the measured share.
-    let share = measured.elapsed.as_secs_f64()
-        / (measured.elapsed.as_secs_f64() + warm.as_ref().map_or(0.0, |w| w.elapsed.as_secs_f64()))
-            .max(1e-9);
-    finish_result(
-        &mut r,
-        cpu,
-        cpu_peer0.zip(cpu_peer1).map(|(a, b)| (b - a) * share),
-        p.pid,
-    );
+    let mut r = measure_peer("redis", load, version, op, p.pid).await?;
     r.notes.push(format!(
         "SET of {} bytes, appendonly yes, appendfsync always; {} connections",
         load.row_bytes, conns
@@ -357,23 +357,9 @@ pub(crate) async fn nats(load: &LoadArgs) -> Result<Outcome> {
             })
         })
     };
-    let cpu_peer0 = sys::cpu_seconds(p.pid);
-    let no_flushes = || Box::pin(async { None }) as futures::future::BoxFuture<'static, _>;
-    let (warm, measured, cpu, _) = warm_and_measure("nats", load, op, no_flushes).await?;
-    let cpu_peer1 = sys::cpu_seconds(p.pid);
+    let measured = measure_peer("nats", load, version, op, p.pid).await;
     reader.abort();
-    let mut all: Vec<&PhaseStats> = warm.iter().collect();
-    all.push(&measured);
-    let mut r = ScenarioResult::from_phase("nats", load, version, &measured, &all);
-    let share = measured.elapsed.as_secs_f64()
-        / (measured.elapsed.as_secs_f64() + warm.as_ref().map_or(0.0, |w| w.elapsed.as_secs_f64()))
-            .max(1e-9);
-    finish_result(
-        &mut r,
-        cpu,
-        cpu_peer0.zip(cpu_peer1).map(|(a, b)| (b - a) * share),
-        p.pid,
-    );
+    let mut r = measured?;
     r.notes.push(format!(
         "JetStream file store, sync_interval always; publish of {} bytes waits for the PubAck, done when the pull consumer has it (acked)",
         load.row_bytes.max(8)

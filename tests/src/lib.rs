@@ -127,8 +127,6 @@ impl TestBroker {
     async fn boot(&mut self) -> Result<()> {
         log_from_env();
         let mut cfg = Config::load(&self.data_dir)?;
-        // Small caches: a test federation runs dozens of brokers on 2 cores.
-        cfg.storage.cache_capacity_bytes = 8 * 1024 * 1024;
         // Many brokers share this machine in tests: let each metrics port be picked freely.
         cfg.metrics.listen = "127.0.0.1:0".into();
         // The same port again after a restart, so that child brokers find their parent.

@@ -75,7 +75,6 @@ async fn every_accepted_exchange_survives_sigkill_exactly_once() -> Result<()> {
     config.exchange.ack_wait_secs = 2;
     config.exchange.max_deliveries = 1000;
     config.exchange.default_deadline_secs = 3600;
-    config.storage.cache_capacity_bytes = 16 * 1024 * 1024;
     std::fs::write(data.join("config.toml"), config.render_template())?;
     let ids = |n: &str| -> Result<PathBuf> {
         let out = tmp.path().join(n.replace('/', "-"));

@@ -525,8 +525,7 @@ async fn a_full_disk_fails_stop_and_a_restart_loses_nothing() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let (data, log) = hub_data_dir(tmp.path())?;
     let mut config = govshare_broker::Config::load(&data)?;
-    config.storage.cache_capacity_bytes = 16 * 1024 * 1024;
-    // No reserve: this test drives sled itself into ENOSPC, the case the reserve exists to
+    // No reserve: this test drives the storage itself into ENOSPC, the case the reserve exists to
     // avoid (`a_disk_below_its_reserve_refuses_new_work_and_recovers_without_restart`).
     config.storage.min_free_bytes = 0;
     std::fs::write(data.join("config.toml"), config.render_template())?;
@@ -836,7 +835,6 @@ async fn a_disk_below_its_reserve_refuses_new_work_and_recovers_without_restart(
     let broker = TestBroker::start_with("330000/hub", |c| {
         c.storage.path = db.clone();
         c.storage.min_free_bytes = 64 * MIB;
-        c.storage.cache_capacity_bytes = 8 * MIB;
     })
     .await?;
     let admin = broker.admin().await?;
