@@ -3,7 +3,7 @@
 
 use clap::Parser;
 
-/// mimalloc instead of the system allocator: sled, prost and tonic allocate many small,
+/// mimalloc instead of the system allocator: prost, tonic and the broker allocate many small,
 /// short-lived buffers per exchange, and glibc's malloc was a fifth of the broker's CPU.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -1664,8 +1664,8 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    // After a failure sled may keep the committer inside a transaction for good (see
-    // `Failure`); a write waiting behind it is refused with the failure, not left hanging.
+    // After a failure the committer may never come back from the disk (see `Failure`); a
+    // write waiting behind it is refused with the failure, not left hanging.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_behind_a_stuck_committer_is_refused_once_storage_fails() -> Result<()> {
         let wait = std::time::Duration::from_secs(10);
@@ -1812,7 +1812,7 @@ impl Waiter {
 #[derive(Debug)]
 pub struct Flushed {
     reply: oneshot::Receiver<std::result::Result<(), String>>,
-    /// After a failure the flusher may never come back from sled (see `Failure`), and the
+    /// After a failure the flusher may never come back from the disk (see `Failure`), and the
     /// watchdog answers only the flush in progress: a request still queued is answered here.
     failed: watch::Receiver<Option<String>>,
 }

@@ -1,5 +1,5 @@
 //! The govshare end-to-end test harness: real brokers on ephemeral ports, real mutual TLS,
-//! real sled in temp dirs, and the real binaries where a process must be real.
+//! real storage in temp dirs, and the real binaries where a process must be real.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {

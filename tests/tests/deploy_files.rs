@@ -820,7 +820,7 @@ fn the_statefulset_is_hardened_and_probed() -> Result<()> {
         );
     }
 
-    // sled's database on the claim template, where config.toml says.
+    // The database on the claim template, where config.toml says.
     let claim = spec["volumeClaimTemplates"][0]["metadata"]["name"]
         .as_str()
         .context("volumeClaimTemplates")?;

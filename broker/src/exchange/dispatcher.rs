@@ -230,11 +230,12 @@ impl Repaired {
 
 /// Makes the exchange indexes agree with the exchange records, which are the truth (blocking;
 /// at start, before anything else touches them), and answers the exchanges to queue again, in
-/// queue order, as [`recover`] does. Needed after an unclean stop only: sled 0.34.7 applies a
-/// transaction tree by tree, and a write failing half-way (a full disk) can leave the earlier
-/// trees written and not the later ones, e.g. an exchange ended in the `exchanges` tree with
-/// no entry in `results`, which no Watch would ever show. Idempotency keys are restored for
-/// exchanges accepted within `window_ms`. Reads the records once, in order.
+/// queue order, as [`recover`] does. Needed after an unclean stop of a data dir converted from
+/// sled (the storage before 2026-11-29), which applied a transaction tree by tree: a write
+/// failing half-way (a full disk) could leave the earlier trees written and not the later
+/// ones, e.g. an exchange ended in the `exchanges` tree with no entry in `results`, which no
+/// Watch would ever show. (The log since writes a transaction as one frame.) Idempotency keys
+/// are restored for exchanges accepted within `window_ms`. Reads the records once, in order.
 pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recovered>, Repaired)> {
     let mut fixed = Repaired::default();
     let now = now_ms();
@@ -1114,8 +1115,8 @@ impl Actor {
         true
     }
 
-    /// Writes the deliveries and then the ends staged in this batch in one transaction (every
-    /// sled transaction seals and writes an I/O buffer of its own, so one per batch), then
+    /// Writes the deliveries and then the ends staged in this batch in one transaction (each
+    /// transaction is a frame, a write and a lock of the index of its own, so one per batch), then
     /// sends the deliveries' requests and releases the ends. If the write fails, both go back
     /// to the front of their queues.
     fn commit(&mut self) {
@@ -1328,7 +1329,7 @@ impl Actor {
             }
         };
         // Where a result for a consumer on another broker goes; looked up before the
-        // transaction, since sled reads cannot run inside one.
+        // transaction, which holds the store's writer and should be short.
         let back = match rec.and_then(|r| r.envelope.as_ref()) {
             Some(env) if env.origin_broker != store.broker_id() => {
                 self.engine.fed().route(&env.consumer).ok().flatten()
@@ -1872,8 +1873,9 @@ mod tests {
             .collect()
     }
 
-    // Each half-written state a failed sled transaction could leave (the `exchanges` tree was
-    // written before `results` and `dedup`), and entries left behind by records that moved on.
+    // Each half-written state a failed sled transaction (before 2026-11-29) could leave (the
+    // `exchanges` tree was written before `results` and `dedup`), and entries left behind by
+    // records that moved on.
     #[test]
     fn repair_makes_the_indexes_agree_with_the_records() -> Result<()> {
         let (_dir, store) = crate::store::tests::temp_store()?;

@@ -2,10 +2,10 @@
 //! them to providers' serving streams, enforcing grants, and keeping every outcome until the
 //! consumer acknowledges it.
 //!
-//! The accept path runs on the caller's task (sled work on a blocking thread, then one shared
-//! flush). Everything that moves an exchange after that runs in one dispatcher, on its own
-//! thread, which owns the in-memory queues, provider instances and deliveries: no locks on
-//! that state, and its short sled writes never stall the async workers.
+//! The accept path runs on the caller's task (its write handed to the store's committer, then
+//! one shared flush). Everything that moves an exchange after that runs in one dispatcher, on
+//! its own thread, which owns the in-memory queues, provider instances and deliveries: no
+//! locks on that state, and its short storage writes never stall the async workers.
 
 pub mod dispatcher;
 pub mod enforce;
@@ -244,7 +244,7 @@ impl Engine {
             // The command may have found the channel full; keep asking until it stops.
             let asked = std::time::Instant::now();
             while !h.is_finished() {
-                // After a storage failure the dispatcher may be stuck in sled for good (see
+                // After a storage failure the dispatcher may be stuck on the disk for good (see
                 // `store::Failure`); the process is to be restarted, so do not wait for it.
                 if self.inner.store.failure().is_some()
                     && asked.elapsed() > std::time::Duration::from_secs(2)
@@ -703,7 +703,7 @@ impl Engine {
             next_hop.clone(),
             dedup_key.clone(),
         );
-        // Grouped with other accepts: one sled transaction and one flush for many exchanges.
+        // Grouped with other accepts: one transaction and one flush for many exchanges.
         let outcome = store
             .write_grouped_durable(intent, move |tx| {
                 let (consumer, exchange_id, next_hop, dedup_key) =
@@ -1154,7 +1154,7 @@ impl Engine {
     /// Releases ended exchanges the caller has taken, durably; answers how many were released.
     pub async fn ack(&self, consumer: String, ids: Vec<String>) -> Result<u32> {
         let release = self.release_write(consumer, ids)?;
-        // Grouped with other releases and accepts: one sled transaction and flush for many.
+        // Grouped with other releases and accepts: one transaction and flush for many.
         let intent = self.inner.store.durable_intent();
         let (n, flushed) = self
             .inner
@@ -1170,7 +1170,7 @@ impl Engine {
     /// Releases ended exchanges without waiting for the flush that makes it durable.
     async fn release_now(&self, consumer: String, ids: Vec<String>) -> Result<u32> {
         let release = self.release_write(consumer, ids)?;
-        // Grouped with other releases and accepts: one sled transaction for many.
+        // Grouped with other releases and accepts: one transaction for many.
         self.inner.store.write_grouped(release).await
     }
 

@@ -456,8 +456,8 @@ async fn on_ack(app: &Arc<App>, key: &str, up_to: u64, acked: &AtomicU64, notify
             .map_err(BrokerError::from)
     })
     .await;
-    // Grouped with other writes: a sled batch of its own would cost a transaction's I/O
-    // buffer (see `Store::write_grouped`).
+    // Grouped with other writes: a transaction of its own would cost a frame and a write of
+    // its own (see `Store::write_grouped`).
     let removed = match keys {
         Ok(keys) if keys.is_empty() => Ok(()),
         Ok(keys) => {

@@ -148,8 +148,8 @@ struct Inner {
     /// an await.
     links: Mutex<HashMap<String, LinkHandle>>,
     next_session: std::sync::atomic::AtomicU64,
-    /// The next outbox sequence number. In memory, because sled's id generator must not be
-    /// called inside a transaction (it can wait for the lock the transaction holds); seeded
+    /// The next outbox sequence number. In memory, because the store's id generator refuses
+    /// to run inside a transaction (it may need the writer the transaction holds); seeded
     /// past every number in use, so each link's outbox stays in order across restarts.
     next_seq: std::sync::atomic::AtomicU64,
     /// Peers that had a link since start (a new session of one is a reconnect).
