@@ -25,12 +25,18 @@ const MIN_DRAIN_RATE: u64 = 200;
 /// Runs `backlog`.
 pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
     let count = load.count.unwrap_or(DEFAULT_COUNT);
+    if load.provider_nodes > 1 {
+        bail!(
+            "backlog queues for one provider node; drop --provider-nodes {}",
+            load.provider_nodes
+        );
+    }
     let external = load.broker.is_some();
     let mut fx = if external {
         fixture(load, 1).await?
     } else {
         // Room for the whole backlog, whatever the defaults.
-        crate::target::Fixture::in_process(1, !load.plain_listener, |cfg| {
+        crate::target::Fixture::in_process(1, 1, !load.plain_listener, |cfg| {
             load.tune_storage(cfg);
             cfg.exchange.queue_max_count = cfg.exchange.queue_max_count.max(count + 1000);
             cfg.exchange.queue_max_bytes = cfg
@@ -46,7 +52,8 @@ pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
 
     // 1. Fill: Submit with nobody serving.
     let client = fx.consumers[0].client.clone();
-    let req = base_request(&fx.dataset, &fx.grants[0]);
+    let dataset = fx.providers[0].dataset.clone();
+    let req = base_request(&dataset, &fx.grants[0][0]);
     let op: OpFn = {
         let (client, req) = (client.clone(), req.clone());
         Arc::new(move |_w, _seq| {
@@ -122,7 +129,7 @@ pub(crate) async fn run(load: &LoadArgs) -> Result<ScenarioResult> {
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(65_536);
     let acker = tokio::spawn(ack_all(consumer.clone(), rx, acked.clone()));
     let mut stream = consumer
-        .watch(fx.dataset.clone())
+        .watch(dataset.clone())
         .await
         .context("opening the Watch stream")?;
     let watcher = {

@@ -30,10 +30,12 @@ Peers missing from the PATH are skipped with a note; bench/peers.sh installs bot
 
 Every scenario starts its own broker in a temp dir unless --broker URL --identity DIR is given.
 The external broker must have, in DIR: provider/ and consumer/ (or consumer-0/, consumer-1/, ...)
-identity dirs of registered department nodes, and optionally admin/ (an admin identity: it then
-registers those nodes if needed and reads the fsync counts from the broker's status). The harness
-publishes the dataset `PROVIDER/bench` (UNCONDITIONAL) and files the demands that grant it.
-`govshare-bench identities --data-dir BROKER_DATA_DIR --out DIR` prepares such a DIR.
+identity dirs of registered department nodes (with --provider-nodes N also provider-1/ to
+provider-<N-1>/), and optionally admin/ (an admin identity: it then registers those nodes if
+needed and reads the fsync counts from the broker's status). The harness publishes the dataset
+`PROVIDER/bench` (UNCONDITIONAL) of each provider node and files the demands that grant them.
+`govshare-bench identities --data-dir BROKER_DATA_DIR --out DIR [--provider-nodes N]` prepares
+such a DIR.
 
 Closed loop (default): --concurrency exchanges in flight. Open loop: --rate R/s, latency measured
 from each exchange's intended send time (corrected for coordinated omission).";
@@ -163,9 +165,16 @@ pub struct LoadArgs {
     /// Consumer nodes (default: 16 for fanin, 1 otherwise).
     #[arg(long, value_name = "N")]
     pub consumers: Option<usize>,
-    /// Provider instances (serving streams) of the one provider node.
+    /// Provider instances (serving streams) of each provider node.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub providers: usize,
+    /// Provider nodes (departments), 1 to 64, each publishing its own dataset and served by
+    /// --providers instances; every consumer node is granted every dataset, and the workers
+    /// spread over the (consumer, provider) pairs, so each provider has a queue of its own at
+    /// the broker. `backlog` takes one. External brokers: provider/, provider-1/... in
+    /// --identity's DIR.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub provider_nodes: usize,
     /// Credit (requests in flight) of each provider instance, 1 to 10000.
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_in_flight: u32,
@@ -225,6 +234,12 @@ impl LoadArgs {
         if self.providers == 0 || self.providers > 64 {
             bail!("--providers must be 1 to 64");
         }
+        if self.provider_nodes == 0 || self.provider_nodes > crate::target::MAX_PROVIDER_NODES {
+            bail!(
+                "--provider-nodes must be 1 to {}",
+                crate::target::MAX_PROVIDER_NODES
+            );
+        }
         if self.max_in_flight == 0 || self.max_in_flight > 10_000 {
             bail!("--max-in-flight must be 1 to 10000");
         }
@@ -279,6 +294,10 @@ pub struct IdentitiesArgs {
     /// How many consumer identities.
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub consumers: usize,
+    /// How many provider identities: provider/, then provider-1/, provider-2/... (for
+    /// `--provider-nodes`).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub provider_nodes: usize,
 }
 
 /// Parses `5s`, `500ms`, `2m`, `1h`, `1.5s`, or a plain number of seconds.
@@ -313,6 +332,18 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
         .map_err(|_| format!("{s:?} is not a rate; write e.g. 5000 or 5000/s"))
 }
 
+/// The load settings `args` give after `govshare-bench run SCENARIO`.
+#[cfg(test)]
+pub(crate) fn parse_load(args: &[&str]) -> Result<LoadArgs> {
+    #[derive(Parser)]
+    struct Only {
+        #[command(flatten)]
+        load: LoadArgs,
+    }
+    let all = std::iter::once("bench").chain(args.iter().copied());
+    Ok(Only::try_parse_from(all)?.load)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,15 +361,20 @@ mod tests {
         assert!(parse_rate("fast").is_err());
     }
 
-    /// The load settings `args` give after `govshare-bench run sync`.
-    fn load(args: &[&str]) -> Result<LoadArgs> {
-        #[derive(Parser)]
-        struct Only {
-            #[command(flatten)]
-            load: LoadArgs,
+    use super::parse_load as load;
+
+    #[test]
+    fn provider_nodes_are_checked() -> Result<()> {
+        assert_eq!(load(&[])?.provider_nodes, 1);
+        load(&["--provider-nodes", "64"])?.check()?;
+        for bad in ["0", "65"] {
+            let err = load(&["--provider-nodes", bad])?.check().err();
+            assert!(
+                err.is_some_and(|e| e.to_string().contains("--provider-nodes must be 1 to 64")),
+                "--provider-nodes {bad} accepted"
+            );
         }
-        let all = std::iter::once("bench").chain(args.iter().copied());
-        Ok(Only::try_parse_from(all)?.load)
+        Ok(())
     }
 
     #[test]

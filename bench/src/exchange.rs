@@ -92,17 +92,23 @@ async fn fixture_for(mode: Mode, load: &LoadArgs, consumers: usize) -> Result<Fi
                  it cannot drive an external broker: drop --broker/--identity"
             );
         }
-        return Fixture::cascade(consumers, !load.plain_listener, |cfg| {
-            load.tune_storage(cfg)
-        })
+        return Fixture::cascade(
+            load.provider_nodes,
+            consumers,
+            !load.plain_listener,
+            |cfg| load.tune_storage(cfg),
+        )
         .await;
     }
     match (&load.broker, &load.identity) {
-        (Some(url), Some(dir)) => Fixture::external(url, dir, consumers).await,
+        (Some(url), Some(dir)) => Fixture::external(url, dir, load.provider_nodes, consumers).await,
         _ => {
-            Fixture::in_process(consumers, !load.plain_listener, |cfg| {
-                load.tune_storage(cfg)
-            })
+            Fixture::in_process(
+                load.provider_nodes,
+                consumers,
+                !load.plain_listener,
+                |cfg| load.tune_storage(cfg),
+            )
             .await
         }
     }
@@ -125,15 +131,20 @@ fn check_answered(r: &ExchangeResult) -> Result<()> {
     Ok(())
 }
 
-/// Each consumer's client and the request it sends under its grant (worker `w` uses entry
+/// For each (consumer, provider) pair ([`Fixture::pairs`]), the consumer's client and the
+/// request it sends for the provider's dataset under its grant (worker `w` uses entry
 /// `w % len`).
 fn consumer_requests(fx: &Fixture) -> (Arc<Vec<Client>>, Arc<Vec<ExchangeRequest>>) {
-    let clients = fx.consumers.iter().map(|c| c.client.clone()).collect();
-    let reqs = fx
-        .grants
-        .iter()
-        .map(|g| base_request(&fx.dataset, g))
-        .collect();
+    let (clients, reqs) = fx
+        .pairs()
+        .into_iter()
+        .map(|(c, p)| {
+            (
+                fx.consumers[c].client.clone(),
+                base_request(&fx.providers[p].dataset, &fx.grants[c][p]),
+            )
+        })
+        .unzip();
     (Arc::new(clients), Arc::new(reqs))
 }
 
@@ -158,7 +169,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The consumer side of `async`: a watch stream and an acknowledger per consumer.
+/// The consumer side of `async`: an acknowledger per consumer node, and a watch stream per
+/// consumer node and dataset.
 struct AsyncConsumers {
     pending: Pending,
     watchers: Vec<JoinHandle<()>>,
@@ -186,24 +198,26 @@ impl AsyncConsumers {
                 acked.clone(),
                 ack_errors.clone(),
             )));
-            let mut stream = c
-                .client
-                .watch(fx.dataset.clone())
-                .await
-                .context("opening the Watch stream")?;
-            let pending = pending.clone();
-            watchers.push(tokio::spawn(async move {
-                while let Ok(Some(r)) = stream.message().await {
-                    let id = r.exchange_id.clone();
-                    let waiter = lock(&pending).remove(&r.trace_id);
-                    if let Some(w) = waiter {
-                        let _ = w.send(r);
+            for p in &fx.providers {
+                let mut stream = c
+                    .client
+                    .watch(p.dataset.clone())
+                    .await
+                    .context("opening the Watch stream")?;
+                let (pending, tx) = (pending.clone(), tx.clone());
+                watchers.push(tokio::spawn(async move {
+                    while let Ok(Some(r)) = stream.message().await {
+                        let id = r.exchange_id.clone();
+                        let waiter = lock(&pending).remove(&r.trace_id);
+                        if let Some(w) = waiter {
+                            let _ = w.send(r);
+                        }
+                        if tx.send(id).await.is_err() {
+                            break;
+                        }
                     }
-                    if tx.send(id).await.is_err() {
-                        break;
-                    }
-                }
-            }));
+                }));
+            }
         }
         Ok(Self {
             pending,
@@ -388,6 +402,8 @@ pub(crate) async fn run(mode: Mode, load: &LoadArgs) -> Result<ScenarioResult> {
             .push("fsyncs: unknown (external broker without an admin/ identity)".into());
     }
     r.extra.insert("consumers".into(), consumers.into());
+    r.extra
+        .insert("provider_nodes".into(), fx.providers.len().into());
     if let Some(a) = consumers_side {
         let (acked, err) = a.finish().await;
         r.extra.insert("acked".into(), acked.into());
@@ -415,6 +431,14 @@ pub(crate) async fn run(mode: Mode, load: &LoadArgs) -> Result<ScenarioResult> {
         .map(|p| p.answered.load(Ordering::Relaxed))
         .sum();
     r.extra.insert("provider_answered".into(), served.into());
+    let mut by_node = vec![0u64; fx.providers.len()];
+    for p in &providers {
+        if let Some(n) = by_node.get_mut(p.node) {
+            *n += p.answered.load(Ordering::Relaxed);
+        }
+    }
+    r.extra
+        .insert("provider_answered_by_node".into(), by_node.into());
     for p in providers {
         p.stop();
     }

@@ -1,6 +1,6 @@
 //! What a scenario drives: an in-process broker in a temp dir (the default) or an external
-//! one, with a provider node, consumer nodes, the dataset and the grants set up; and the
-//! provider instances that answer over the `Serve` stream.
+//! one, with provider nodes (each with its dataset), consumer nodes and the grants set up; and
+//! the provider instances that answer over the `Serve` stream.
 
 use crate::cli::IdentitiesArgs;
 use anyhow::{bail, Context, Result};
@@ -21,14 +21,16 @@ use tempfile::TempDir;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// The provider node of in-process runs.
+/// The (first) provider node of in-process runs.
 const PROVIDER: &str = "330000/bench-provider";
 /// `cascade`: the brokers (national hub, the consumers' province, the provider's province).
 const CASCADE_HUB: &str = "000000/hub";
 const CASCADE_CONSUMER_BROKER: &str = "330000/hub";
 const CASCADE_PROVIDER_BROKER: &str = "440000/hub";
-/// `cascade`: the provider node, at the provider's province.
+/// `cascade`: the (first) provider node, at the provider's province.
 const CASCADE_PROVIDER: &str = "440000/bench-provider";
+/// Most provider nodes (`--provider-nodes`).
+pub(crate) const MAX_PROVIDER_NODES: usize = 64;
 /// How long `cascade` waits for the catalog entry and the demand's decision to cross the
 /// brokers (milliseconds, normally).
 const CASCADE_WAIT: Duration = Duration::from_secs(30);
@@ -38,6 +40,25 @@ const DATASET_CODE: &str = "bench";
 pub(crate) const ID_NUMBER: &str = "330102199001011234";
 /// Per-call deadline of the harness's clients.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Provider node `i` of those based on `first`: `first` itself, then `first-1`, `first-2`...
+fn provider_id(first: &str, i: usize) -> String {
+    if i == 0 {
+        first.to_string()
+    } else {
+        format!("{first}-{i}")
+    }
+}
+
+/// The identity dir of provider node `i` under an identities dir: `provider/`, then
+/// `provider-1/`, `provider-2/`...
+fn provider_dir(dir: &Path, i: usize) -> PathBuf {
+    if i == 0 {
+        dir.join("provider")
+    } else {
+        dir.join(format!("provider-{i}"))
+    }
+}
 
 /// The consumer node id of index `i` for in-process runs.
 fn consumer_id(i: usize) -> String {
@@ -214,7 +235,16 @@ pub(crate) struct Node {
     pub identity: PathBuf,
 }
 
-/// A broker with the bench's nodes, dataset and grants in place.
+/// A provider node and the dataset it publishes.
+#[derive(Debug, Clone)]
+pub(crate) struct Served {
+    /// The node.
+    pub node: Node,
+    /// Its dataset's id.
+    pub dataset: String,
+}
+
+/// A broker with the bench's nodes, datasets and grants in place.
 #[derive(Debug)]
 pub(crate) struct Fixture {
     /// The in-process broker the consumers attach to, or None for an external one.
@@ -225,14 +255,12 @@ pub(crate) struct Fixture {
     pub setup_ms: Vec<(&'static str, f64)>,
     /// Where the broker is.
     pub url: String,
-    /// The provider node.
-    pub provider: Node,
+    /// The provider nodes, each with the dataset it publishes.
+    pub providers: Vec<Served>,
     /// The consumer nodes.
     pub consumers: Vec<Node>,
-    /// The grant of each consumer, by index.
-    pub grants: Vec<String>,
-    /// The dataset's id.
-    pub dataset: String,
+    /// The grants: `grants[c][p]` lets consumer `c` ask provider `p`'s dataset.
+    pub grants: Vec<Vec<String>>,
     /// An admin client, when there is an admin identity.
     pub admin: Option<Client>,
     /// Describes the target for reports.
@@ -264,8 +292,10 @@ fn node_id_of(identity: &Path) -> Result<(String, NodeRole)> {
 }
 
 impl Fixture {
-    /// Starts an in-process broker (config changed by `tune`) with `consumers` consumer nodes.
+    /// Starts an in-process broker (config changed by `tune`) with `providers` provider nodes
+    /// and `consumers` consumer nodes.
     pub(crate) async fn in_process(
+        providers: usize,
         consumers: usize,
         nodelay: bool,
         tune: impl FnOnce(&mut Config),
@@ -273,15 +303,17 @@ impl Fixture {
         let broker = InProcess::start(nodelay, tune).await?;
         let url = broker.url.clone();
         let admin = broker.admin().await?;
-        let mut ids = vec![(PROVIDER.to_string(), "provider".to_string())];
+        let mut ids: Vec<(String, String)> = (0..providers)
+            .map(|i| (provider_id(PROVIDER, i), format!("provider-{i}")))
+            .collect();
         ids.extend((0..consumers).map(|i| (consumer_id(i), format!("consumer-{i}"))));
         let mut nodes = broker.departments(&admin, &ids).await?;
-        let provider = nodes.remove(0);
+        let provider_nodes = nodes.drain(..providers).collect();
         Self::finish(
             Some(broker),
             Vec::new(),
             url,
-            provider,
+            provider_nodes,
             nodes,
             Some(admin),
             "in-process".into(),
@@ -290,11 +322,12 @@ impl Fixture {
     }
 
     /// `cascade`: three in-process brokers, a national hub with two provinces linked to it;
-    /// the provider attached to one province (440000), `consumers` consumer nodes to the other
-    /// (330000). Everything the consumers do goes to their own broker, and from there through
-    /// the hub to the provider's.
+    /// `providers` provider nodes attached to one province (440000), `consumers` consumer
+    /// nodes to the other (330000). Everything the consumers do goes to their own broker, and
+    /// from there through the hub to the providers'.
     /// `tune` changes each of the three brokers' config.
     pub(crate) async fn cascade(
+        providers: usize,
         consumers: usize,
         nodelay: bool,
         tune: impl Fn(&mut Config),
@@ -314,13 +347,10 @@ impl Fixture {
         let home = InProcess::start_child(CASCADE_CONSUMER_BROKER, &hub, nodelay, child).await?;
         let far = InProcess::start_child(CASCADE_PROVIDER_BROKER, &hub, nodelay, child).await?;
         let far_admin = far.admin().await?;
-        let provider = far
-            .departments(
-                &far_admin,
-                &[(CASCADE_PROVIDER.to_string(), "provider".to_string())],
-            )
-            .await?
-            .remove(0);
+        let provider_ids: Vec<(String, String)> = (0..providers)
+            .map(|i| (provider_id(CASCADE_PROVIDER, i), format!("provider-{i}")))
+            .collect();
+        let provider_nodes = far.departments(&far_admin, &provider_ids).await?;
         let url = home.url.clone();
         let admin = home.admin().await?;
         let ids: Vec<(String, String)> = (0..consumers)
@@ -334,7 +364,7 @@ impl Fixture {
             Some(home),
             vec![hub, far],
             url,
-            provider,
+            provider_nodes,
             nodes,
             Some(admin),
             target,
@@ -342,15 +372,24 @@ impl Fixture {
         .await
     }
 
-    /// Uses an external broker, with the identities under `dir` (see `--help`).
-    pub(crate) async fn external(url: &str, dir: &Path, consumers: usize) -> Result<Self> {
+    /// Uses an external broker, with the identities under `dir` (see `--help`): `providers`
+    /// provider nodes and `consumers` consumer connections.
+    pub(crate) async fn external(
+        url: &str,
+        dir: &Path,
+        providers: usize,
+        consumers: usize,
+    ) -> Result<Self> {
         let admin_dir = dir.join("admin");
         let admin = if admin_dir.join(pki::NODE_CERT).exists() {
             Some(connect(url, &admin_dir).await?)
         } else {
             None
         };
-        let provider_dir = dir.join("provider");
+        let provider_dirs: Vec<PathBuf> = (0..providers)
+            .map(|i| provider_dir(dir, i))
+            .take_while(|d| d.join(pki::NODE_CERT).exists())
+            .collect();
         let mut consumer_dirs: Vec<PathBuf> = (0..consumers)
             .map(|i| dir.join(format!("consumer-{i}")))
             .take_while(|d| d.join(pki::NODE_CERT).exists())
@@ -358,7 +397,7 @@ impl Fixture {
         if consumer_dirs.is_empty() && dir.join("consumer").join(pki::NODE_CERT).exists() {
             consumer_dirs.push(dir.join("consumer"));
         }
-        if consumer_dirs.is_empty() || !provider_dir.join(pki::NODE_CERT).exists() {
+        if consumer_dirs.is_empty() || provider_dirs.is_empty() {
             bail!(
                 "{} must hold provider/ and consumer/ (or consumer-0/, ...) identity dirs; \
                  `govshare-bench identities --data-dir BROKER_DATA_DIR --out {}` makes them",
@@ -366,8 +405,19 @@ impl Fixture {
                 dir.display()
             );
         }
+        if provider_dirs.len() < providers {
+            bail!(
+                "--provider-nodes {providers} needs provider/ and provider-1/ to provider-{}/ \
+                 in {}, which has {} of them; `govshare-bench identities --provider-nodes \
+                 {providers} --data-dir BROKER_DATA_DIR --out {}` makes them",
+                providers - 1,
+                dir.display(),
+                provider_dirs.len(),
+                dir.display()
+            );
+        }
         let mut nodes = Vec::new();
-        for d in std::iter::once(&provider_dir).chain(consumer_dirs.iter()) {
+        for d in provider_dirs.iter().chain(consumer_dirs.iter()) {
             let (id, _) = node_id_of(d)?;
             if let Some(a) = &admin {
                 register(a, &id).await?;
@@ -378,7 +428,7 @@ impl Fixture {
                 identity: d.clone(),
             });
         }
-        let provider = nodes.remove(0);
+        let provider_nodes: Vec<Node> = nodes.drain(..providers).collect();
         // With fewer consumer identities than asked, the same nodes take several connections.
         let have = nodes.len();
         for i in have..consumers {
@@ -392,7 +442,7 @@ impl Fixture {
             None,
             Vec::new(),
             url.to_string(),
-            provider,
+            provider_nodes,
             nodes,
             admin,
             url.to_string(),
@@ -400,102 +450,97 @@ impl Fixture {
         .await
     }
 
-    /// Publishes the dataset and files each consumer's demand. At one broker an
-    /// UNCONDITIONAL demand is granted at once; across brokers the catalog entry must first
-    /// reach the consumer's broker, and the decision comes back a moment after the demand.
+    /// Publishes each provider's dataset and files each consumer's demand for each. At one
+    /// broker an UNCONDITIONAL demand is granted at once; across brokers the catalog entry
+    /// must first reach the consumer's broker, and the decision comes back a moment after the
+    /// demand.
     #[allow(clippy::too_many_arguments)]
     async fn finish(
         broker: Option<InProcess>,
         others: Vec<InProcess>,
         url: String,
-        provider: Node,
+        provider_nodes: Vec<Node>,
         consumers: Vec<Node>,
         admin: Option<Client>,
         target: String,
     ) -> Result<Self> {
-        let item = |name: &str, mask: &str| InfoItem {
-            name: name.into(),
-            r#type: "string".into(),
-            mask: mask.into(),
-            ..Default::default()
-        };
-        let published = provider
-            .client
-            .publish_dataset(Dataset {
-                code: DATASET_CODE.into(),
-                name: "govshare-bench load test rows".into(),
-                description: "rows served by govshare-bench's provider".into(),
-                share_type: ShareType::Unconditional as i32,
-                items: vec![
-                    item("id_number", "id_number"),
-                    item("status", ""),
-                    item("payload", ""),
-                ],
-                ..Default::default()
-            })
-            .await
-            .context("publishing the bench dataset")?;
-        let dataset = published
-            .dataset
-            .map(|d| d.id)
-            .unwrap_or_else(|| format!("{}/{DATASET_CODE}", provider.id));
-        let published_at = Instant::now();
         let mut setup_ms = Vec::new();
-        if let Some(c) = consumers.first().filter(|_| !others.is_empty()) {
-            wait_for(&format!("{dataset} to reach {}'s broker", c.id), || async {
-                Ok(c.client.get_dataset(dataset.clone()).await.ok())
-            })
-            .await?;
-            setup_ms.push(("catalog_cascade_ms", ms(published_at.elapsed())));
+        let mut providers = Vec::new();
+        for node in provider_nodes {
+            let dataset = publish(&node).await?;
+            let published_at = Instant::now();
+            if let Some(c) = consumers.first().filter(|_| !others.is_empty()) {
+                wait_for(&format!("{dataset} to reach {}'s broker", c.id), || async {
+                    Ok(c.client.get_dataset(dataset.clone()).await.ok())
+                })
+                .await?;
+                if providers.is_empty() {
+                    setup_ms.push(("catalog_cascade_ms", ms(published_at.elapsed())));
+                }
+            }
+            providers.push(Served { node, dataset });
         }
         let mut grants = Vec::new();
-        let mut by_node: HashMap<String, String> = HashMap::new();
+        // Connections of one node share its grants.
+        let mut by_node: HashMap<String, Vec<String>> = HashMap::new();
         for c in &consumers {
             if let Some(g) = by_node.get(&c.id) {
                 grants.push(g.clone());
                 continue;
             }
-            let filed_at = Instant::now();
-            let r = c
-                .client
-                .file_demand(FileDemandRequest {
-                    dataset_id: dataset.clone(),
-                    fields: vec!["id_number".into(), "status".into(), "payload".into()],
-                    purpose: "govshare-bench load test".into(),
-                    legal_basis: "load test".into(),
-                    period_days: 1,
-                })
-                .await
-                .with_context(|| format!("filing {}'s demand", c.id))?;
-            let g = match (r.grant, r.demand) {
-                (Some(g), _) => g.id,
-                (None, Some(d)) if d.state() == DemandState::Pending && !others.is_empty() => {
-                    let g = approved(&c.client, &d.id).await?;
-                    if by_node.is_empty() {
-                        setup_ms.push(("demand_decision_ms", ms(filed_at.elapsed())));
+            let mut granted = Vec::new();
+            for p in &providers {
+                let filed_at = Instant::now();
+                let r = c
+                    .client
+                    .file_demand(FileDemandRequest {
+                        dataset_id: p.dataset.clone(),
+                        fields: vec!["id_number".into(), "status".into(), "payload".into()],
+                        purpose: "govshare-bench load test".into(),
+                        legal_basis: "load test".into(),
+                        period_days: 1,
+                    })
+                    .await
+                    .with_context(|| format!("filing {}'s demand for {}", c.id, p.dataset))?;
+                let g = match (r.grant, r.demand) {
+                    (Some(g), _) => g.id,
+                    (None, Some(d)) if d.state() == DemandState::Pending && !others.is_empty() => {
+                        let g = approved(&c.client, &d.id).await?;
+                        if by_node.is_empty() && granted.is_empty() {
+                            setup_ms.push(("demand_decision_ms", ms(filed_at.elapsed())));
+                        }
+                        g
                     }
-                    g
-                }
-                (None, d) => bail!(
-                    "the UNCONDITIONAL demand was not granted at once: {:?}",
-                    d.map(|d| (d.state(), d.reason))
-                ),
-            };
-            by_node.insert(c.id.clone(), g.clone());
-            grants.push(g);
+                    (None, d) => bail!(
+                        "the UNCONDITIONAL demand was not granted at once: {:?}",
+                        d.map(|d| (d.state(), d.reason))
+                    ),
+                };
+                granted.push(g);
+            }
+            by_node.insert(c.id.clone(), granted.clone());
+            grants.push(granted);
         }
         Ok(Self {
             broker,
             others,
             setup_ms,
             url,
-            provider,
+            providers,
             consumers,
             grants,
-            dataset,
             admin,
             target,
         })
+    }
+
+    /// Every (consumer, provider) pair, by index: worker `w` of a scenario takes pair
+    /// `w % len`, so that the workers spread over every consumer and every provider.
+    pub(crate) fn pairs(&self) -> Vec<(usize, usize)> {
+        let c = self.consumers.len();
+        (0..c * self.providers.len())
+            .map(|i| (i % c, i / c))
+            .collect()
     }
 
     /// The group-commit counters (flushes, durable writes) since the broker first started:
@@ -528,7 +573,9 @@ impl Fixture {
         b.boot().await.context("starting the broker again")?;
         let up = t.elapsed();
         self.url = b.url.clone();
-        self.provider.client = connect(&self.url, &self.provider.identity).await?;
+        for p in &mut self.providers {
+            p.node.client = connect(&self.url, &p.node.identity).await?;
+        }
         for c in &mut self.consumers {
             c.client = connect(&self.url, &c.identity).await?;
         }
@@ -589,6 +636,36 @@ async fn approved(client: &Client, id: &str) -> Result<String> {
     .await
 }
 
+/// Publishes the bench dataset as `node`; answers its id.
+async fn publish(node: &Node) -> Result<String> {
+    let item = |name: &str, mask: &str| InfoItem {
+        name: name.into(),
+        r#type: "string".into(),
+        mask: mask.into(),
+        ..Default::default()
+    };
+    let published = node
+        .client
+        .publish_dataset(Dataset {
+            code: DATASET_CODE.into(),
+            name: "govshare-bench load test rows".into(),
+            description: "rows served by govshare-bench's provider".into(),
+            share_type: ShareType::Unconditional as i32,
+            items: vec![
+                item("id_number", "id_number"),
+                item("status", ""),
+                item("payload", ""),
+            ],
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("publishing {}'s bench dataset", node.id))?;
+    Ok(published
+        .dataset
+        .map(|d| d.id)
+        .unwrap_or_else(|| format!("{}/{DATASET_CODE}", node.id)))
+}
+
 async fn register(admin: &Client, id: &str) -> Result<()> {
     let r = admin
         .register_node(RegisterNodeRequest {
@@ -635,6 +712,8 @@ pub(crate) struct Provider {
     task: JoinHandle<()>,
     /// Requests answered.
     pub answered: Arc<AtomicU64>,
+    /// Which of the fixture's provider nodes it serves (index into `Fixture::providers`).
+    pub node: usize,
 }
 
 impl Provider {
@@ -685,10 +764,14 @@ impl Provider {
                 count.fetch_add(1, Ordering::Relaxed);
             }
         });
-        Ok(Self { task, answered })
+        Ok(Self {
+            task,
+            answered,
+            node: 0,
+        })
     }
 
-    /// Starts `n` instances, spread over the provider's connection.
+    /// Starts `n` instances for each provider node, each node's over its own connection.
     pub(crate) async fn start_many(
         fx: &Fixture,
         n: usize,
@@ -697,17 +780,19 @@ impl Provider {
     ) -> Result<Vec<Provider>> {
         let rows = Arc::new(answer_rows(row_bytes));
         let mut out = Vec::new();
-        for i in 0..n {
-            out.push(
-                Provider::start(
-                    &fx.provider.client,
-                    &fx.dataset,
+        for (p, served) in fx.providers.iter().enumerate() {
+            for i in 0..n {
+                let mut instance = Provider::start(
+                    &served.node.client,
+                    &served.dataset,
                     max_in_flight,
-                    &format!("bench-{i}"),
+                    &format!("bench-{p}-{i}"),
                     rows.clone(),
                 )
-                .await?,
-            );
+                .await?;
+                instance.node = p;
+                out.push(instance);
+            }
         }
         Ok(out)
     }
@@ -718,18 +803,24 @@ impl Provider {
     }
 }
 
-/// `identities`: issues provider/ and consumer-N/ with a broker's CA and copies admin/.
+/// `identities`: issues provider/ (and provider-N/), consumer-N/ with a broker's CA and copies
+/// admin/.
 pub(crate) fn write_identities(args: &IdentitiesArgs) -> Result<()> {
     if args.consumers == 0 || args.consumers > 1000 {
         bail!("--consumers must be 1 to 1000");
     }
-    pki::issue_identity(
-        &args.data_dir,
-        PROVIDER,
-        NodeRole::Department,
-        &args.out.join("provider"),
-        &[],
-    )?;
+    if args.provider_nodes == 0 || args.provider_nodes > MAX_PROVIDER_NODES {
+        bail!("--provider-nodes must be 1 to {MAX_PROVIDER_NODES}");
+    }
+    for i in 0..args.provider_nodes {
+        pki::issue_identity(
+            &args.data_dir,
+            &provider_id(PROVIDER, i),
+            NodeRole::Department,
+            &provider_dir(&args.out, i),
+            &[],
+        )?;
+    }
     for i in 0..args.consumers {
         pki::issue_identity(
             &args.data_dir,
@@ -748,8 +839,12 @@ pub(crate) fn write_identities(args: &IdentitiesArgs) -> Result<()> {
                 .with_context(|| format!("copying {}", admin.join(f).display()))?;
         }
     }
+    let providers = match args.provider_nodes {
+        1 => "provider/".to_string(),
+        n => format!("provider/, provider-1/..provider-{}/", n - 1),
+    };
     println!(
-        "wrote provider/ and consumer-0/..consumer-{}/ to {}{}",
+        "wrote {providers} and consumer-0/..consumer-{}/ to {}{}",
         args.consumers - 1,
         args.out.display(),
         if admin.exists() {
@@ -758,9 +853,98 @@ pub(crate) fn write_identities(args: &IdentitiesArgs) -> Result<()> {
             "; register the nodes before use"
         }
     );
+    let nodes = match args.provider_nodes {
+        1 => String::new(),
+        n => format!(" --provider-nodes {n}"),
+    };
     println!(
-        "use: govshare-bench run sync --broker https://HOST:PORT --identity {}",
+        "use: govshare-bench run sync --broker https://HOST:PORT --identity {}{nodes}",
         args.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::parse_load;
+    use crate::exchange::{run, Mode};
+
+    /// `identities` then `--broker URL --identity DIR`: a broker the harness did not start
+    /// (here one in this process, reached only through its URL and the identities written),
+    /// with two provider nodes, each answering part of the load.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_external_broker_with_two_provider_nodes() -> Result<()> {
+        let mut broker = InProcess::start(true, |_| {}).await?;
+        let out = tempfile::tempdir()?;
+        let ids = out.path().join("ids");
+        write_identities(&IdentitiesArgs {
+            data_dir: broker.data_dir.clone(),
+            out: ids.clone(),
+            consumers: 2,
+            provider_nodes: 2,
+        })?;
+        for d in [
+            "provider",
+            "provider-1",
+            "consumer-0",
+            "consumer-1",
+            "admin",
+        ] {
+            assert!(ids.join(d).join(pki::NODE_CERT).is_file(), "{d}/ written");
+        }
+        assert!(!ids.join("provider-2").exists());
+        let (url, dir) = (broker.url.clone(), ids.display().to_string());
+        let external = ["--broker", url.as_str(), "--identity", dir.as_str()];
+        let mut args = external.to_vec();
+        args.extend([
+            "--provider-nodes",
+            "2",
+            "--consumers",
+            "2",
+            "--concurrency",
+            "8",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+            "-q",
+        ]);
+        for mode in [Mode::Sync, Mode::Async] {
+            let r = run(mode, &parse_load(&args)?).await?;
+            assert!(r.answered > 0 && r.answered == r.sent, "{r:?}");
+            assert_eq!(r.extra["provider_nodes"], 2);
+            assert_eq!(r.extra["provider_answered"], r.answered);
+            let by_node = r.extra["provider_answered_by_node"]
+                .as_array()
+                .context("per-node counts")?;
+            assert_eq!(by_node.len(), 2, "{r:?}");
+            assert!(
+                by_node.iter().all(|n| n.as_u64().is_some_and(|n| n > 0)),
+                "every provider node answered: {by_node:?}"
+            );
+            // admin/ was copied: the broker's flush counts are read from its status.
+            assert!(r.fsyncs_per_1k.is_some(), "{r:?}");
+        }
+        // More provider nodes than identity dirs: refused, naming what is missing.
+        let mut three = external.to_vec();
+        three.extend(["--provider-nodes", "3", "--duration", "1s", "-q"]);
+        let err = run(Mode::Sync, &parse_load(&three)?)
+            .await
+            .err()
+            .context("--provider-nodes 3 with two provider dirs accepted")?;
+        assert!(
+            err.to_string().contains("provider-2/") && err.to_string().contains("has 2"),
+            "{err:#}"
+        );
+        // backlog queues for one provider node.
+        let mut backlog = three.clone();
+        backlog.extend(["--count", "10"]);
+        let err = crate::backlog::run(&parse_load(&backlog)?)
+            .await
+            .err()
+            .context("backlog with three provider nodes accepted")?;
+        assert!(err.to_string().contains("one provider node"), "{err:#}");
+        broker.stop(true).await
+    }
 }

@@ -180,6 +180,59 @@ fn cascade_across_three_brokers() {
     }
 }
 
+/// Every provider node's instances answered some of the exchanges, and together all of them.
+fn check_provider_nodes(s: &Value, nodes: u64) {
+    assert_eq!(s["extra"]["provider_nodes"], nodes, "{s:#}");
+    assert_eq!(s["extra"]["provider_answered"], s["answered"], "{s:#}");
+    let by_node = s["extra"]["provider_answered_by_node"].as_array().unwrap();
+    assert_eq!(by_node.len() as u64, nodes, "{s:#}");
+    assert!(
+        by_node.iter().all(|n| n.as_u64().unwrap() > 0),
+        "every provider node answered: {s:#}"
+    );
+}
+
+#[test]
+fn sync_with_three_provider_nodes() {
+    let s = run_scenario(
+        "sync",
+        &[
+            "--concurrency",
+            "8",
+            "--provider-nodes",
+            "3",
+            "--providers",
+            "2",
+        ],
+    );
+    check_provider_nodes(&s, 3);
+}
+
+#[test]
+fn cascade_with_two_provider_nodes() {
+    let s = run_scenario("cascade", &["--concurrency", "8", "--provider-nodes", "2"]);
+    check_provider_nodes(&s, 2);
+}
+
+#[test]
+fn backlog_refuses_several_provider_nodes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_govshare-bench"))
+        .args([
+            "run",
+            "backlog",
+            "--count",
+            "10",
+            "--provider-nodes",
+            "2",
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {stderr}");
+    assert!(stderr.contains("one provider node"), "{stderr}");
+}
+
 #[test]
 fn fsync_one_writer() {
     let s = run_scenario("fsync", &[]);
