@@ -687,6 +687,12 @@ struct Inner {
     writer: Mutex<Writer>,
     /// Flushes in progress are serialized, so that the count below means what it says.
     sync: Mutex<()>,
+    /// Held around every `fdatasync` of a segment (a flush's, or a roll's), and the failure
+    /// any of them met: the kernel reports a writeback error to one `fdatasync` of a file
+    /// description only, so of two at once on the same segment one could return success
+    /// for pages that were never written. One at a time, and each checking what the ones
+    /// before met, none can. Always taken last (after the writer or `sync`).
+    fsync: Mutex<Option<String>>,
     flushes: AtomicU64,
     /// [`Writer::frames`] as of the last flush that succeeded (or segment sealed): a flush
     /// with nothing written since has nothing to do.
@@ -727,6 +733,21 @@ fn write_lock(l: &RwLock<State>) -> RwLockWriteGuard<'_, State> {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `fsync`s a segment file. Tests see which files a thread synced.
+fn sync_file(file: &File, path: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    SYNCED.with(|s| s.borrow_mut().push(path.to_path_buf()));
+    #[cfg(not(test))]
+    let _ = path;
+    file.sync_all()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The files [`sync_file`] synced on this thread.
+    static SYNCED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -976,19 +997,31 @@ impl Db {
                 size = HEADER;
             }
             if size < file_len {
+                let kept = keep_cut(dir, &path, &file, size, file_len)?;
                 tracing::warn!(
                     segment = %path.display(),
                     dropped_bytes = file_len - size,
-                    "cut off a write that a crash interrupted"
+                    kept_in = %kept.display(),
+                    "cut off the writes after the last whole frame: a crash (a power loss, a \
+                     kill) interrupts them; were there none, the disk may be damaged, and the \
+                     bytes cut are kept"
                 );
                 file.set_len(size).map_err(io_err(&path))?;
             }
-            if size != file_len {
-                file.sync_all().map_err(io_err(&path))?;
+            // The last segment always: what it holds past the last flush before the stop (a
+            // kill leaves it in the page cache) is replayed and served as durable from now
+            // on, and may make older records dead, which compaction then deletes for good.
+            if is_last || size != file_len {
+                sync_file(&file, &path).map_err(io_err(&path))?;
             }
             if let Some(s) = state.segs.get_mut(&id) {
                 s.size = size;
             }
+        }
+        // A last segment whose creation a crash interrupted may have its entry in the
+        // directory only in memory still.
+        if last.is_some() {
+            sync_dir(dir)?;
         }
         // Keys replayed in the order they were written (exchange ids are time-ordered) leave a
         // map's nodes little more than half full: the B-tree splits a full node in the middle,
@@ -1034,6 +1067,7 @@ impl Db {
                 state: RwLock::new(state),
                 writer: Mutex::new(writer),
                 sync: Mutex::new(()),
+                fsync: Mutex::new(None),
                 flushes: AtomicU64::new(0),
                 synced: AtomicU64::new(0),
                 written: AtomicU64::new(0),
@@ -1259,9 +1293,9 @@ impl Db {
     /// Seals the head segment and starts the next one. The sealed one is made durable first,
     /// so that a crash can tear only the last segment's last frame.
     fn roll(&self, w: &mut Writer) -> Result<()> {
-        if let Err(e) = w.file.sync_data() {
-            w.failed = Some(format!("{}: {e}", w.path.display()));
-            return Err(io_err(&w.path)(e));
+        if let Err(e) = self.sync_segment(&w.file, &w.path) {
+            w.failed = Some(e.to_string());
+            return Err(e);
         }
         // Every frame so far was in the segment just made durable.
         self.inner.synced.fetch_max(w.frames, Ordering::AcqRel);
@@ -1328,13 +1362,26 @@ impl Db {
         if self.inner.synced.load(Ordering::Acquire) >= frames {
             return Ok(false);
         }
-        if let Err(e) = file.sync_data() {
-            lock(&self.inner.writer).failed = Some(format!("{}: {e}", path.display()));
-            return Err(io_err(&path)(e));
+        if let Err(e) = self.sync_segment(&file, &path) {
+            lock(&self.inner.writer).failed = Some(e.to_string());
+            return Err(e);
         }
         self.inner.synced.fetch_max(frames, Ordering::AcqRel);
         self.inner.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// `fdatasync`s one segment, refusing once any `fdatasync` of the store has failed (see
+    /// [`Inner::fsync`]).
+    fn sync_segment(&self, file: &File, path: &Path) -> Result<()> {
+        let mut failed = lock(&self.inner.fsync);
+        if let Some(f) = failed.as_ref() {
+            return Err(Error::Failed(f.clone()));
+        }
+        file.sync_data().map_err(|e| {
+            *failed = Some(format!("{}: {e}", path.display()));
+            io_err(path)(e)
+        })
     }
 
     /// `fdatasync`s performed by [`Db::flush`] calls so far.
@@ -1535,6 +1582,33 @@ fn check_sizes(k: &[u8], v: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Copies what opening is about to cut off the last segment (bytes `from..to`) to a file of
+/// its own beside it, made durable first: a torn last write is what a crash leaves, but the
+/// same thing can be damage in the middle of acknowledged writes, and cutting destroys the
+/// evidence. The copy is never read by the store; an operator may delete it.
+fn keep_cut(dir: &Path, seg: &Path, file: &File, from: u64, to: u64) -> Result<PathBuf> {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut name = seg.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".cut-{ms}"));
+    let path = dir.join(name);
+    let len = usize::try_from(to - from)
+        .map_err(|_| Error::TooLarge(format!("{} bytes to cut", to - from)))?;
+    let mut bytes = vec![0; len];
+    file.read_exact_at(&mut bytes, from).map_err(io_err(seg))?;
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    out.write_all_at(&bytes, 0)
+        .and_then(|()| out.sync_all())
+        .map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok(path)
+}
+
 fn create_segment(dir: &Path, id: u32) -> Result<(File, PathBuf)> {
     let path = dir.join(seg_name(id));
     let file = OpenOptions::new()
@@ -1543,9 +1617,17 @@ fn create_segment(dir: &Path, id: u32) -> Result<(File, PathBuf)> {
         .create_new(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    file.write_all_at(MAGIC, 0).map_err(io_err(&path))?;
-    file.sync_all().map_err(io_err(&path))?;
-    sync_dir(dir)?;
+    let made = file
+        .write_all_at(MAGIC, 0)
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(&path))
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = made {
+        // Otherwise every later roll would fail on the file left behind (`create_new`), where
+        // it could succeed once there is space again.
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
     Ok((file, path))
 }
 
@@ -1933,6 +2015,110 @@ mod tests {
                 })
             })
             .collect()
+    }
+
+    // A kill leaves the head's last writes in the page cache only. The next run replays
+    // them and serves them as durable, and its compaction may delete an older segment whose
+    // records they made dead: unless the replayed head is made durable at open, a power loss
+    // then keeps the deletion and drops the write, and an acknowledged key is gone. So the
+    // open syncs the newest segment, also when it had nothing to cut.
+    #[test]
+    fn opening_makes_the_replayed_newest_segment_durable() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let last = {
+            let db = Db::open(dir.path(), small())?;
+            put(&db, 1, "acked", "v1")?;
+            db.flush()?;
+            for round in 0..40 {
+                for i in 0..10 {
+                    put(&db, 0, &format!("hot{i}"), &format!("{round:>60}"))?;
+                }
+            }
+            db.flush()?;
+            put(&db, 1, "acked", "v2")?; // then killed: never flushed
+            seg_files(dir.path()).pop().ok_or(Error::Reentrant)?
+        };
+        assert!(seg_files(dir.path()).len() > 1);
+        SYNCED.with(|s| s.borrow_mut().clear());
+        let db = Db::open(dir.path(), small())?;
+        let synced = SYNCED.with(|s| s.borrow().clone());
+        assert_eq!(
+            synced,
+            [last],
+            "the newest segment, and only it, synced at open"
+        );
+        assert_eq!(db.get(1, b"acked")?.as_deref(), Some(&b"v2"[..]));
+        // Served as durable from here on: compaction may now delete segment 0.
+        assert!(db.durable(db.written()));
+        assert!(db.compact()? > 0);
+        Ok(())
+    }
+
+    // The kernel tells a writeback error to one `fdatasync` of a file only: a flush whose
+    // own call succeeded after another (a roll's) met the error must not report the frames
+    // durable. Every sync checks what the ones before it met.
+    #[test]
+    fn a_flush_after_another_sync_failed_is_refused() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let db = Db::open(dir.path(), small())?;
+        put(&db, 0, "k", "v")?;
+        // As if a roll's fdatasync of this segment had just met EIO.
+        *lock(&db.inner.fsync) = Some("0000000000.seg: Input/output error".into());
+        let mark = db.written();
+        match db.flush() {
+            Err(Error::Failed(why)) => assert!(why.contains("Input/output error"), "{why}"),
+            other => panic!("a flush after a failed sync answered {other:?}"),
+        }
+        assert!(!db.durable(mark), "frames reported durable");
+        assert!(matches!(put(&db, 0, "k2", "v"), Err(Error::Failed(_))));
+        Ok(())
+    }
+
+    // Damage in the middle of the newest segment looks like a torn last write and is cut
+    // off, since a power loss can tear any write after the last flush; what is cut is kept
+    // in a file of its own, byte for byte, and the segment's valid part still opens.
+    #[test]
+    fn what_opening_cuts_off_the_newest_segment_is_kept_beside_it() -> R {
+        let dir = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        {
+            let db = Db::open(dir.path(), Options::default())?;
+            for i in 0..10 {
+                put(&db, 0, &format!("k{i}"), &"v".repeat(100))?;
+            }
+            db.flush()?;
+        }
+        let seg = seg_files(dir.path()).pop().ok_or(Error::Reentrant)?;
+        let whole = std::fs::read(&seg).map_err(io_err(&seg))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .map_err(io_err(&seg))?;
+        f.write_all_at(b"\xde\xad", HEADER + 20)
+            .map_err(io_err(&seg))?; // inside the first frame
+        drop(f);
+        let damaged = std::fs::read(&seg).map_err(io_err(&seg))?;
+        let db = Db::open(dir.path(), Options::default())?;
+        assert_eq!(db.len(0), 0, "nothing after the bad frame is applied");
+        let cut: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .map_err(io_err(dir.path()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().contains(".seg.cut-"))
+            .collect();
+        assert_eq!(cut.len(), 1, "{cut:?}");
+        let kept = std::fs::read(&cut[0]).map_err(io_err(&cut[0]))?;
+        assert_eq!(kept.len(), whole.len() - HEADER as usize);
+        assert_eq!(
+            kept,
+            damaged[HEADER as usize..],
+            "the cut bytes, as they were"
+        );
+        // Later writes go on after the cut; the copy is never read as a segment.
+        put(&db, 0, "after", "1")?;
+        db.flush()?;
+        drop(db);
+        let db = Db::open(dir.path(), Options::default())?;
+        assert_eq!(dump(&db, 0)?, [("after".to_string(), "1".to_string())]);
+        Ok(())
     }
 
     fn seg_files(dir: &Path) -> Vec<PathBuf> {

@@ -902,3 +902,50 @@ async fn a_disk_below_its_reserve_refuses_new_work_and_recovers_without_restart(
     );
     broker.shutdown().await
 }
+
+/// A segment the log could not start on a full disk (its header not written) leaves no file
+/// behind: with space back, the next write starts it and succeeds, where a file left over
+/// would make every later start of a segment fail ("File exists") until a restart.
+#[test]
+fn a_segment_not_started_on_a_full_disk_is_started_once_space_is_back() -> Result<()> {
+    const TEST: &str = "a_segment_not_started_on_a_full_disk_is_started_once_space_is_back";
+    use govshare_broker::kv::{Db, Options};
+    let mounts = tempfile::tempdir()?;
+    let Some(disk) = Tmpfs::mount_at(&mounts.path().join("fs"), 1, TEST)? else {
+        return Ok(());
+    };
+    let dir = disk.path().join("db");
+    // A segment of one small frame: each write after the first starts a new segment, whose
+    // 8-byte header needs a page of its own.
+    let opts = Options {
+        trees: 1,
+        segment_bytes: 64,
+        inline_bytes: 64,
+        seq_trees: Vec::new(),
+        memory_trees: Vec::new(),
+    };
+    let db = Db::open(&dir, opts.clone())?;
+    let put = |k: &str| db.transaction(|tx| tx.insert(0, k.as_bytes(), vec![7u8; 40]));
+    put("a")?;
+    let filler = disk.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler)?;
+        let page = vec![1u8; 4096];
+        while f.write_all(&page).is_ok() {}
+    }
+    let full = put("b");
+    ensure!(
+        full.as_ref()
+            .is_err_and(|e| e.to_string().contains("No space left")),
+        "a write needing a new segment on a full disk: {full:?}"
+    );
+    std::fs::remove_file(&filler)?;
+    put("c")?;
+    db.flush()?;
+    drop(db);
+    let db = Db::open(&dir, opts)?;
+    ensure!(db.get(0, b"a")?.is_some() && db.get(0, b"c")?.is_some());
+    ensure!(db.get(0, b"b")?.is_none(), "the refused write is not there");
+    Ok(())
+}
