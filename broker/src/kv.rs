@@ -147,7 +147,11 @@ const MAGIC: &[u8; 8] = b"GSKV\0\0\0\x01";
 const HEADER: u64 = MAGIC.len() as u64;
 const FRAME_HEAD: usize = 8;
 /// The largest frame: a u32 length, and well under a segment's u32 offsets.
+#[cfg(not(test))]
 const MAX_FRAME: usize = 1 << 30;
+/// Smaller in unit tests, which write more than one frame's worth.
+#[cfg(test)]
+const MAX_FRAME: usize = 16 << 20;
 const OP_PUT: u8 = 1;
 const OP_REMOVE: u8 = 2;
 const OP_CLEAR: u8 = 3;
@@ -668,8 +672,6 @@ struct Writer {
     path: PathBuf,
     /// Where the next frame goes.
     len: u64,
-    /// Set by the first failed write or flush.
-    failed: Option<String>,
     /// The frame being built, kept to reuse its allocation.
     buf: Vec<u8>,
     /// Frames appended so far (this run): what a flush covers is named by it.
@@ -687,12 +689,16 @@ struct Inner {
     writer: Mutex<Writer>,
     /// Flushes in progress are serialized, so that the count below means what it says.
     sync: Mutex<()>,
-    /// Held around every `fdatasync` of a segment (a flush's, or a roll's), and the failure
-    /// any of them met: the kernel reports a writeback error to one `fdatasync` of a file
-    /// description only, so of two at once on the same segment one could return success
-    /// for pages that were never written. One at a time, and each checking what the ones
-    /// before met, none can. Always taken last (after the writer or `sync`).
-    fsync: Mutex<Option<String>>,
+    /// Held around every `fdatasync` of a segment (a flush's, or a roll's): the kernel
+    /// reports a writeback error to one `fdatasync` of a file description only, so of two at
+    /// once on the same segment one could return success for pages that were never written.
+    /// One at a time, and each checking [`Inner::failed`] after the ones before, none can.
+    /// Taken after the writer or `sync`, never before.
+    fsync: Mutex<()>,
+    /// The first failed write or flush (or failure the owner declared): from then on
+    /// nothing is written. Apart from the writer so that reading it never waits for a write
+    /// stuck on the disk; held only to read or set it.
+    failed: Mutex<Option<String>>,
     flushes: AtomicU64,
     /// [`Writer::frames`] as of the last flush that succeeded (or segment sealed): a flush
     /// with nothing written since has nothing to do.
@@ -1055,7 +1061,6 @@ impl Db {
             file,
             path,
             len,
-            failed: None,
             buf: Vec::new(),
             frames: 0,
             ceiling_written: id_ceiling,
@@ -1067,7 +1072,8 @@ impl Db {
                 state: RwLock::new(state),
                 writer: Mutex::new(writer),
                 sync: Mutex::new(()),
-                fsync: Mutex::new(None),
+                fsync: Mutex::new(()),
+                failed: Mutex::new(None),
                 flushes: AtomicU64::new(0),
                 synced: AtomicU64::new(0),
                 written: AtomicU64::new(0),
@@ -1191,15 +1197,21 @@ impl Db {
             return Err(Error::Reentrant);
         }
         let w = lock(&self.inner.writer);
-        match &w.failed {
-            Some(msg) => Err(Error::Failed(msg.clone())),
+        match self.failure() {
+            Some(msg) => Err(Error::Failed(msg)),
             None => Ok(w),
         }
     }
 
-    /// The first write or flush failure, once there has been one.
+    /// The first write or flush failure, once there has been one. Never waits for a write.
     pub fn failure(&self) -> Option<String> {
-        lock(&self.inner.writer).failed.clone()
+        lock(&self.inner.failed).clone()
+    }
+
+    /// Stops all writing, as a failed write would: for an owner that met a failure of its own
+    /// (or of the disk) elsewhere. The first failure recorded stays.
+    pub fn fail(&self, why: &str) {
+        lock(&self.inner.failed).get_or_insert_with(|| why.to_string());
     }
 
     /// Appends one frame of `ops` and applies it to the index; the caller holds the writer.
@@ -1243,7 +1255,7 @@ impl Db {
             // Cut off what part of the frame got written, so that the next frame starts
             // clean; if even that fails, the file's end is unknown and writing stops.
             if let Err(e2) = w.file.set_len(at) {
-                w.failed = Some(format!("{}: {e}; then {e2}", w.path.display()));
+                self.fail(&format!("{}: {e}; then {e2}", w.path.display()));
             }
             w.buf = buf;
             return Err(io_err(&w.path)(e));
@@ -1293,10 +1305,7 @@ impl Db {
     /// Seals the head segment and starts the next one. The sealed one is made durable first,
     /// so that a crash can tear only the last segment's last frame.
     fn roll(&self, w: &mut Writer) -> Result<()> {
-        if let Err(e) = self.sync_segment(&w.file, &w.path) {
-            w.failed = Some(e.to_string());
-            return Err(e);
-        }
+        self.sync_segment(&w.file, &w.path)?;
         // Every frame so far was in the segment just made durable.
         self.inner.synced.fetch_max(w.frames, Ordering::AcqRel);
         let next = w
@@ -1362,24 +1371,21 @@ impl Db {
         if self.inner.synced.load(Ordering::Acquire) >= frames {
             return Ok(false);
         }
-        if let Err(e) = self.sync_segment(&file, &path) {
-            lock(&self.inner.writer).failed = Some(e.to_string());
-            return Err(e);
-        }
+        self.sync_segment(&file, &path)?;
         self.inner.synced.fetch_max(frames, Ordering::AcqRel);
         self.inner.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
-    /// `fdatasync`s one segment, refusing once any `fdatasync` of the store has failed (see
-    /// [`Inner::fsync`]).
+    /// `fdatasync`s one segment, one at a time (see [`Inner::fsync`]), refusing once storage
+    /// has failed; a failure fails the store.
     fn sync_segment(&self, file: &File, path: &Path) -> Result<()> {
-        let mut failed = lock(&self.inner.fsync);
-        if let Some(f) = failed.as_ref() {
-            return Err(Error::Failed(f.clone()));
+        let _one = lock(&self.inner.fsync);
+        if let Some(f) = self.failure() {
+            return Err(Error::Failed(f));
         }
         file.sync_data().map_err(|e| {
-            *failed = Some(format!("{}: {e}", path.display()));
+            self.fail(&format!("{}: {e}", path.display()));
             io_err(path)(e)
         })
     }
@@ -2063,7 +2069,8 @@ mod tests {
         let db = Db::open(dir.path(), small())?;
         put(&db, 0, "k", "v")?;
         // As if a roll's fdatasync of this segment had just met EIO.
-        *lock(&db.inner.fsync) = Some("0000000000.seg: Input/output error".into());
+        // (Set directly: the writer is not involved, as the flush's own sync is not.)
+        *lock(&db.inner.failed) = Some("0000000000.seg: Input/output error".into());
         let mark = db.written();
         match db.flush() {
             Err(Error::Failed(why)) => assert!(why.contains("Input/output error"), "{why}"),

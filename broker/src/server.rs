@@ -318,6 +318,11 @@ impl RunningBroker {
         self.conns.of_node(node)
     }
 
+    /// The broker's storage, for tests and for a program embedding the broker.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
     /// The group-commit counters: (flushes, durability requests they answered).
     pub fn flush_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering;

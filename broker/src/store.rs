@@ -208,6 +208,9 @@ struct Failure {
     path: PathBuf,
     /// The message callers get; None while storage is healthy.
     tx: watch::Sender<Option<String>>,
+    /// The storage itself, stopped from writing when a failure is recorded: writes that do
+    /// not go through a transaction (`Store::tree`) would otherwise still reach it.
+    db: kv::Db,
 }
 
 impl Failure {
@@ -227,6 +230,7 @@ impl Failure {
             }
         });
         if first {
+            self.db.fail(&msg);
             tracing::error!(error = %msg, "storage failed; refusing work until the broker is restarted");
         }
         self.error().unwrap_or(BrokerError::Unavailable(msg))
@@ -263,13 +267,17 @@ impl Drop for Inner {
                 let _ = h.join();
             }
         }
+        // These two end by themselves once their senders are gone, unless a failed disk holds
+        // them (the compactor in a flush, the watchdog reading the free space): left then.
         drop(self.compactor_stop.take());
-        if let Some(h) = self.compactor.take() {
-            let _ = h.join();
-        }
         drop(self.watchdog_stop.take());
-        if let Some(h) = self.watchdog.take() {
-            let _ = h.join();
+        for h in [self.compactor.take(), self.watchdog.take()]
+            .into_iter()
+            .flatten()
+        {
+            if self.failure.error().is_none() || h.is_finished() {
+                let _ = h.join();
+            }
         }
     }
 }
@@ -311,6 +319,7 @@ impl Store {
         let failure = Arc::new(Failure {
             path: path.to_path_buf(),
             tx: watch::channel(None).0,
+            db: db.clone(),
         });
         let core = Arc::new(Core {
             db: db.clone(),
@@ -576,10 +585,16 @@ impl Store {
     async fn wait_flush(&self, mark: u64, intents: Vec<Intent>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         let sender = self.inner.flush_tx.as_ref().ok_or_else(shutting_down)?;
-        sender
-            .send(Waiter(vec![tx], mark))
-            .await
-            .map_err(|_| shutting_down())?;
+        // A flusher stuck on a failed disk stops taking requests once its channel is full:
+        // asking is refused with the failure then, as waiting for the answer is.
+        let mut failed = self.inner.failure.tx.subscribe();
+        tokio::select! {
+            biased;
+            sent = sender.send(Waiter(vec![tx], mark)) => sent.map_err(|_| shutting_down())?,
+            _ = failed.wait_for(Option::is_some) => {
+                return Err(self.check().err().unwrap_or_else(shutting_down))
+            }
+        }
         drop(intents);
         self.flushed(rx).wait().await
     }
@@ -830,6 +845,13 @@ impl Core {
             });
         let (r, new_head) = match written {
             Ok(v) => v,
+            // Refused before anything was written (a group of writes too big for one frame):
+            // not a failed disk. A group then runs its writes one by one (`commit_group`).
+            Err(TxFailed::Storage(kv::Error::TooLarge(why))) => {
+                return Err(BrokerError::ResourceExhausted(format!(
+                    "{why}; write less at once"
+                )))
+            }
             Err(TxFailed::Storage(e)) => return Err(self.failure.set(&e)),
             Err(TxFailed::Refused(e)) => return Err(e),
         };
@@ -1664,6 +1686,128 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    // A write stuck on the disk holds the log's writer for as long as it is stuck: the
+    // watchdog, which never waits for the writer, still declares the failure.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_stuck_on_the_disk_is_declared_a_failure() -> Result<()> {
+        let (_dir, store) = temp_store()?;
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        let s = store.clone();
+        let stuck = tokio::spawn(async move {
+            s.write_grouped(move |_tx| {
+                let rx = release_rx
+                    .lock()
+                    .map_err(|_| BrokerError::internal("gate"))?;
+                let _ = rx.recv_timeout(std::time::Duration::from_secs(60));
+                Ok(((), vec![]))
+            })
+            .await
+        });
+        let since = std::time::Instant::now();
+        while store.failure().is_none() && since.elapsed() < FLUSH_STALL * 4 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let failed = store.failure();
+        let _ = release_tx.send(());
+        let _ = stuck.await;
+        let failed = failed.ok_or_else(|| BrokerError::internal("never declared a failure"))?;
+        assert!(failed.contains("a write to"), "{failed}");
+        Ok(())
+    }
+
+    // A flusher stuck on the disk stops taking flush requests once its channel is full: a
+    // caller asking for one then is refused once the failure is recorded, not left waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn asking_a_full_flusher_for_a_flush_ends_on_failure() -> Result<()> {
+        let (_dir, store) = temp_store()?;
+        // A long linger on writes on their way stands in for a flusher stuck on the disk.
+        store.set_flush_linger(std::time::Duration::from_secs(60));
+        let intent = store.durable_intent();
+        let flush_tx = store.inner.flush_tx.clone().ok_or_else(shutting_down)?;
+        flush_tx
+            .send(Waiter(vec![], u64::MAX))
+            .await
+            .map_err(|_| shutting_down())?;
+        let since = std::time::Instant::now();
+        // The flusher has taken that one and lingers; then its channel is filled.
+        while flush_tx.capacity() != flush_tx.max_capacity() {
+            assert!(since.elapsed() < std::time::Duration::from_secs(10));
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        while flush_tx.try_send(Waiter(vec![], u64::MAX)).is_ok() {}
+        let s = store.clone();
+        let blocked = tokio::spawn(async move { s.durable().await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!blocked.is_finished(), "the channel was not full");
+        store.inner.failure.record("test: the disk failed".into());
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), blocked).await;
+        drop(intent);
+        drop(flush_tx);
+        let got = got.map_err(|_| BrokerError::internal("still waiting after the failure"))?;
+        assert!(
+            matches!(&got, Ok(Err(BrokerError::Unavailable(m))) if m.contains("the disk failed")),
+            "{got:?}"
+        );
+        Ok(())
+    }
+
+    // A group of writes too big for one frame of the log is not a failed disk: each write
+    // runs alone, and the store goes on.
+    #[test]
+    fn a_group_too_big_for_one_frame_runs_its_writes_alone() -> Result<()> {
+        let (_dir, store) = temp_store()?;
+        let core = store.inner.core.clone();
+        // Each write a third of the biggest frame (16 MiB in unit tests): together too big.
+        let part = (16 << 20) / 3;
+        let (mut batch, mut replies) = (Vec::new(), Vec::new());
+        for i in 0..4u8 {
+            let (j, rx) = Grouped::job(
+                move |tx: &Tx<'_>| {
+                    tx.put_raw(T::Meta, format!("big{i}").as_bytes(), &vec![i; part])?;
+                    Ok((i, vec![]))
+                },
+                None,
+            );
+            batch.push(j);
+            replies.push(rx);
+        }
+        let _ = commit_group(&core, &mut batch);
+        assert_eq!(store.failure(), None);
+        for (i, rx) in replies.into_iter().enumerate() {
+            assert!(matches!(rx.blocking_recv(), Ok(Ok(_))), "write {i} refused");
+        }
+        for i in 0..4u8 {
+            let v = store.tree(T::Meta).get(format!("big{i}").as_bytes())?;
+            assert_eq!(v.map(|v| v.len()), Some(part));
+        }
+        // One write too big on its own is refused, and the store still goes on.
+        let too_big = store.write(|tx| {
+            tx.put_raw(T::Meta, b"huge-1", &vec![0; 9 << 20])?;
+            tx.put_raw(T::Meta, b"huge-2", &vec![0; 9 << 20])?;
+            Ok(((), vec![]))
+        });
+        assert!(
+            matches!(&too_big, Err(BrokerError::ResourceExhausted(_))),
+            "{too_big:?}"
+        );
+        assert_eq!(store.failure(), None);
+        store.write(|tx| {
+            tx.put_raw(T::Meta, b"after", b"1")?;
+            Ok(((), vec![]))
+        })?;
+        Ok(())
+    }
+
+    // After a failure nothing is written, also not through a tree directly.
+    #[test]
+    fn a_tree_write_is_refused_after_a_failure() -> Result<()> {
+        let (_dir, store) = temp_store()?;
+        store.inner.failure.record("test: the disk failed".into());
+        assert!(store.tree(T::Meta).insert(b"after", b"x").is_err());
+        Ok(())
+    }
+
     // After a failure the committer may never come back from the disk (see `Failure`); a
     // write waiting behind it is refused with the failure, not left hanging.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1932,7 +2076,11 @@ fn compactor(db: kv::Db, stop: std::sync::mpsc::Receiver<()>, failure: Arc<Failu
 /// How often the watchdog looks at the flush in progress.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// A flush running this long with no error anywhere is taken for a wedged disk.
+#[cfg(not(test))]
 const FLUSH_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Shorter in unit tests, which wait for it.
+#[cfg(test)]
+const FLUSH_STALL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the [`watchdog`] watches: the flush and the group transaction in progress.
 struct Watched {

@@ -792,3 +792,83 @@ async fn the_hop_trail_is_signed_and_verifies() -> Result<()> {
     ensure!(govshare_client::trail::verify(&unknown.exchange_id, &unknown.trail, &keys).is_err());
     s.broker.shutdown().await
 }
+
+/// Every flush of `broker` now waits its whole linger (a write said to be on its way never
+/// comes), so that an end stays written but not yet on disk for that long.
+fn hold_flushes(broker: &TestBroker) -> Result<govshare_broker::store::Intent> {
+    let store = broker
+        .running()
+        .and_then(|r| r.store())
+        .context("a running broker")?;
+    Ok(store.durable_intent())
+}
+
+/// Lingering flushes: an end waits about this long for its flush.
+const LINGER_US: u64 = 1_500_000;
+
+/// A consumer is never shown an end a crash could still take back: `Get` of an exchange whose
+/// end is written but not yet flushed answers only once it is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_shows_an_end_only_once_it_is_on_disk() -> Result<()> {
+    let s = setup_with(|c| c.storage.flush_linger_us = LINGER_US, 0).await?;
+    let _p = TestProvider::start(&s.hrss, &[DS], 4, "p", generous()).await?;
+    let _held = hold_flushes(&s.broker)?;
+    let sub = s.civil.submit(ask("1")).await?; // after its accept's flush
+    let flushes_at_accept = s.broker.flush_counts().0;
+    let shown = wait_until(Duration::from_secs(30), "the end to be shown", || {
+        let c = s.civil.clone();
+        let id = sub.exchange_id.clone();
+        async move {
+            let r = c.get_exchange(id, false).await?;
+            Ok((r.state() == ExchangeState::Answered).then_some(r))
+        }
+    })
+    .await?;
+    let flushes = s.broker.flush_counts().0;
+    ensure!(
+        flushes > flushes_at_accept,
+        "the end was shown before any flush after the accept's ({flushes} flushes): {shown:?}"
+    );
+    s.broker.shutdown().await
+}
+
+/// The same for `Watch`: an end written but not yet flushed is streamed once it is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_an_end_only_once_it_is_on_disk() -> Result<()> {
+    let s = setup_with(|c| c.storage.flush_linger_us = LINGER_US, 0).await?;
+    let _p = TestProvider::start(&s.hrss, &[DS], 4, "p", generous()).await?;
+    let _held = hold_flushes(&s.broker)?;
+    let sub = s.civil.submit(ask("1")).await?;
+    // The end is written with its audit entry, in one transaction; the audit log reads what
+    // is written, flushed or not.
+    let admin = s.broker.admin().await?;
+    wait_until(Duration::from_secs(10), "the end to be written", || {
+        let (admin, id) = (admin.clone(), sub.exchange_id.clone());
+        async move {
+            let entries = admin
+                .list_all_audit(ListAuditRequest {
+                    page_size: 1000,
+                    ..Default::default()
+                })
+                .await?;
+            let ended = entries
+                .iter()
+                .any(|e| e.exchange_id == id && e.decision == "exchange_answered");
+            Ok(ended.then_some(()))
+        }
+    })
+    .await?;
+    let flushes_at_end = s.broker.flush_counts().0;
+    let mut watch = s.civil.watch(DS).await?;
+    let r = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .context("nothing streamed")??
+        .context("the stream ended")?;
+    ensure!(r.exchange_id == sub.exchange_id, "{r:?}");
+    let flushes = s.broker.flush_counts().0;
+    ensure!(
+        flushes > flushes_at_end,
+        "the end was streamed before its flush ({flushes} flushes)"
+    );
+    s.broker.shutdown().await
+}

@@ -548,6 +548,9 @@ struct Actor {
     after_flush: Vec<oneshot::Sender<()>>,
     /// Answers of this batch, on their way to its flush: a flush waits for them.
     coming: Vec<crate::store::Intent>,
+    /// The highest result sequence number of the ends written since the last flush was
+    /// asked for: durable once that flush is (see `Engine::results_durable_upto`).
+    written_seq: u64,
     last_heartbeat: i64,
     last_sweep: i64,
 }
@@ -572,6 +575,7 @@ impl Actor {
             after_commit: Vec::new(),
             after_flush: Vec::new(),
             coming: Vec::new(),
+            written_seq: 0,
             last_heartbeat: now_ms(),
             last_sweep: now_ms(),
         }
@@ -627,11 +631,14 @@ impl Actor {
         let done = std::mem::take(&mut self.done);
         let wake = std::mem::take(&mut self.wake);
         let after_flush = std::mem::take(&mut self.after_flush);
+        let written_seq = std::mem::take(&mut self.written_seq);
         let engine = self.engine.clone();
         tokio::spawn(async move {
             let flushed = engine.store().durable_for(coming).await;
             match &flushed {
                 Ok(()) => {
+                    // Before anyone is told: Get and Watch may show these ends from now on.
+                    engine.results_durable_upto(written_seq);
                     for d in after_flush {
                         let _ = d.send(());
                     }
@@ -681,7 +688,13 @@ impl Actor {
             .as_ref()
             .and_then(|e| e.request.clone())
             .unwrap_or_default();
-        if rec.finished() || !ours || req.dataset_id != result.dataset_id {
+        if rec.finished() {
+            // Ended already (an earlier copy of this result, resent): its end may still be on
+            // its way to the disk, and the link lets go of the result once told.
+            self.after_flush.push(done);
+            return;
+        }
+        if !ours || req.dataset_id != result.dataset_id {
             let _ = done.send(());
             return;
         }
@@ -1538,6 +1551,9 @@ impl Actor {
             }
         };
         for (x, out) in ending.into_iter().zip(outs) {
+            if out.is_some() {
+                self.written_seq = self.written_seq.max(x.result_seq);
+            }
             let (id, end) = (x.id.as_str(), &x.end);
             self.released(id, end, out, now);
         }

@@ -77,6 +77,11 @@ struct Inner {
     latency: Mutex<hdrhistogram::Histogram<u64>>,
     /// The dispatcher thread, joined at shutdown.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Ends whose result sequence number is at most this are durable: every end of earlier
+    /// runs, then those of each dispatcher batch whose flush has completed. Get and Watch
+    /// show no end above it before it is on disk, so that a consumer never sees an end that
+    /// a crash could take back (and then answer again, differently).
+    durable_results: std::sync::atomic::AtomicU64,
 }
 
 /// What accepting an exchange led to.
@@ -210,6 +215,8 @@ impl Engine {
                     .map_err(|e| BrokerError::internal(format!("latency histogram: {e}")))?,
             ),
             thread: Mutex::new(None),
+            // Above every result sequence number of earlier runs (ids never go back).
+            durable_results: std::sync::atomic::AtomicU64::new(store.next_id()?),
         });
         let engine = Engine { inner };
         let recovered = dispatcher::recover(&store, engine.window_ms())?;
@@ -386,6 +393,30 @@ impl Engine {
     }
 
     /// Called by the dispatcher once an exchange's end is durable.
+    /// Records that the ends up to result sequence number `seq` are durable.
+    pub(crate) fn results_durable_upto(&self, seq: u64) {
+        self.inner
+            .durable_results
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The highest result sequence number known durable (see [`Inner::durable_results`]).
+    fn durable_results(&self) -> u64 {
+        self.inner
+            .durable_results
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits, if need be, until the end read with result sequence number `seq` is durable.
+    async fn end_durable(&self, seq: u64) -> Result<()> {
+        if seq <= self.durable_results() {
+            return Ok(());
+        }
+        // Written before this read: the store's mark now covers it.
+        let store = &self.inner.store;
+        store.durable_upto(store.written()).await
+    }
+
     pub(crate) fn finished(&self, consumer: &str, result: ExchangeResult, sync: bool) {
         let mut waiters = lock(&self.inner.waiters)
             .remove(&result.exchange_id)
@@ -1000,9 +1031,10 @@ impl Engine {
             None => Err(BrokerError::AlreadyExists(format!(
                 "exchange {id} with this idempotency key already ended and was released; use a new key"
             ))),
-            Some(r) if record::is_final(r.state()) => {
+            Some((r, seq)) if record::is_final(r.state()) => {
                 drop(rx);
                 self.prune_waiters(&id);
+                self.end_durable(seq).await?;
                 self.close_sync(&consumer, r).await
             }
             Some(_) => {
@@ -1091,8 +1123,9 @@ impl Engine {
         })
     }
 
-    /// An exchange's result or state, if the caller is its consumer (blocking).
-    fn get_now(&self, consumer: &str, id: &str) -> Result<Option<ExchangeResult>> {
+    /// An exchange's result or state, if the caller is its consumer, with its result sequence
+    /// number (0 while it has not ended); blocking.
+    fn get_now(&self, consumer: &str, id: &str) -> Result<Option<(ExchangeResult, u64)>> {
         let Some(r) = self.inner.store.get::<StoredExchange>(T::Exchanges, id)? else {
             return Ok(None);
         };
@@ -1103,9 +1136,10 @@ impl Engine {
                 "exchange {id} is not one of {consumer}'s"
             )));
         }
+        let seq = r.result_seq;
         Ok(Some(match r.result {
-            Some(res) => res,
-            None => pending_result(&r),
+            Some(res) => (res, seq),
+            None => (pending_result(&r), seq),
         }))
     }
 
@@ -1129,14 +1163,18 @@ impl Engine {
             notified.as_mut().enable();
             let me = self.clone();
             let (c, i) = (consumer.clone(), id.clone());
-            let r = store::blocking(move || me.get_now(&c, &i))
+            let (r, seq) = store::blocking(move || me.get_now(&c, &i))
                 .await?
                 .ok_or_else(|| {
                     BrokerError::not_found(format!(
                         "exchange {id} is unknown here (never accepted, or already acknowledged)"
                     ))
                 })?;
-            if !wait || record::is_final(r.state()) {
+            if record::is_final(r.state()) {
+                self.end_durable(seq).await?;
+                return Ok(r);
+            }
+            if !wait {
                 return Ok(r);
             }
             let left = deadline_ms.saturating_sub(now_ms());
@@ -1247,14 +1285,21 @@ impl Engine {
                     }
                 };
                 let full = batch.len() == 256;
+                // Ends not yet durable wait for their flush, whose completion wakes this loop
+                // (`finished`); results are in sequence order, so the rest wait with them.
+                let shown = me.durable_results();
+                let held = batch.iter().any(|(seq, _)| *seq > shown);
                 for (seq, r) in batch {
+                    if seq > shown {
+                        break;
+                    }
                     cursor = seq;
                     tokio::select! {
                         sent = tx.send(Ok(r)) => if sent.is_err() { return },
                         _ = stop.wait_for(|s| *s) => return,
                     }
                 }
-                if full {
+                if full && !held {
                     continue;
                 }
                 tokio::select! {
