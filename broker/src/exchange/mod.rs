@@ -392,7 +392,6 @@ impl Engine {
         (q(0.5), q(0.9), q(0.99), h.len())
     }
 
-    /// Called by the dispatcher once an exchange's end is durable.
     /// Records that the ends up to result sequence number `seq` are durable.
     pub(crate) fn results_durable_upto(&self, seq: u64) {
         self.inner
@@ -417,6 +416,7 @@ impl Engine {
         store.durable_upto(store.written()).await
     }
 
+    /// Called by the dispatcher once an exchange's end is durable.
     pub(crate) fn finished(&self, consumer: &str, result: ExchangeResult, sync: bool) {
         let mut waiters = lock(&self.inner.waiters)
             .remove(&result.exchange_id)
