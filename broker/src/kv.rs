@@ -752,11 +752,13 @@ fn sync_file(file: &File, path: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 thread_local! {
-    /// The files [`sync_file`] synced on this thread.
+    /// The files [`sync_file`] and directories [`sync_dir`] synced on this thread.
     static SYNCED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    SYNCED.with(|s| s.borrow_mut().push(dir.to_path_buf()));
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
@@ -943,7 +945,13 @@ impl Db {
                 opts.trees
             )));
         }
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            // Its entry in the parent too, or a power loss could take the new store away.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         let lock_path = dir.join("LOCK");
         let lock_file = OpenOptions::new()
             .create(true)
@@ -2048,11 +2056,13 @@ mod tests {
         SYNCED.with(|s| s.borrow_mut().clear());
         let db = Db::open(dir.path(), small())?;
         let synced = SYNCED.with(|s| s.borrow().clone());
+        let segs: Vec<&PathBuf> = synced.iter().filter(|p| p.is_file()).collect();
         assert_eq!(
-            synced,
-            [last],
+            segs,
+            [&last],
             "the newest segment, and only it, synced at open"
         );
+        assert!(synced.iter().any(|p| p == dir.path()), "and the directory");
         assert_eq!(db.get(1, b"acked")?.as_deref(), Some(&b"v2"[..]));
         // Served as durable from here on: compaction may now delete segment 0.
         assert!(db.durable(db.written()));
@@ -2078,6 +2088,25 @@ mod tests {
         }
         assert!(!db.durable(mark), "frames reported durable");
         assert!(matches!(put(&db, 0, "k2", "v"), Err(Error::Failed(_))));
+        Ok(())
+    }
+
+    // A store made in a new directory makes that directory's entry durable in its parent.
+    #[test]
+    fn a_new_store_directory_is_made_durable_in_its_parent() -> R {
+        let parent = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        let dir = parent.path().join("db");
+        SYNCED.with(|s| s.borrow_mut().clear());
+        drop(Db::open(&dir, small())?);
+        let synced = SYNCED.with(|s| s.borrow().clone());
+        assert!(synced.iter().any(|p| p == parent.path()), "{synced:?}");
+        SYNCED.with(|s| s.borrow_mut().clear());
+        drop(Db::open(&dir, small())?);
+        let again = SYNCED.with(|s| s.borrow().clone());
+        assert!(
+            !again.iter().any(|p| p == parent.path()),
+            "only when made: {again:?}"
+        );
         Ok(())
     }
 
