@@ -2,6 +2,7 @@
 
 use anyhow::{ensure, Context, Result};
 use govshare_client::proto::*;
+use govshare_client::Client;
 use govshare_tests::cascade::*;
 use govshare_tests::provider::{text, TestProvider};
 use govshare_tests::{wait_until, TestBroker};
@@ -838,5 +839,84 @@ async fn acknowledged_frames_leave_every_outbox() -> Result<()> {
         })
         .await?;
     }
+    Ok(())
+}
+
+/// Publishes `n` datasets of about 14 KB each at `provider`, from 16 tasks; returns the last
+/// one's id.
+async fn publish_large(provider: &Client, prefix: &str, n: usize) -> Result<String> {
+    let me = provider.whoami().await?.node_id;
+    const TASKS: usize = 16;
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..TASKS {
+        let provider = provider.clone();
+        let prefix = prefix.to_string();
+        tasks.spawn(async move {
+            for i in (t..n).step_by(TASKS) {
+                provider
+                    .publish_dataset(Dataset {
+                        code: format!("{prefix}{i:05}"),
+                        name: format!("large {prefix} {i}"),
+                        description: "d".repeat(4000),
+                        share_type: ShareType::Unconditional as i32,
+                        items: (0..10)
+                            .map(|k| InfoItem {
+                                description: "i".repeat(1000),
+                                ..item(&format!("item_{k}"))
+                            })
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(format!("{me}/{prefix}{:05}", n - 1))
+}
+
+/// When the hub's one link (to its child) last opened, once it is up.
+async fn link_since(hub: &TestBroker) -> Result<prost_types::Timestamp> {
+    let admin = hub.admin().await?;
+    wait_until(WAIT, "the link up", || async {
+        let s = admin.broker_status().await?;
+        Ok(s.links
+            .iter()
+            .find(|l| l.state == "up")
+            .and_then(|l| l.since))
+    })
+    .await
+}
+
+/// Both ends send their whole state when a link opens. With more state each way than the
+/// link's buffers hold (over a thousand frames and tens of MB here), each end must read the
+/// other's while it sends its own, or both wait for each other forever.
+#[tokio::test]
+async fn a_link_opens_with_more_state_each_way_than_its_buffers_hold() -> Result<()> {
+    const EACH: usize = 2_500;
+    let hub = TestBroker::start_with_id("000000/hub").await?;
+    let mut zj = TestBroker::start_child("330000/hub", &hub, &[], quick).await?;
+    let ndrc = hub.client_for("000000/ndrc").await?;
+    let civil = zj.client_for("330000/civil").await?;
+    let opened = link_since(&hub).await?;
+    let from_hub = publish_large(&ndrc, "h", EACH).await?;
+    let from_zj = publish_large(&civil, "z", EACH).await?;
+    sees(&civil, &from_hub).await?;
+    sees(&ndrc, &from_zj).await?;
+    // A receiver busy writing what it was sent still hears the peer's pings waiting behind
+    // it: the link is not closed as silent.
+    ensure!(
+        link_since(&hub).await? == opened,
+        "the link reopened while the catalogs were published"
+    );
+    // On restart both ends send everything they hold at once.
+    zj.restart().await?;
+    let down = publish(&ndrc, "after-restart-down", ShareType::Unconditional).await?;
+    let up = publish(&civil, "after-restart-up", ShareType::Unconditional).await?;
+    sees(&civil, &down).await?;
+    sees(&ndrc, &up).await?;
     Ok(())
 }

@@ -265,11 +265,13 @@ struct Guard {
     key: String,
     session: u64,
     pump: tokio::task::AbortHandle,
+    pinger: tokio::task::AbortHandle,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
         self.pump.abort();
+        self.pinger.abort();
         self.fed.closed(&self.key, self.session);
     }
 }
@@ -295,41 +297,86 @@ async fn session(
         ack_notify.clone(),
         sent_max.clone(),
     ));
+    let ping_every = Duration::from_secs(app.cfg.federation.ping_secs.max(1));
+    let ping_sent = Arc::new(std::sync::Mutex::new(None));
+    // Pings go out from their own task: a peer that hears them knows this end is alive even
+    // while its reader is busy writing a large batch.
+    let pinger = tokio::spawn(pinger(tx.clone(), ping_every, ping_sent.clone()));
     let _guard = Guard {
         fed: fed.clone(),
         key: peer.key.clone(),
         session,
         pump: pump.abort_handle(),
+        pinger: pinger.abort_handle(),
     };
-    match send_state(&app, &peer, &tx).await {
-        Ok(n) => {
-            fed.state_sent(&peer.key, session);
-            tracing::debug!(peer = %peer.id, frames = n, "link state sent")
-        }
-        Err(e) => {
-            tracing::warn!(peer = %peer.id, error = %e, "cannot send the link state; closing");
-            return;
-        }
-    }
+    // The state goes out while this end reads: with more state each way than the link's
+    // buffers hold, two ends that each send all of theirs before reading would wait for each
+    // other forever.
+    let state = std::pin::pin!(async {
+        let n = send_state(&app, &peer, &tx).await?;
+        // Updates held meanwhile are sent without waiting (a link too slow for them is
+        // closed): let the state drain from the queue first.
+        drop(
+            tx.reserve_many(CHANNEL / 2)
+                .await
+                .map_err(|_| link_closed())?,
+        );
+        Ok::<_, BrokerError>(n)
+    });
+    let mut state = Some(state);
     let label = super::peer_label(&peer.key);
-    let ping_every = Duration::from_secs(app.cfg.federation.ping_secs.max(1));
-    let mut ping = tokio::time::interval(ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check = tokio::time::interval(ping_every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = tokio::time::Instant::now();
-    let mut ping_sent: Option<(u64, tokio::time::Instant)> = None;
     let mut stopping = app.stopping.clone();
+    // An ack waiting for room toward the peer. The reader never waits on its own sends: it
+    // must keep reading while the peer's sends wait for this end's window.
+    let mut ack_pending: Option<u64> = None;
     loop {
+        if let Some(up_to) = ack_pending {
+            if tx.try_send(ack_frame(up_to)).is_ok() {
+                ack_pending = None;
+            }
+        }
         let first = tokio::select! {
             m = inbound.message() => m,
-            _ = ping.tick() => {
-                if last_heard.elapsed() > ping_every * 3 {
-                    tracing::warn!(peer = %peer.id, "nothing heard on the link for three pings; closing it");
-                    return;
+            sent = async {
+                match state.as_mut() {
+                    Some(s) => s.await,
+                    None => std::future::pending().await,
                 }
-                let nonce = rand::random();
-                ping_sent = Some((nonce, tokio::time::Instant::now()));
-                let _ = tx.try_send(LinkFrame { seq: 0, body: Some(Body::Ping(LinkPing { nonce, sent_at: Some(crate::time::now_ts()) })) });
+            }, if state.is_some() => {
+                state = None;
+                match sent {
+                    Ok(n) => {
+                        fed.state_sent(&peer.key, session);
+                        tracing::debug!(peer = %peer.id, frames = n, "link state sent");
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %peer.id, error = %e, "cannot send the link state; closing");
+                        return;
+                    }
+                }
                 continue;
+            }
+            permit = tx.reserve(), if ack_pending.is_some() => {
+                let Ok(permit) = permit else { return };
+                permit.send(ack_frame(ack_pending.take().unwrap_or_default()));
+                continue;
+            }
+            _ = check.tick() => {
+                if last_heard.elapsed() <= ping_every * 3 {
+                    continue;
+                }
+                // This end's own work may have kept it from reading: a frame waiting shows
+                // the peer is alive.
+                match inbound.message().now_or_never() {
+                    Some(m) => m,
+                    None => {
+                        tracing::warn!(peer = %peer.id, "nothing heard on the link for three pings; closing it");
+                        return;
+                    }
+                }
             }
             _ = stopping.wait_for(|s| *s) => return,
         };
@@ -372,11 +419,9 @@ async fn session(
                     });
                 }
                 Some(Body::Pong(p)) => {
-                    if let Some((nonce, at)) = ping_sent {
-                        if nonce == p.nonce {
-                            fed.set_rtt(&peer.key, at.elapsed());
-                            ping_sent = None;
-                        }
+                    let sent = super::lock(&ping_sent).take_if(|(nonce, _)| *nonce == p.nonce);
+                    if let Some((_, at)) = sent {
+                        fed.set_rtt(&peer.key, at.elapsed());
                     }
                 }
                 Some(Body::Hello(_)) | None => {}
@@ -421,22 +466,51 @@ async fn session(
                 tracing::warn!(peer = %peer.id, error = %e, "closing the link unacknowledged, so the peer resends");
                 return;
             }
-            if up_to > 0
-                && tx
-                    .send(LinkFrame {
-                        seq: 0,
-                        body: Some(Body::Ack(LinkAck { up_to_seq: up_to })),
-                    })
-                    .await
-                    .is_err()
-            {
-                return;
+            if up_to > 0 {
+                // Acks are cumulative: a newer one replaces one still waiting.
+                ack_pending = ack_pending.max(Some(up_to));
             }
         }
         if ended {
             return;
         }
     }
+}
+
+/// The last ping sent and when, until its pong comes back.
+type PingSent = Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>;
+
+/// Pings the peer every `every`, for as long as the session runs.
+async fn pinger(tx: mpsc::Sender<LinkFrame>, every: Duration, sent: PingSent) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let nonce = rand::random();
+        let ping = LinkFrame {
+            seq: 0,
+            body: Some(Body::Ping(LinkPing {
+                nonce,
+                sent_at: Some(crate::time::now_ts()),
+            })),
+        };
+        *super::lock(&sent) = Some((nonce, tokio::time::Instant::now()));
+        // A queue too full for a ping is sending frames, which the peer hears as well.
+        let _ = tx.try_send(ping);
+    }
+}
+
+/// An acknowledgement of every custody frame up to `up_to`.
+fn ack_frame(up_to: u64) -> LinkFrame {
+    LinkFrame {
+        seq: 0,
+        body: Some(Body::Ack(LinkAck { up_to_seq: up_to })),
+    }
+}
+
+/// The error when the link's session ended while sending on it.
+fn link_closed() -> BrokerError {
+    BrokerError::Unavailable("link closed".into())
 }
 
 /// The peer holds every frame up to `up_to`: this broker lets go of its copies.
@@ -619,7 +693,7 @@ async fn send_state(app: &Arc<App>, peer: &Peer, tx: &mpsc::Sender<LinkFrame>) -
             body: Some(body),
         })
         .await
-        .map_err(|_| BrokerError::Unavailable("link closed".into()))?;
+        .map_err(|_| link_closed())?;
     }
     Ok(n)
 }
@@ -758,7 +832,12 @@ fn settle(
 /// by policy is logged, and the frame is acknowledged.
 fn refused(peer: &Peer, e: BrokerError) -> Result<()> {
     match e {
-        BrokerError::Internal(_) | BrokerError::Unavailable(_) => Err(e),
+        // On a link, a spent limit comes only from storage (writes too large for one frame):
+        // a limit of policy, such as a grant's quota, refuses the exchange with a result
+        // that goes back instead. Acknowledging it would drop what the peer holds for us.
+        BrokerError::Internal(_)
+        | BrokerError::Unavailable(_)
+        | BrokerError::ResourceExhausted(_) => Err(e),
         e => {
             tracing::warn!(peer = %peer.id, error = %e, "link frame refused");
             Ok(())
@@ -1083,4 +1162,36 @@ pub async fn apply(app: &App, effects: Vec<Effect>) -> Result<()> {
         k.wait().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_by_policy_is_acknowledged() {
+        let peer = Peer {
+            key: "330000/hub".into(),
+            id: "330000/hub".into(),
+            scope: None,
+        };
+        for e in [
+            BrokerError::internal("x"),
+            BrokerError::Unavailable("disk".into()),
+            BrokerError::ResourceExhausted("too large for one frame".into()),
+        ] {
+            assert!(
+                refused(&peer, e.clone()).is_err(),
+                "{e:?} is kept for a resend"
+            );
+        }
+        for e in [
+            BrokerError::denied("hop_scope"),
+            BrokerError::invalid("malformed"),
+            BrokerError::not_found("no route"),
+            BrokerError::precondition("withdrawn"),
+        ] {
+            assert!(refused(&peer, e.clone()).is_ok(), "{e:?} is acknowledged");
+        }
+    }
 }
