@@ -39,13 +39,24 @@ fn normalize(s: &str) -> Vec<char> {
 /// The grams of one text: every character and every adjacent pair.
 fn grams_of(text: &str, out: &mut BTreeSet<String>) {
     let chars = normalize(text);
+    // A long text repeats most of its grams: look each up before allocating it.
+    let mut gram = String::new();
+    let add = |gram: &String, out: &mut BTreeSet<String>| {
+        if !out.contains(gram.as_str()) {
+            out.insert(gram.clone());
+        }
+    };
     for c in &chars {
         if !c.is_whitespace() {
-            out.insert(c.to_string());
+            gram.clear();
+            gram.push(*c);
+            add(&gram, out);
         }
     }
     for w in chars.windows(2) {
-        out.insert(w.iter().collect());
+        gram.clear();
+        gram.extend(w);
+        add(&gram, out);
     }
 }
 
@@ -200,6 +211,7 @@ impl Catalog {
         let mut d = validate(caller, d, &self.limits)?;
         d.home_broker = self.store.broker_id().to_string();
         let salt: [u8; 32] = rand::random();
+        let grams = dataset_grams(&d);
         self.store.write(|tx| {
             let old: Option<Dataset> = tx.get(T::Datasets, &d.id)?;
             let mut d = d.clone();
@@ -219,7 +231,7 @@ impl Catalog {
                     tx.put_raw(T::Meta, format!("salt/{}", d.id).as_bytes(), &salt[..])?;
                 }
             }
-            reindex(tx, old.as_ref(), &d)?;
+            reindex(tx, old.as_ref(), &d, &grams)?;
             tx.put(T::Datasets, &d.id, &d)?;
             let mut e = audit::entry("dataset_published", caller.id.as_str());
             e.dataset_id = d.id.clone();
@@ -278,6 +290,7 @@ impl Catalog {
         if d.home_broker == self.store.broker_id() {
             return Ok(false); // our own entry coming back
         }
+        let grams = dataset_grams(d);
         self.store.write(|tx| {
             let old: Option<Dataset> = tx.get(T::Datasets, &d.id)?;
             if let Some(o) = &old {
@@ -289,7 +302,7 @@ impl Catalog {
                     return Ok((false, vec![]));
                 }
             }
-            reindex(tx, old.as_ref(), d)?;
+            reindex(tx, old.as_ref(), d, &grams)?;
             tx.put(T::Datasets, &d.id, d)?;
             let mut e = audit::entry(
                 if d.state() == DatasetState::Withdrawn {
@@ -487,14 +500,25 @@ fn scan_ids(
 }
 
 /// Updates the gram and tag indexes from an old version of a dataset to a new one.
-fn reindex(tx: &Tx<'_>, old: Option<&Dataset>, new: &Dataset) -> Result<()> {
-    let old_grams = old.map(dataset_grams).unwrap_or_default();
-    let new_grams = dataset_grams(new);
-    for g in old_grams.difference(&new_grams) {
-        tx.unmark(T::CatGram, &index_key(g, &new.id))?;
-    }
-    for g in new_grams.difference(&old_grams) {
-        tx.mark(T::CatGram, &index_key(g, &new.id))?;
+///
+/// `new_grams` are `new`'s, taken before the transaction: a long description has thousands,
+/// and every writer waits while a transaction runs. The old entry's are taken only when its
+/// text changed.
+fn reindex(
+    tx: &Tx<'_>,
+    old: Option<&Dataset>,
+    new: &Dataset,
+    new_grams: &BTreeSet<String>,
+) -> Result<()> {
+    let same_text = |o: &&Dataset| o.name == new.name && o.description == new.description;
+    if !old.is_some_and(|o| same_text(&o)) {
+        let old_grams = old.map(dataset_grams).unwrap_or_default();
+        for g in old_grams.difference(new_grams) {
+            tx.unmark(T::CatGram, &index_key(g, &new.id))?;
+        }
+        for g in new_grams.difference(&old_grams) {
+            tx.mark(T::CatGram, &index_key(g, &new.id))?;
+        }
     }
     let old_tags: BTreeSet<&String> = old.map(|o| o.tags.iter().collect()).unwrap_or_default();
     let new_tags: BTreeSet<&String> = new.tags.iter().collect();

@@ -234,6 +234,9 @@ pub struct FederationSection {
     pub max_backoff_secs: u64,
     /// Seconds between keepalive pings on the link.
     pub ping_secs: u64,
+    /// How far behind on state updates (catalog entries, keys, revocations, routes) a link may
+    /// fall, in MiB, before it is closed to resync: a burst waits rather than closing it.
+    pub max_waiting_updates_mib: u64,
     /// Overrides of the scope a child broker may claim, taking precedence over the scope
     /// written into the child's certificate (`[[federation.children]]`).
     pub children: Vec<ChildScope>,
@@ -287,9 +290,9 @@ impl FederationSection {
                 ));
             }
         }
-        if self.max_backoff_secs == 0 || self.ping_secs == 0 {
+        if self.max_backoff_secs == 0 || self.ping_secs == 0 || self.max_waiting_updates_mib == 0 {
             return Err(BrokerError::invalid(
-                "[federation] max_backoff_secs and ping_secs must be at least 1",
+                "[federation] max_backoff_secs, ping_secs and max_waiting_updates_mib must be at least 1",
             ));
         }
         let mut seen = std::collections::HashSet::new();
@@ -324,6 +327,7 @@ impl Default for FederationSection {
             identity: "link".into(),
             max_backoff_secs: 30,
             ping_secs: 10,
+            max_waiting_updates_mib: 64,
             children: Vec::new(),
         }
     }
@@ -742,6 +746,10 @@ identity = {f_identity}
 max_backoff_secs = {f_backoff}
 # Seconds between keepalive pings on the link. Default 10.
 ping_secs = {f_ping}
+# How far behind on state updates (catalog entries, keys, revocations, routes) a link may fall,
+# in MiB, before it is closed to resync: a burst of publishing waits rather than closing the
+# link. Default 64.
+max_waiting_updates_mib = {f_waiting}
 # Scope overrides for child brokers: the node-id prefixes a child may claim, taking precedence
 # over the scope written into its certificate. None by default. For example:
 # [[federation.children]]
@@ -796,6 +804,7 @@ ping_secs = {f_ping}
             f_identity = toml_str(&self.federation.identity.to_string_lossy()),
             f_backoff = self.federation.max_backoff_secs,
             f_ping = self.federation.ping_secs,
+            f_waiting = self.federation.max_waiting_updates_mib,
             f_children = self.federation.render_children(),
         )
     }
@@ -897,6 +906,7 @@ mod tests {
         assert!(with(&|f| f.parent = "127.0.0.1:7443".into()).is_err());
         assert!(with(&|f| f.parent = "https://".into()).is_err());
         assert!(with(&|f| f.ping_secs = 0).is_err());
+        assert!(with(&|f| f.max_waiting_updates_mib = 0).is_err());
         assert!(with(&|f| f.max_backoff_secs = 0).is_err());
         let child = |id: &str, scope: &[&str]| ChildScope {
             id: id.into(),

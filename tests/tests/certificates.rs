@@ -436,6 +436,7 @@ async fn a_registered_child_broker_is_suspended_and_re_pinned_like_a_node() -> R
             broker_id: "330000/hub".into(),
             protocol: "govshare.v1".into(),
             scope: vec![],
+            ping_secs: 0,
         })),
     })
     .await?;

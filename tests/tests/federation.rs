@@ -236,6 +236,7 @@ impl RawLink {
                 broker_id: id.into(),
                 protocol: "govshare.v1".into(),
                 scope: vec![],
+                ping_secs: 0,
             })),
         };
         tx.send(hello)
@@ -845,6 +846,16 @@ async fn acknowledged_frames_leave_every_outbox() -> Result<()> {
 /// Publishes `n` datasets of about 14 KB each at `provider`, from 16 tasks; returns the last
 /// one's id.
 async fn publish_large(provider: &Client, prefix: &str, n: usize) -> Result<String> {
+    publish_large_from(provider, prefix, 0, n).await
+}
+
+/// [`publish_large`], numbering them from `first`.
+async fn publish_large_from(
+    provider: &Client,
+    prefix: &str,
+    first: usize,
+    n: usize,
+) -> Result<String> {
     let me = provider.whoami().await?.node_id;
     const TASKS: usize = 16;
     let mut tasks = tokio::task::JoinSet::new();
@@ -852,7 +863,7 @@ async fn publish_large(provider: &Client, prefix: &str, n: usize) -> Result<Stri
         let provider = provider.clone();
         let prefix = prefix.to_string();
         tasks.spawn(async move {
-            for i in (t..n).step_by(TASKS) {
+            for i in (first + t..first + n).step_by(TASKS) {
                 provider
                     .publish_dataset(Dataset {
                         code: format!("{prefix}{i:05}"),
@@ -875,7 +886,7 @@ async fn publish_large(provider: &Client, prefix: &str, n: usize) -> Result<Stri
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    Ok(format!("{me}/{prefix}{:05}", n - 1))
+    Ok(format!("{me}/{prefix}{:05}", first + n - 1))
 }
 
 /// When the hub's one link (to its child) last opened, once it is up.
@@ -918,5 +929,61 @@ async fn a_link_opens_with_more_state_each_way_than_its_buffers_hold() -> Result
     let up = publish(&civil, "after-restart-up", ShareType::Unconditional).await?;
     sees(&civil, &down).await?;
     sees(&ndrc, &up).await?;
+    Ok(())
+}
+
+/// A peer that stops reading while state updates pile up toward it is closed once more than
+/// `[federation] max_waiting_updates_mib` waits for it (it resyncs when it reopens), rather
+/// than held in memory without bound.
+#[tokio::test]
+async fn a_link_too_far_behind_on_state_updates_is_closed() -> Result<()> {
+    let hub = TestBroker::start_with("000000/hub", |c| {
+        c.federation.max_waiting_updates_mib = 1;
+    })
+    .await?;
+    let ndrc = hub.client_for("000000/ndrc").await?;
+    // A child that says hello and keeps pinging, but never reads what it is sent.
+    let link = RawLink::as_child(&hub, "330100/hub").await?;
+    let tx = link.tx.clone();
+    let pinger = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let ping = LinkFrame {
+                seq: 0,
+                body: Some(link_frame::Body::Ping(LinkPing::default())),
+            };
+            if tx.send(ping).await.is_err() {
+                return;
+            }
+        }
+    });
+    let admin = hub.admin().await?;
+    let up = || async {
+        Ok::<_, anyhow::Error>(
+            admin
+                .broker_status()
+                .await?
+                .links
+                .iter()
+                .any(|l| l.state == "up"),
+        )
+    };
+    wait_until(WAIT, "the link up", || async {
+        Ok(up().await?.then_some(()))
+    })
+    .await?;
+    // The link's own queue and buffers take about 20 MB first (1,400 entries here), so publish
+    // until it closes; with the default 64 MiB it would take over 5,000.
+    let mut published = 0;
+    while up().await? {
+        ensure!(
+            published < 3_000,
+            "the link stayed open with {published} catalog entries (14 KB each) unread"
+        );
+        publish_large_from(&ndrc, "w", published, 200).await?;
+        published += 200;
+    }
+    pinger.abort();
     Ok(())
 }

@@ -830,6 +830,7 @@ fn primer(rng: &mut StdRng, m: &Method) -> Option<Vec<u8>> {
                     broker_id: CHILD.into(),
                     protocol: "govshare.v1".into(),
                     scope: Vec::new(),
+                    ping_secs: 0,
                 })),
             }
             .encode_to_vec(),

@@ -48,6 +48,8 @@ pub struct Peer {
     pub id: String,
     /// For a child: the node-id prefixes it may claim. `None` for the parent.
     pub scope: Option<Vec<String>>,
+    /// Seconds between the peer's pings, from its hello (0: not said).
+    pub ping_secs: u32,
 }
 
 /// The parent side: a child broker opened a link. Checks its hello and returns the stream of
@@ -101,6 +103,7 @@ pub async fn accept_child(
             broker_id: me,
             protocol: PROTOCOL.into(),
             scope: scope.clone(),
+            ping_secs: ping_secs(&app),
         })),
     })
     .await
@@ -109,6 +112,7 @@ pub async fn accept_child(
         key: child.clone(),
         id: child,
         scope: Some(scope),
+        ping_secs: hello.ping_secs,
     };
     spawn_session(app, peer, inbound, tx);
     Ok(ReceiverStream::new(rx))
@@ -142,13 +146,15 @@ pub fn spawn_parent_link(app: Arc<App>) -> tokio::task::JoinHandle<()> {
                 return;
             }
             match dial(&app).await {
-                Ok((inbound, tx, parent_id)) => {
+                Ok((inbound, tx, hello)) => {
+                    let parent_id = hello.broker_id;
                     tracing::info!(parent = %parent_id, %url, "link to the parent is up");
                     backoff = FIRST_BACKOFF;
                     let peer = Peer {
                         key: PARENT.into(),
                         id: parent_id.clone(),
                         scope: None,
+                        ping_secs: hello.ping_secs,
                     };
                     let task = spawn_session(app.clone(), peer, inbound, tx);
                     tokio::select! {
@@ -177,7 +183,7 @@ pub fn spawn_parent_link(app: Arc<App>) -> tokio::task::JoinHandle<()> {
 }
 
 /// Opens the link to the parent and exchanges hellos.
-async fn dial(app: &App) -> Result<(Streaming<LinkFrame>, mpsc::Sender<LinkFrame>, String)> {
+async fn dial(app: &App) -> Result<(Streaming<LinkFrame>, mpsc::Sender<LinkFrame>, LinkHello)> {
     let cfg = &app.cfg;
     let dir = cfg.path(&cfg.federation.identity);
     let read = |name: &str| {
@@ -223,6 +229,7 @@ async fn dial(app: &App) -> Result<(Streaming<LinkFrame>, mpsc::Sender<LinkFrame
             broker_id: app.store.broker_id().to_string(),
             protocol: PROTOCOL.into(),
             scope: Vec::new(),
+            ping_secs: ping_secs(app),
         })),
     })
     .await
@@ -245,7 +252,7 @@ async fn dial(app: &App) -> Result<(Streaming<LinkFrame>, mpsc::Sender<LinkFrame
         _ => return Err(BrokerError::Unavailable("the parent sent no hello".into())),
     };
     tracing::info!(parent = %hello.broker_id, scope = %hello.scope.join(","), "parent accepted the link");
-    Ok((inbound, tx, hello.broker_id))
+    Ok((inbound, tx, hello))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -264,14 +271,15 @@ struct Guard {
     fed: Fed,
     key: String,
     session: u64,
-    pump: tokio::task::AbortHandle,
-    pinger: tokio::task::AbortHandle,
+    /// The session's own tasks: the outbox pump, the pinger and the updater.
+    tasks: [tokio::task::AbortHandle; 3],
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.pump.abort();
-        self.pinger.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
         self.fed.closed(&self.key, self.session);
     }
 }
@@ -284,7 +292,7 @@ async fn session(
     abort: tokio::task::AbortHandle,
 ) {
     let fed = app.fed.clone();
-    let (session, wake) = fed.opened(&peer.key, &peer.id, tx.clone(), abort);
+    let (session, wake) = fed.opened(&peer.key, &peer.id, abort);
     let acked = Arc::new(AtomicU64::new(0));
     let ack_notify = Arc::new(Notify::new());
     let sent_max = Arc::new(AtomicU64::new(0));
@@ -297,32 +305,27 @@ async fn session(
         ack_notify.clone(),
         sent_max.clone(),
     ));
-    let ping_every = Duration::from_secs(app.cfg.federation.ping_secs.max(1));
+    let ping_every = Duration::from_secs(u64::from(ping_secs(&app)));
+    let silence = silence_limit(ping_every, peer.ping_secs);
     let ping_sent = Arc::new(std::sync::Mutex::new(None));
     // Pings go out from their own task: a peer that hears them knows this end is alive even
     // while its reader is busy writing a large batch.
     let pinger = tokio::spawn(pinger(tx.clone(), ping_every, ping_sent.clone()));
+    let updater = tokio::spawn(updater(fed.clone(), peer.key.clone(), session, tx.clone()));
     let _guard = Guard {
         fed: fed.clone(),
         key: peer.key.clone(),
         session,
-        pump: pump.abort_handle(),
-        pinger: pinger.abort_handle(),
+        tasks: [
+            pump.abort_handle(),
+            pinger.abort_handle(),
+            updater.abort_handle(),
+        ],
     };
     // The state goes out while this end reads: with more state each way than the link's
     // buffers hold, two ends that each send all of theirs before reading would wait for each
     // other forever.
-    let state = std::pin::pin!(async {
-        let n = send_state(&app, &peer, &tx).await?;
-        // Updates held meanwhile are sent without waiting (a link too slow for them is
-        // closed): let the state drain from the queue first.
-        drop(
-            tx.reserve_many(CHANNEL / 2)
-                .await
-                .map_err(|_| link_closed())?,
-        );
-        Ok::<_, BrokerError>(n)
-    });
+    let state = std::pin::pin!(send_state(&app, &peer, &tx));
     let mut state = Some(state);
     let label = super::peer_label(&peer.key);
     let mut check = tokio::time::interval(ping_every);
@@ -365,7 +368,7 @@ async fn session(
                 continue;
             }
             _ = check.tick() => {
-                if last_heard.elapsed() <= ping_every * 3 {
+                if last_heard.elapsed() <= silence {
                     continue;
                 }
                 // This end's own work may have kept it from reading: a frame waiting shows
@@ -373,7 +376,7 @@ async fn session(
                 match inbound.message().now_or_never() {
                     Some(m) => m,
                     None => {
-                        tracing::warn!(peer = %peer.id, "nothing heard on the link for three pings; closing it");
+                        tracing::warn!(peer = %peer.id, silent_secs = silence.as_secs(), "nothing heard on the link for three pings; closing it");
                         return;
                     }
                 }
@@ -477,6 +480,19 @@ async fn session(
     }
 }
 
+/// How long a link may stay silent before it is closed: three pings of the slower end. A peer
+/// pinging every 10 s is not dead after three of this end's 1 s pings; a peer that said nothing
+/// (0) is judged by this end's interval, and a claim above an hour is capped so that a peer
+/// cannot keep a dead link open for days.
+fn silence_limit(own: Duration, peer_secs: u32) -> Duration {
+    own.max(Duration::from_secs(u64::from(peer_secs.min(3600)))) * 3
+}
+
+/// Seconds between this broker's pings on a link (`[federation] ping_secs`, at least 1).
+fn ping_secs(app: &App) -> u32 {
+    u32::try_from(app.cfg.federation.ping_secs.max(1)).unwrap_or(u32::MAX)
+}
+
 /// The last ping sent and when, until its pong comes back.
 type PingSent = Arc<std::sync::Mutex<Option<(u64, tokio::time::Instant)>>>;
 
@@ -497,6 +513,26 @@ async fn pinger(tx: mpsc::Sender<LinkFrame>, every: Duration, sent: PingSent) {
         *super::lock(&sent) = Some((nonce, tokio::time::Instant::now()));
         // A queue too full for a ping is sending frames, which the peer hears as well.
         let _ = tx.try_send(ping);
+    }
+}
+
+/// Sends the link's state updates as they come, once its whole state has gone out, waiting
+/// for room toward the peer rather than dropping any.
+async fn updater(fed: Fed, key: String, session: u64, tx: mpsc::Sender<LinkFrame>) {
+    while let Some((updates, ready)) = fed.take_updates(&key, session) {
+        if updates.is_empty() {
+            ready.notified().await;
+            continue;
+        }
+        for body in updates {
+            let frame = LinkFrame {
+                seq: 0,
+                body: Some(body),
+            };
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -989,7 +1025,24 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
             .distances
             .push(adv.distances.get(i).copied().unwrap_or(0));
     }
-    let names: BTreeSet<&String> = accepted.node_ids.iter().collect();
+    let names: BTreeSet<String> = accepted.node_ids.iter().cloned().collect();
+    // A province re-advertises a provider with each catalog update it sends (so the entry is
+    // never taken before its route); a route already held as advertised needs no write here
+    // and no word to the parent.
+    let mut changed = RouteAdvertisement::default();
+    for (i, node) in accepted.node_ids.iter().enumerate() {
+        let r = RouteRecord {
+            via: peer.key.clone(),
+            home: accepted.home_brokers[i].clone(),
+            distance: accepted.distances[i],
+        };
+        if app.store.get::<RouteRecord>(T::Routes, node)?.as_ref() != Some(&r) {
+            changed.node_ids.push(node.clone());
+            changed.home_brokers.push(r.home);
+            changed.distances.push(r.distance);
+        }
+    }
+    let mut accepted = changed;
     let mut gone = Vec::new();
     if adv.full {
         for kv in app.store.tree(T::Routes).iter() {
@@ -1018,6 +1071,9 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
         );
         entries.push(e);
         tracing::warn!(peer = %peer.id, refused = refused.len(), "advertisement outside the child's scope refused");
+    }
+    if accepted.node_ids.is_empty() && gone.is_empty() && entries.is_empty() {
+        return Ok(vec![]);
     }
     app.store.write(|tx| {
         for (i, node) in accepted.node_ids.iter().enumerate() {
@@ -1169,11 +1225,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn silence_is_judged_by_the_slower_end() {
+        let s = Duration::from_secs;
+        assert_eq!(silence_limit(s(1), 10), s(30));
+        assert_eq!(silence_limit(s(10), 1), s(30));
+        assert_eq!(silence_limit(s(2), 0), s(6));
+        assert_eq!(silence_limit(s(1), u32::MAX), s(3 * 3600));
+    }
+
+    #[test]
     fn only_a_refusal_by_policy_is_acknowledged() {
         let peer = Peer {
             key: "330000/hub".into(),
             id: "330000/hub".into(),
             scope: None,
+            ping_secs: 10,
         };
         for e in [
             BrokerError::internal("x"),

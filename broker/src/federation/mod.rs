@@ -16,9 +16,9 @@ use crate::error::Result;
 use crate::store::{seq_key, Store, Tx, T};
 use govshare_proto::v1::{link_frame, ExchangeResult, LinkFrame};
 use prost::Message;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 /// The outbox and link key of the parent (its broker id is learned only when the link opens).
 pub const PARENT: &str = "^parent";
@@ -81,38 +81,38 @@ struct LinkHandle {
     session: u64,
     /// The peer's broker id.
     peer_id: String,
-    /// Unsequenced frames (state updates) go straight onto the stream.
-    tx: mpsc::Sender<LinkFrame>,
     /// Wakes the outbox pump when something new is written for this peer.
     wake: Arc<Notify>,
-    /// Ends the session (a peer too slow to take state updates resyncs on reconnect).
+    /// Ends the session (a peer too far behind on state updates resyncs on reconnect).
     abort: tokio::task::AbortHandle,
     /// When it opened, Unix ms.
     since_ms: i64,
     /// The last ping's round-trip time, ms (0 until measured).
     rtt_ms: f64,
-    /// Updates held back until the link's whole state has gone out, so that nothing about a
-    /// node reaches the peer before the node's route does. `None` once the state is sent.
-    held: Option<Vec<link_frame::Body>>,
+    /// State updates waiting for the session's updater to send them, in order.
+    updates: VecDeque<link_frame::Body>,
+    /// Their encoded size, bytes.
+    updates_bytes: usize,
+    /// Wakes the updater.
+    updates_ready: Arc<Notify>,
+    /// Whether the link's whole state has gone out. Until then updates wait, so that nothing
+    /// about a node reaches the peer before the node's route does.
+    state_sent: bool,
 }
 
 impl LinkHandle {
-    /// Sends a state update now, or holds it until the link's state has gone out; false when
-    /// the link is too slow to take it.
-    fn post(&mut self, body: link_frame::Body) -> bool {
-        match &mut self.held {
-            Some(held) => {
-                held.push(body);
-                true
-            }
-            None => self
-                .tx
-                .try_send(LinkFrame {
-                    seq: 0,
-                    body: Some(body),
-                })
-                .is_ok(),
+    /// Queues a state update for the link; false when the link is too far behind to take it.
+    /// A burst of updates (a department publishing its whole catalog) waits here rather than
+    /// closing the link: the updater sends them as fast as the peer reads.
+    fn post(&mut self, body: link_frame::Body, max_bytes: usize) -> bool {
+        let bytes = body.encoded_len();
+        if self.updates_bytes.saturating_add(bytes) > max_bytes {
+            return false;
         }
+        self.updates_bytes += bytes;
+        self.updates.push_back(body);
+        self.updates_ready.notify_one();
+        true
     }
 }
 
@@ -144,6 +144,9 @@ struct Inner {
     store: Store,
     me: String,
     has_parent: bool,
+    /// State updates that may wait toward one link, bytes (`[federation]
+    /// max_waiting_updates_mib`): a peer further behind is closed, and resyncs on reconnect.
+    max_waiting_updates: usize,
     /// Open links by key. A std Mutex: held only to look up or swap a handle, never across
     /// an await.
     links: Mutex<HashMap<String, LinkHandle>>,
@@ -175,14 +178,15 @@ pub fn in_scope(scope: &[String], node: &str) -> bool {
 
 impl Fed {
     /// Federation for this broker; `has_parent` when `[federation] parent` is set.
-    pub fn new(store: Store, has_parent: bool) -> Result<Self> {
+    pub fn new(store: Store, cfg: &crate::config::FederationSection) -> Result<Self> {
+        let has_parent = cfg.has_parent();
         let me = store.broker_id().to_string();
         let mut seed = store.next_id()?;
         for kv in store.tree(T::Outbox).iter() {
             let (k, _) = kv?;
             if let Some(tail) = k.len().checked_sub(8).and_then(|i| k.get(i..)) {
                 if let Ok(b) = <[u8; 8]>::try_from(tail) {
-                    seed = seed.max(u64::from_be_bytes(b) + 1);
+                    seed = seed.max(u64::from_be_bytes(b).saturating_add(1));
                 }
             }
         }
@@ -191,6 +195,9 @@ impl Fed {
                 store,
                 me,
                 has_parent,
+                max_waiting_updates: usize::try_from(cfg.max_waiting_updates_mib)
+                    .unwrap_or(usize::MAX / (1 << 20))
+                    .saturating_mul(1 << 20),
                 links: Mutex::new(HashMap::new()),
                 next_session: std::sync::atomic::AtomicU64::new(1),
                 next_seq: std::sync::atomic::AtomicU64::new(seed.max(1)),
@@ -282,19 +289,19 @@ impl Fed {
     }
 
     /// Sends a state update to every open link except `except` (the one it came from). A link
-    /// too slow to take it is closed: it gets the whole state again when it reopens.
+    /// too far behind to take it is closed: it gets the whole state again when it reopens.
     pub fn broadcast(&self, body: &link_frame::Body, except: &str) {
         let mut slow = Vec::new();
         for (k, h) in lock(&self.inner.links).iter_mut() {
             if k == except {
                 continue;
             }
-            if !h.post(body.clone()) {
+            if !h.post(body.clone(), self.inner.max_waiting_updates) {
                 slow.push((k.clone(), h.abort.clone()));
             }
         }
         for (k, abort) in slow {
-            tracing::warn!(peer = %k, "link too slow for state updates; closing it to resync");
+            tracing::warn!(peer = %k, "link too far behind on state updates ([federation] max_waiting_updates_mib); closing it to resync");
             abort.abort();
         }
     }
@@ -302,7 +309,11 @@ impl Fed {
     /// Sends a state update to the parent only (route advertisements go up, never down).
     pub fn to_parent(&self, body: link_frame::Body) {
         if let Some(h) = lock(&self.inner.links).get_mut(PARENT) {
-            if !h.post(body) {
+            if !h.post(body, self.inner.max_waiting_updates) {
+                tracing::warn!(
+                    peer = PARENT,
+                    "link too far behind on state updates; closing it to resync"
+                );
                 h.abort.abort();
             }
         }
@@ -351,7 +362,6 @@ impl Fed {
         &self,
         peer: &str,
         peer_id: &str,
-        tx: mpsc::Sender<LinkFrame>,
         abort: tokio::task::AbortHandle,
     ) -> (u64, Arc<Notify>) {
         let session = self
@@ -359,17 +369,20 @@ impl Fed {
             .next_session
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let wake = Arc::new(Notify::new());
+        let updates_ready = Arc::new(Notify::new());
         let old = lock(&self.inner.links).insert(
             peer.to_string(),
             LinkHandle {
                 session,
                 peer_id: peer_id.to_string(),
-                tx,
                 wake: wake.clone(),
                 abort,
                 since_ms: crate::time::now_ms(),
                 rtt_ms: 0.0,
-                held: Some(Vec::new()),
+                updates: VecDeque::new(),
+                updates_bytes: 0,
+                updates_ready: updates_ready.clone(),
+                state_sent: false,
             },
         );
         if !lock(&self.inner.seen).insert(peer.to_string()) {
@@ -387,21 +400,32 @@ impl Fed {
         (session, wake)
     }
 
-    /// The link's whole state has been queued: the updates held meanwhile follow it, in order.
+    /// The link's whole state has been queued: the updates that waited meanwhile follow it.
     fn state_sent(&self, peer: &str, session: u64) {
-        let mut links = lock(&self.inner.links);
-        if let Some(h) = links.get_mut(peer).filter(|h| h.session == session) {
-            for body in h.held.take().unwrap_or_default() {
-                let frame = LinkFrame {
-                    seq: 0,
-                    body: Some(body),
-                };
-                if h.tx.try_send(frame).is_err() {
-                    h.abort.abort();
-                    break;
-                }
-            }
+        if let Some(h) = lock(&self.inner.links)
+            .get_mut(peer)
+            .filter(|h| h.session == session)
+        {
+            h.state_sent = true;
+            h.updates_ready.notify_one();
         }
+    }
+
+    /// The state updates waiting toward a link once its state has gone out (empty before),
+    /// and what wakes the taker when more come; `None` once the session has ended.
+    fn take_updates(
+        &self,
+        peer: &str,
+        session: u64,
+    ) -> Option<(Vec<link_frame::Body>, Arc<Notify>)> {
+        let mut links = lock(&self.inner.links);
+        let h = links.get_mut(peer).filter(|h| h.session == session)?;
+        let ready = h.updates_ready.clone();
+        if !h.state_sent {
+            return Some((Vec::new(), ready));
+        }
+        h.updates_bytes = 0;
+        Some((h.updates.drain(..).collect(), ready))
     }
 
     /// Forgets a link's session, unless a newer session already replaced it.

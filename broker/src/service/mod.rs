@@ -58,7 +58,7 @@ impl App {
         let key = crate::keys::SigningKey::load_or_create(&cfg.data_dir, &cfg.broker.id)?;
         let own = key.announcement();
         store.add_key(&own)?;
-        let fed = crate::federation::Fed::new(store.clone(), !cfg.federation.parent.is_empty())?;
+        let fed = crate::federation::Fed::new(store.clone(), &cfg.federation)?;
         let engine = crate::exchange::Engine::start(
             store.clone(),
             catalog.clone(),
