@@ -277,6 +277,7 @@ pub fn repair(store: &crate::store::Store, window_ms: i64) -> Result<(Vec<Recove
                 let d = super::record::DedupRecord {
                     exchange_id: String::from_utf8_lossy(id).into_owned(),
                     at_ms,
+                    deadline_ms: 0,
                 };
                 dedup.insert(key, d.encode_to_vec())?;
                 fixed.keys += 1;
@@ -1451,14 +1452,10 @@ impl Actor {
                     ),
                 )?;
                 tx.unmark(T::Exchanges, id.as_bytes())?;
-                let seen = super::record::DedupRecord {
-                    exchange_id: id.to_string(),
-                    at_ms: now,
-                };
                 tx.put_raw(
                     T::Dedup,
                     &super::record::hop_mark_key(id),
-                    &seen.encode_to_vec(),
+                    &super::record::hop_mark(id, now, ms(&env.deadline)),
                 )?;
                 let mut e = exchange_entry(end.decision, store.broker_id(), env);
                 e.reason = if end.message.is_empty() {
@@ -1805,6 +1802,13 @@ impl Actor {
     }
 }
 
+/// True when a hop mark can go: past this broker's longest deadline and an hour, and past the
+/// exchange's own deadline (set by the consumer's broker, whose longest may be longer) and an
+/// hour. After its deadline a resend is refused as expired before the mark is looked at.
+fn hop_mark_expired(d: &super::record::DedupRecord, hop_window: i64, now: i64) -> bool {
+    now.saturating_sub(d.at_ms) > hop_window && now.saturating_sub(d.deadline_ms) > 3_600_000
+}
+
 /// Forgets idempotency keys past their window.
 fn sweep_dedup(engine: &Engine, now: i64) -> Result<()> {
     let window = i64::try_from(engine.cfg().idempotency_window_secs.saturating_mul(1000))
@@ -1818,12 +1822,12 @@ fn sweep_dedup(engine: &Engine, now: i64) -> Result<()> {
     for kv in tree.iter() {
         let (k, v) = kv?;
         let d = super::record::DedupRecord::decode(v.as_ref())?;
-        let keep = if k.starts_with(super::record::HOP_MARK_PREFIX) {
-            hop_window
+        let expired = if k.starts_with(super::record::HOP_MARK_PREFIX) {
+            hop_mark_expired(&d, hop_window, now)
         } else {
-            window
+            now.saturating_sub(d.at_ms) > window
         };
-        if now.saturating_sub(d.at_ms) > keep {
+        if expired {
             tree.remove(k)?;
         }
     }
@@ -1907,6 +1911,7 @@ mod tests {
         let first = super::super::record::DedupRecord {
             exchange_id: "whole".into(),
             at_ms: now_ms(),
+            deadline_ms: 0,
         };
         put(
             &store,
@@ -1990,6 +1995,7 @@ mod tests {
         let first = super::super::record::DedupRecord {
             exchange_id: "first".into(),
             at_ms: 7,
+            deadline_ms: 0,
         };
         let hop = index_key("#hop", "x");
         put(
@@ -2014,6 +2020,38 @@ mod tests {
         want.sort();
         assert_eq!(keys(&store, T::Dedup), want);
         Ok(())
+    }
+
+    // A hop mark outlives both this broker's longest deadline and the exchange's own, which
+    // the consumer's broker set and may have allowed to be longer.
+    #[test]
+    fn a_hop_mark_is_kept_until_the_exchanges_own_deadline() {
+        let hour = 3_600_000;
+        let now = 100 * hour;
+        let window = 2 * hour;
+        let mark = |age: i64, deadline_ms: i64| super::super::record::DedupRecord {
+            exchange_id: "x".into(),
+            at_ms: now - age,
+            deadline_ms,
+        };
+        assert!(!hop_mark_expired(&mark(hour, now - 2 * hour), window, now));
+        assert!(hop_mark_expired(
+            &mark(3 * hour, now - 2 * hour),
+            window,
+            now
+        ));
+        assert!(!hop_mark_expired(
+            &mark(3 * hour, now + 24 * hour),
+            window,
+            now
+        ));
+        assert!(!hop_mark_expired(
+            &mark(3 * hour, now - hour / 2),
+            window,
+            now
+        ));
+        // Written before marks carried the deadline: this broker's window alone.
+        assert!(hop_mark_expired(&mark(3 * hour, 0), window, now));
     }
 
     // An idempotency key past its window is not brought back: the sweep would only drop it.

@@ -7,7 +7,7 @@
 //! home broker checks again against its own copy of the grant and counts the quota.
 
 use super::enforce::{self, Denial};
-use super::record::{DedupRecord, StoredExchange};
+use super::record::StoredExchange;
 use super::{exchange_entry, Engine};
 use crate::error::Result;
 use crate::federation::{in_scope, Effect, Route};
@@ -229,7 +229,7 @@ impl Engine {
             let mut e = exchange_entry("exchange_expired", &me, &env);
             e.reason = format!("arrived from {from} after its deadline");
             self.store().write(|tx| {
-                mark_seen(tx, &id, now)?;
+                mark_seen(tx, &id, now, ms(&env.deadline))?;
                 Ok(((), vec![e.clone()]))
             })?;
             return Ok(Hop::Done(vec![]));
@@ -269,7 +269,7 @@ impl Engine {
                     if taken(tx, &id)? {
                         return Ok((Written::Duplicate, vec![]));
                     }
-                    mark_seen(tx, &id, now)?;
+                    mark_seen(tx, &id, now, ms(&env.deadline))?;
                     fed.put_outbox(tx, &peer, link_frame::Body::Exchange(env.clone()))?;
                     Ok((
                         Written::Effects(vec![Effect::Wake(peer.clone())]),
@@ -475,7 +475,7 @@ impl Engine {
             d.denial.rule, d.denial.detail
         );
         self.store().write(|tx| {
-            mark_seen(tx, &id, now)?;
+            mark_seen(tx, &id, now, ms(&env.deadline))?;
             if let Some(Route::Via(p)) = &back {
                 self.fed().put_outbox(
                     tx,
@@ -616,15 +616,12 @@ impl Engine {
     }
 }
 
-/// Marks an exchange id as handled by this hop (swept with the idempotency keys).
-fn mark_seen(tx: &crate::store::Tx<'_>, id: &str, now: i64) -> Result<()> {
-    let d = DedupRecord {
-        exchange_id: id.to_string(),
-        at_ms: now,
-    };
+/// Marks an exchange id as handled by this hop (swept with the idempotency keys, not before
+/// its deadline).
+fn mark_seen(tx: &crate::store::Tx<'_>, id: &str, now: i64, deadline_ms: i64) -> Result<()> {
     tx.put_raw(
         T::Dedup,
         &super::record::hop_mark_key(id),
-        &d.encode_to_vec(),
+        &super::record::hop_mark(id, now, deadline_ms),
     )
 }

@@ -766,6 +766,7 @@ impl Engine {
                     let d = DedupRecord {
                         exchange_id: exchange_id.clone(),
                         at_ms: now,
+                        deadline_ms: 0,
                     };
                     tx.put_raw(T::Dedup, k, &d.encode_to_vec())?;
                 }

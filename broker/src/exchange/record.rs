@@ -158,6 +158,20 @@ pub struct DedupRecord {
     /// When, Unix ms (the window runs from here).
     #[prost(int64, tag = "2")]
     pub at_ms: i64,
+    /// For a hop mark: the exchange's deadline, Unix ms, set by the consumer's broker (0 in
+    /// marks written before 2026-12-07). A resend can come until then, however long the
+    /// deadline this broker would itself allow.
+    #[prost(int64, tag = "3")]
+    pub deadline_ms: i64,
+}
+
+/// The hop mark of exchange `id`, handled here at `now` (see [`hop_mark_key`]).
+pub fn hop_mark(id: &str, now: i64, deadline_ms: i64) -> Vec<u8> {
+    prost::Message::encode_to_vec(&DedupRecord {
+        exchange_id: id.to_string(),
+        at_ms: now,
+        deadline_ms,
+    })
 }
 
 /// The key of a hop mark in the `dedup` tree (`#hop ‖ 0 ‖ id`): an exchange id this broker
