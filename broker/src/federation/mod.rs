@@ -74,6 +74,9 @@ pub enum Effect {
     ToParent(link_frame::Body),
 }
 
+/// How many waiting state updates the updater takes at a time.
+const TAKE_UPDATES: usize = 64;
+
 /// One open link, as the rest of the broker sees it.
 #[derive(Debug)]
 struct LinkHandle {
@@ -424,8 +427,13 @@ impl Fed {
         if !h.state_sent {
             return Some((Vec::new(), ready));
         }
-        h.updates_bytes = 0;
-        Some((h.updates.drain(..).collect(), ready))
+        // A few at a time, so that what the updater holds while it waits for room stays
+        // counted against the link's bound, not beside it.
+        let n = h.updates.len().min(TAKE_UPDATES);
+        let taken: Vec<_> = h.updates.drain(..n).collect();
+        let bytes: usize = taken.iter().map(link_frame::Body::encoded_len).sum();
+        h.updates_bytes = h.updates_bytes.saturating_sub(bytes);
+        Some((taken, ready))
     }
 
     /// Forgets a link's session, unless a newer session already replaced it.
