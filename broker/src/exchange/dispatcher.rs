@@ -2025,7 +2025,7 @@ mod tests {
     // A hop mark outlives both this broker's longest deadline and the exchange's own, which
     // the consumer's broker set and may have allowed to be longer.
     #[test]
-    fn a_hop_mark_is_kept_until_the_exchanges_own_deadline() {
+    fn a_hop_mark_is_kept_until_the_exchanges_own_deadline() -> Result<()> {
         let hour = 3_600_000;
         let now = 100 * hour;
         let window = 2 * hour;
@@ -2052,6 +2052,16 @@ mod tests {
         ));
         // Written before marks carried the deadline: this broker's window alone.
         assert!(hop_mark_expired(&mark(3 * hour, 0), window, now));
+        // A deadline years away, as a peer may send, is kept for a week at most.
+        let far = super::super::record::DedupRecord::decode(
+            super::super::record::hop_mark("x", 0, i64::MAX).as_slice(),
+        )
+        .map_err(|e| BrokerError::internal(e.to_string()))?;
+        let week = super::super::record::HOP_MARK_DEADLINE_CAP_MS;
+        assert_eq!(far.deadline_ms, week);
+        assert!(!hop_mark_expired(&far, window, week + hour / 2));
+        assert!(hop_mark_expired(&far, window, week + 2 * hour));
+        Ok(())
     }
 
     // An idempotency key past its window is not brought back: the sweep would only drop it.

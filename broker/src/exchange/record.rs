@@ -165,12 +165,17 @@ pub struct DedupRecord {
     pub deadline_ms: i64,
 }
 
+/// The longest a hop mark is kept for its exchange's deadline, from when it was written: the
+/// deadline comes from a peer, and marks with deadlines years away would never be swept.
+/// (This broker's own longest deadline keeps a mark as long as it says, whatever this is.)
+pub const HOP_MARK_DEADLINE_CAP_MS: i64 = 7 * 24 * 3_600_000;
+
 /// The hop mark of exchange `id`, handled here at `now` (see [`hop_mark_key`]).
 pub fn hop_mark(id: &str, now: i64, deadline_ms: i64) -> Vec<u8> {
     prost::Message::encode_to_vec(&DedupRecord {
         exchange_id: id.to_string(),
         at_ms: now,
-        deadline_ms,
+        deadline_ms: deadline_ms.min(now.saturating_add(HOP_MARK_DEADLINE_CAP_MS)),
     })
 }
 

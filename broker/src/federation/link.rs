@@ -1028,7 +1028,9 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
     let names: BTreeSet<String> = accepted.node_ids.iter().cloned().collect();
     // A province re-advertises a provider with each catalog update it sends (so the entry is
     // never taken before its route); a route already held as advertised needs no write here
-    // and no word to the parent.
+    // and no word to the parent. A full advertisement (a link opening) passes every route up
+    // all the same: one written here whose word to the parent was lost (the link ended mid-
+    // batch) is repaired by it.
     let mut changed = RouteAdvertisement::default();
     for (i, node) in accepted.node_ids.iter().enumerate() {
         let r = RouteRecord {
@@ -1036,7 +1038,7 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
             home: accepted.home_brokers[i].clone(),
             distance: accepted.distances[i],
         };
-        if app.store.get::<RouteRecord>(T::Routes, node)?.as_ref() != Some(&r) {
+        if adv.full || app.store.get::<RouteRecord>(T::Routes, node)?.as_ref() != Some(&r) {
             changed.node_ids.push(node.clone());
             changed.home_brokers.push(r.home);
             changed.distances.push(r.distance);

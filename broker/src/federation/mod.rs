@@ -427,8 +427,8 @@ impl Fed {
         if !h.state_sent {
             return Some((Vec::new(), ready));
         }
-        // A few at a time, so that what the updater holds while it waits for room stays
-        // counted against the link's bound, not beside it.
+        // A few at a time, so that little is held outside the link's bound while the updater
+        // waits for room (what it holds, and the frames in the channel, are not counted).
         let n = h.updates.len().min(TAKE_UPDATES);
         let taken: Vec<_> = h.updates.drain(..n).collect();
         let bytes: usize = taken.iter().map(link_frame::Body::encoded_len).sum();
