@@ -335,10 +335,17 @@ async fn session(
     // An ack waiting for room toward the peer. The reader never waits on its own sends: it
     // must keep reading while the peer's sends wait for this end's window.
     let mut ack_pending: Option<u64> = None;
+    // Its place in the queue for room, kept across turns of the loop: a reservation made
+    // afresh each turn would go to the back behind the pump and the updater every time a
+    // frame comes in first, and the peer, out of window, would wait for the ack.
+    let mut ack_room: Option<AckRoom> = None;
     loop {
         if let Some(up_to) = ack_pending {
             if tx.try_send(ack_frame(up_to)).is_ok() {
                 ack_pending = None;
+                ack_room = None;
+            } else if ack_room.is_none() {
+                ack_room = Some(Box::pin(tx.clone().reserve_owned()));
             }
         }
         let first = tokio::select! {
@@ -362,9 +369,17 @@ async fn session(
                 }
                 continue;
             }
-            permit = tx.reserve(), if ack_pending.is_some() => {
+            permit = async {
+                match ack_room.as_mut() {
+                    Some(r) => r.await,
+                    None => std::future::pending().await,
+                }
+            }, if ack_room.is_some() => {
+                ack_room = None;
                 let Ok(permit) = permit else { return };
-                permit.send(ack_frame(ack_pending.take().unwrap_or_default()));
+                if let Some(up_to) = ack_pending.take() {
+                    permit.send(ack_frame(up_to));
+                }
                 continue;
             }
             _ = check.tick() => {
@@ -487,6 +502,18 @@ async fn session(
 fn silence_limit(own: Duration, peer_secs: u32) -> Duration {
     own.max(Duration::from_secs(u64::from(peer_secs.min(3600)))) * 3
 }
+
+/// A reservation of room toward the peer, waiting for its turn.
+type AckRoom = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = std::result::Result<
+                    mpsc::OwnedPermit<LinkFrame>,
+                    mpsc::error::SendError<()>,
+                >,
+            > + Send,
+    >,
+>;
 
 /// Seconds between this broker's pings on a link (`[federation] ping_secs`, at least 1).
 fn ping_secs(app: &App) -> u32 {
