@@ -510,8 +510,7 @@ fn reindex(
     new: &Dataset,
     new_grams: &BTreeSet<String>,
 ) -> Result<()> {
-    let same_text = |o: &&Dataset| o.name == new.name && o.description == new.description;
-    if !old.is_some_and(|o| same_text(&o)) {
+    if !old.is_some_and(|o| o.name == new.name && o.description == new.description) {
         let old_grams = old.map(dataset_grams).unwrap_or_default();
         for g in old_grams.difference(new_grams) {
             tx.unmark(T::CatGram, &index_key(g, &new.id))?;

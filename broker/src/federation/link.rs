@@ -350,12 +350,7 @@ async fn session(
         }
         let first = tokio::select! {
             m = inbound.message() => m,
-            sent = async {
-                match state.as_mut() {
-                    Some(s) => s.await,
-                    None => std::future::pending().await,
-                }
-            }, if state.is_some() => {
+            sent = if_some(state.as_mut()), if state.is_some() => {
                 state = None;
                 match sent {
                     Ok(n) => {
@@ -369,12 +364,7 @@ async fn session(
                 }
                 continue;
             }
-            permit = async {
-                match ack_room.as_mut() {
-                    Some(r) => r.await,
-                    None => std::future::pending().await,
-                }
-            }, if ack_room.is_some() => {
+            permit = if_some(ack_room.as_mut()), if ack_room.is_some() => {
                 ack_room = None;
                 let Ok(permit) = permit else { return };
                 if let Some(up_to) = ack_pending.take() {
@@ -501,6 +491,15 @@ async fn session(
 /// cannot keep a dead link open for days.
 fn silence_limit(own: Duration, peer_secs: u32) -> Duration {
     own.max(Duration::from_secs(u64::from(peer_secs.min(3600)))) * 3
+}
+
+/// Awaits `f` when there is one, and never otherwise: a `select!` arm kept across turns of a
+/// loop, guarded by its presence.
+async fn if_some<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A reservation of room toward the peer, waiting for its turn.
@@ -1052,13 +1051,13 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
             .distances
             .push(adv.distances.get(i).copied().unwrap_or(0));
     }
-    let names: BTreeSet<String> = accepted.node_ids.iter().cloned().collect();
+    let names: BTreeSet<&String> = accepted.node_ids.iter().collect();
     // A province re-advertises a provider with each catalog update it sends (so the entry is
     // never taken before its route); a route already held as advertised needs no write here
     // and no word to the parent. A full advertisement (a link opening) passes every route up
     // all the same: one written here whose word to the parent was lost (the link ended mid-
     // batch) is repaired by it.
-    let mut changed = RouteAdvertisement::default();
+    let mut changed: Vec<(&String, RouteRecord)> = Vec::new();
     for (i, node) in accepted.node_ids.iter().enumerate() {
         let r = RouteRecord {
             via: peer.key.clone(),
@@ -1066,12 +1065,9 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
             distance: accepted.distances[i],
         };
         if adv.full || app.store.get::<RouteRecord>(T::Routes, node)?.as_ref() != Some(&r) {
-            changed.node_ids.push(node.clone());
-            changed.home_brokers.push(r.home);
-            changed.distances.push(r.distance);
+            changed.push((node, r));
         }
     }
-    let mut accepted = changed;
     let mut gone = Vec::new();
     if adv.full {
         for kv in app.store.tree(T::Routes).iter() {
@@ -1101,17 +1097,12 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
         entries.push(e);
         tracing::warn!(peer = %peer.id, refused = refused.len(), "advertisement outside the child's scope refused");
     }
-    if accepted.node_ids.is_empty() && gone.is_empty() && entries.is_empty() {
+    if changed.is_empty() && gone.is_empty() && entries.is_empty() {
         return Ok(vec![]);
     }
     app.store.write(|tx| {
-        for (i, node) in accepted.node_ids.iter().enumerate() {
-            let r = RouteRecord {
-                via: peer.key.clone(),
-                home: accepted.home_brokers[i].clone(),
-                distance: accepted.distances[i],
-            };
-            tx.put(T::Routes, node, &r)?;
+        for (node, r) in &changed {
+            tx.put(T::Routes, node, r)?;
         }
         for node in &gone {
             tx.unmark(T::Routes, node.as_bytes())?;
@@ -1120,11 +1111,14 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
     })?;
     let mut effects = Vec::new();
     if app.fed.has_parent() {
-        if !accepted.node_ids.is_empty() {
-            for d in &mut accepted.distances {
-                *d = d.saturating_add(1);
+        if !changed.is_empty() {
+            let mut up = RouteAdvertisement::default();
+            for (node, r) in changed {
+                up.node_ids.push(node.clone());
+                up.home_brokers.push(r.home);
+                up.distances.push(r.distance.saturating_add(1));
             }
-            effects.push(Effect::ToParent(Body::Advertise(accepted)));
+            effects.push(Effect::ToParent(Body::Advertise(up)));
         }
         if !gone.is_empty() {
             effects.push(Effect::ToParent(Body::Withdraw(RouteWithdrawal {
