@@ -174,9 +174,17 @@ impl Client {
     {
         let mut delay = FIRST_BACKOFF;
         let mut attempt = 0;
+        let mut resent = false;
         loop {
             match call(self.with_deadline(msg.clone())).await {
                 Ok(resp) => return Ok(resp.into_inner()),
+                // The connection closed before the call left (a broker closing it as idle just as
+                // the call was made): the broker never saw it, so sending it again on a fresh
+                // connection is safe whatever the call, and is not one of the configured retries.
+                Err(status) if !resent && never_sent(&status) => {
+                    resent = true;
+                    tracing::debug!(status = %status, "connection closed before the call was sent; sending it again");
+                }
                 Err(status) if status.code() == Code::Unavailable && attempt < self.retries => {
                     attempt += 1;
                     tracing::debug!(attempt, status = %status, "broker unavailable; retrying");
@@ -716,6 +724,19 @@ fn endpoint(cfg: &ClientConfig, identity: &Identity) -> Result<Endpoint> {
         .user_agent(concat!("govshare-client/", env!("CARGO_PKG_VERSION")))
         .map_err(|e| bad(format!("user agent: {e}")))?;
     Ok(endpoint)
+}
+
+/// Whether a failed call never reached the broker: hyper cancels a request still waiting for
+/// its connection when that connection closes, before any of it is written.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            return h.is_canceled();
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// A connect error worth retrying: the broker refused or dropped the connection (it may be starting).

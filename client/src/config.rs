@@ -24,6 +24,7 @@ pub struct ClientConfig {
     /// Time allowed to establish the connection (TCP and TLS).
     pub connect_timeout: Duration,
     /// Retries of a unary call that failed with `UNAVAILABLE`, with backoff 100 ms, 200 ms, 400 ms, ...
+    /// (a call whose connection closed before it was sent is sent once more besides these).
     pub retries: u32,
     /// The name the broker's certificate must carry, when it differs from the URL's host.
     pub tls_server_name: Option<String>,

@@ -156,6 +156,8 @@ async fn an_idle_connection_is_closed_but_one_with_an_open_call_is_not() -> Resu
         govshare_tests::tlsprobe::Probe::connect(addr, &admin)?.wait_closed()
     })
     .await??;
+    // Pension's own connection has been idle as long, and may close just as it calls: the SDK
+    // sends a call that closing connection never sent once more (this test caught that race).
     let r = pension
         .request(govshare_tests::cascade::ask(&ds, "id-1"))
         .await?;
