@@ -101,21 +101,32 @@ struct LinkHandle {
     /// Whether the link's whole state has gone out. Until then updates wait, so that nothing
     /// about a node reaches the peer before the node's route does.
     state_sent: bool,
+    /// Whether the link fell too far behind and is closing: its next session starts from the
+    /// whole state, so what would have been queued meanwhile is dropped.
+    behind: bool,
 }
 
 impl LinkHandle {
-    /// Queues a state update for the link; false when the link is too far behind to take it.
+    /// Queues a state update for the link; true when this update found the link too far behind
+    /// to take it, and the caller must close it (once: a link already closing takes nothing).
     /// A burst of updates (a department publishing its whole catalog) waits here rather than
     /// closing the link: the updater sends them as fast as the peer reads.
     fn post(&mut self, body: link_frame::Body, max_bytes: usize) -> bool {
+        if self.behind {
+            return false;
+        }
         let bytes = body.encoded_len();
         if self.updates_bytes.saturating_add(bytes) > max_bytes {
-            return false;
+            // Freed now rather than when the session's task ends.
+            self.behind = true;
+            self.updates = VecDeque::new();
+            self.updates_bytes = 0;
+            return true;
         }
         self.updates_bytes += bytes;
         self.updates.push_back(body);
         self.updates_ready.notify_one();
-        true
+        false
     }
 }
 
@@ -299,7 +310,7 @@ impl Fed {
             if k == except {
                 continue;
             }
-            if !h.post(body.clone(), self.inner.max_waiting_updates) {
+            if h.post(body.clone(), self.inner.max_waiting_updates) {
                 slow.push((k.clone(), h.abort.clone()));
             }
         }
@@ -312,7 +323,7 @@ impl Fed {
     /// Sends a state update to the parent only (route advertisements go up, never down).
     pub fn to_parent(&self, body: link_frame::Body) {
         if let Some(h) = lock(&self.inner.links).get_mut(PARENT) {
-            if !h.post(body, self.inner.max_waiting_updates) {
+            if h.post(body, self.inner.max_waiting_updates) {
                 tracing::warn!(
                     peer = PARENT,
                     "link too far behind on state updates; closing it to resync"
@@ -386,6 +397,7 @@ impl Fed {
                 updates_bytes: 0,
                 updates_ready: updates_ready.clone(),
                 state_sent: false,
+                behind: false,
             },
         );
         if !lock(&self.inner.seen).insert(peer.to_string()) {
@@ -512,5 +524,46 @@ pub fn peer_label(peer: &str) -> String {
         "parent".to_string()
     } else {
         peer.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use govshare_proto::v1::RouteWithdrawal;
+
+    fn update(id: &str) -> link_frame::Body {
+        link_frame::Body::Withdraw(RouteWithdrawal {
+            node_ids: vec![id.to_string()],
+        })
+    }
+
+    #[tokio::test]
+    async fn a_link_behind_is_closed_once_and_then_takes_nothing() {
+        let task = tokio::spawn(std::future::pending::<()>());
+        let mut h = LinkHandle {
+            session: 1,
+            peer_id: "330000/hub".into(),
+            wake: Arc::new(Notify::new()),
+            abort: task.abort_handle(),
+            since_ms: 0,
+            rtt_ms: 0.0,
+            updates: VecDeque::new(),
+            updates_bytes: 0,
+            updates_ready: Arc::new(Notify::new()),
+            state_sent: true,
+            behind: false,
+        };
+        let one = update("330000/civil").encoded_len();
+        assert!(!h.post(update("330000/civil"), 2 * one));
+        assert!(!h.post(update("330000/civil"), 2 * one));
+        assert_eq!((h.updates.len(), h.updates_bytes), (2, 2 * one));
+        // The third does not fit: the caller is told to close the link, and what waited is freed.
+        assert!(h.post(update("330000/civil"), 2 * one));
+        assert_eq!((h.updates.len(), h.updates_bytes), (0, 0));
+        // Until the session ends, later updates are dropped without asking for another close.
+        assert!(!h.post(update("330000/civil"), 2 * one));
+        assert!(h.updates.is_empty());
+        task.abort();
     }
 }
