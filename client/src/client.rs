@@ -777,3 +777,23 @@ fn describe_connect_error(err: &tonic::transport::Error, cfg: &ClientConfig) -> 
     };
     format!("{chain}{hint}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::never_sent;
+
+    // The broker's own answers, and transport failures that may have reached the broker, are
+    // not sent again outside the configured retries (hyper's "cancelled before it was sent",
+    // which cannot be built here, is exercised by the idle-timeout test in tests/limits.rs).
+    #[test]
+    fn only_a_call_that_never_left_is_sent_again() {
+        assert!(!never_sent(&tonic::Status::unavailable("broker busy")));
+        assert!(!never_sent(&tonic::Status::cancelled(
+            "operation was canceled"
+        )));
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let status = tonic::Status::from_error(Box::new(reset));
+        assert!(std::error::Error::source(&status).is_some());
+        assert!(!never_sent(&status));
+    }
+}
