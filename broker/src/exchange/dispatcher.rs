@@ -1452,11 +1452,7 @@ impl Actor {
                     ),
                 )?;
                 tx.unmark(T::Exchanges, id.as_bytes())?;
-                tx.put_raw(
-                    T::Dedup,
-                    &super::record::hop_mark_key(id),
-                    &super::record::hop_mark(id, now, ms(&env.deadline)),
-                )?;
+                super::hop::mark_seen(tx, id, now, ms(&env.deadline))?;
                 let mut e = exchange_entry(end.decision, store.broker_id(), env);
                 e.reason = if end.message.is_empty() {
                     format!(

@@ -618,7 +618,12 @@ impl Engine {
 
 /// Marks an exchange id as handled by this hop (swept with the idempotency keys, not before
 /// its deadline).
-fn mark_seen(tx: &crate::store::Tx<'_>, id: &str, now: i64, deadline_ms: i64) -> Result<()> {
+pub(super) fn mark_seen(
+    tx: &crate::store::Tx<'_>,
+    id: &str,
+    now: i64,
+    deadline_ms: i64,
+) -> Result<()> {
     tx.put_raw(
         T::Dedup,
         &super::record::hop_mark_key(id),

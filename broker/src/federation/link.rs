@@ -1032,7 +1032,7 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
     let Some(scope) = peer.scope.as_deref() else {
         return Ok(vec![]); // a parent does not advertise: what is not below goes up anyway
     };
-    let mut accepted = RouteAdvertisement::default();
+    let mut accepted: Vec<(&String, RouteRecord)> = Vec::new();
     let mut refused = Vec::new();
     for (i, node) in adv.node_ids.iter().enumerate() {
         if NodeId::parse(node, "advertised node").is_err() {
@@ -1043,29 +1043,25 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
             refused.push(node.clone());
             continue;
         }
-        accepted.node_ids.push(node.clone());
-        accepted
-            .home_brokers
-            .push(adv.home_brokers.get(i).cloned().unwrap_or_default());
-        accepted
-            .distances
-            .push(adv.distances.get(i).copied().unwrap_or(0));
+        accepted.push((
+            node,
+            RouteRecord {
+                via: peer.key.clone(),
+                home: adv.home_brokers.get(i).cloned().unwrap_or_default(),
+                distance: adv.distances.get(i).copied().unwrap_or(0),
+            },
+        ));
     }
-    let names: BTreeSet<&String> = accepted.node_ids.iter().collect();
+    let names: BTreeSet<&String> = accepted.iter().map(|(node, _)| *node).collect();
     // A province re-advertises a provider with each catalog update it sends (so the entry is
     // never taken before its route); a route already held as advertised needs no write here
     // and no word to the parent. A full advertisement (a link opening) passes every route up
     // all the same: one written here whose word to the parent was lost (the link ended mid-
     // batch) is repaired by it.
-    let mut changed: Vec<(&String, RouteRecord)> = Vec::new();
-    for (i, node) in accepted.node_ids.iter().enumerate() {
-        let r = RouteRecord {
-            via: peer.key.clone(),
-            home: accepted.home_brokers[i].clone(),
-            distance: accepted.distances[i],
-        };
-        if adv.full || app.store.get::<RouteRecord>(T::Routes, node)?.as_ref() != Some(&r) {
-            changed.push((node, r));
+    let mut changed: Vec<&(&String, RouteRecord)> = Vec::new();
+    for a in &accepted {
+        if adv.full || app.store.get::<RouteRecord>(T::Routes, a.0)?.as_ref() != Some(&a.1) {
+            changed.push(a);
         }
     }
     let mut gone = Vec::new();
@@ -1114,8 +1110,8 @@ fn advertise(app: &App, peer: &Peer, adv: RouteAdvertisement) -> Result<Vec<Effe
         if !changed.is_empty() {
             let mut up = RouteAdvertisement::default();
             for (node, r) in changed {
-                up.node_ids.push(node.clone());
-                up.home_brokers.push(r.home);
+                up.node_ids.push((*node).clone());
+                up.home_brokers.push(r.home.clone());
                 up.distances.push(r.distance.saturating_add(1));
             }
             effects.push(Effect::ToParent(Body::Advertise(up)));
