@@ -21,6 +21,7 @@ pub mod mask;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
+pub mod serve;
 pub mod server;
 pub mod service;
 pub mod sharing;

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Server;
 
 /// The fully qualified names of govshare's services, as health checking reports them.
 pub const SERVICE_NAMES: &[&str] = &[
@@ -49,7 +48,7 @@ pub struct RunningBroker {
     conns: Arc<crate::tls::Conns>,
     engine: Option<crate::exchange::Engine>,
     fed: Option<crate::federation::Fed>,
-    task: Option<JoinHandle<std::result::Result<(), tonic::transport::Error>>>,
+    task: Option<JoinHandle<()>>,
     store: Option<Store>,
 }
 
@@ -167,9 +166,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
     let parent = app.cfg.federation.parent.clone();
     let link_app = app.clone();
     let (tx, rx) = oneshot::channel::<()>();
-    let router = Server::builder()
-        .max_concurrent_streams(Some(app.cfg.limits.max_concurrent_streams))
-        .layer(crate::tls::ConnLayer::new(conns.clone()))
+    let routes = tonic::service::Routes::default()
         .add_service(
             NodeServiceServer::new(service::node::NodeSvc(app.clone()))
                 .max_decoding_message_size(max_message),
@@ -201,8 +198,10 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
         )))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(reflection_alpha);
-    // TLS is ours, not tonic's: see `tls` (reload, handshake and idle timeouts, per-node cap).
+        .add_service(reflection_alpha)
+        .prepare();
+    // TLS is ours, not tonic's, and so is the serving loop: see `tls` (reload, handshake and idle
+    // timeouts, per-node cap) and `serve` (GOAWAY on idle).
     let incoming = crate::tls::incoming(
         listener,
         tls.clone(),
@@ -217,9 +216,14 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<RunningBroker> 
             app.stopping.clone(),
         );
     }
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
-        let _ = rx.await;
-    }));
+    let task = tokio::spawn(crate::serve::serve(
+        routes,
+        incoming,
+        app.cfg.limits.max_concurrent_streams,
+        async {
+            let _ = rx.await;
+        },
+    ));
     tracing::info!(%local_addr, broker = %broker_id, "broker serving");
     if !parent.is_empty() {
         // Health reports the parent link on the federation service's name: NOT_SERVING while
@@ -366,11 +370,11 @@ impl RunningBroker {
             // In-flight calls get a grace period; a client that never lets go does not keep
             // the broker from stopping.
             match tokio::time::timeout(DRAIN_GRACE, &mut task).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
                 Err(_) => {
                     tracing::warn!("connections still open after the grace period; closing them");
+                    // Dropping the serving loop cuts the connections it still serves.
                     task.abort();
                     let _ = task.await;
                 }
@@ -415,13 +419,11 @@ impl RunningBroker {
         Ok(())
     }
 
-    /// Waits until the server ends by itself (it only does on a fatal listener error).
+    /// Waits until the server ends (it does only once shutdown has begun).
     pub async fn wait(&mut self) -> Result<()> {
         if let Some(task) = self.task.as_mut() {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(BrokerError::internal(format!("server: {e}"))),
-                Err(e) => return Err(BrokerError::internal(format!("server task: {e}"))),
+            if let Err(e) = task.await {
+                return Err(BrokerError::internal(format!("server task: {e}")));
             }
             self.task = None;
         }

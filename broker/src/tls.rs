@@ -3,8 +3,8 @@
 //! tonic's own TLS takes one fixed configuration, so the broker terminates TLS itself. That is
 //! what lets it swap its identity and trust bundle while serving (SIGHUP, or the files
 //! changing), bound a handshake's time, close connections left idle, and cap connections per
-//! node. The streams it hands to tonic are tokio-rustls streams over plain TCP, so tonic still
-//! sees the peer's certificates (`Request::peer_certs`).
+//! node. The streams it hands to the serving loop ([`crate::serve`]) are tokio-rustls streams
+//! over plain TCP, whose TLS info each call carries, so `Request::peer_certs` still works.
 
 use crate::config::Config;
 use crate::error::{BrokerError, Result};
@@ -13,7 +13,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
@@ -181,14 +180,12 @@ impl ConnLimits {
 /// call with the reason, short enough that refused connections cannot pile up.
 const REFUSED_LINGER: Duration = Duration::from_secs(2);
 
-/// Handshaken connections waiting for tonic to take them.
+/// Handshaken connections waiting for the serving loop to take them.
 const ACCEPTED_BACKLOG: usize = 64;
 
-/// The connections open now, by peer address (what a call can see of its connection) and by
-/// node (for the cap).
+/// The connections open now, counted by node (for the cap).
 #[derive(Debug, Default)]
 pub struct Conns {
-    by_addr: Mutex<HashMap<SocketAddr, Arc<ConnState>>>,
     per_node: Mutex<HashMap<String, usize>>,
 }
 
@@ -206,7 +203,7 @@ pub struct ConnState {
 /// A connection's client certificate and the identity parsed from it at the handshake, put
 /// in each call's extensions so that a call need not parse and hash the certificate again.
 /// The certificate is kept to compare: the identity is used only for a call presenting the
-/// same bytes (connections are found by peer address, which two listeners could share).
+/// same bytes.
 #[derive(Debug)]
 pub struct ConnIdentity {
     /// The leaf certificate, DER.
@@ -216,22 +213,13 @@ pub struct ConnIdentity {
 }
 
 impl Conns {
-    fn state(&self, addr: &SocketAddr) -> Option<Arc<ConnState>> {
-        lock(&self.by_addr).get(addr).cloned()
-    }
-
     /// Open connections of `node` (for tests and `/status`).
     pub fn of_node(&self, node: &str) -> usize {
         lock(&self.per_node).get(node).copied().unwrap_or(0)
     }
 
     /// Counts a new connection of `node`; the state says whether it is over the cap.
-    fn admit(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-        identity: Option<Arc<ConnIdentity>>,
-        cap: usize,
-    ) -> Registration {
+    fn admit(self: &Arc<Self>, identity: Option<Arc<ConnIdentity>>, cap: usize) -> Registration {
         let node = identity
             .as_ref()
             .map(|i| i.identity.node_id.to_string())
@@ -254,10 +242,8 @@ impl Conns {
             refused,
             identity,
         });
-        lock(&self.by_addr).insert(addr, state.clone());
         Registration {
             conns: self.clone(),
-            addr,
             node: counted.then_some(node),
             state,
         }
@@ -275,7 +261,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug)]
 struct Registration {
     conns: Arc<Conns>,
-    addr: SocketAddr,
     node: Option<String>,
     state: Arc<ConnState>,
 }
@@ -293,7 +278,6 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.conns.by_addr).remove(&self.addr);
         if let Some(node) = &self.node {
             let mut per_node = lock(&self.conns.per_node);
             if let Some(n) = per_node.get_mut(node) {
@@ -306,8 +290,13 @@ impl Drop for Registration {
     }
 }
 
-/// A TCP stream that closes itself once idle: no bytes read for the idle timeout while no
-/// call is open on it.
+/// Longest a connection told to go away for being idle has to close by itself (the client
+/// answers the GOAWAY's ping) before it is cut; shorter when the idle timeout is.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// A TCP stream that watches for idleness: no bytes read for the idle timeout while no call is
+/// open on it. Once idle it asks its server to send GOAWAY (see [`Tracked::idle_notice`]), and
+/// closes itself if the connection has not ended some seconds later ([`IDLE_CLOSE_GRACE`]).
 #[derive(Debug)]
 pub struct Tracked {
     io: TcpStream,
@@ -315,6 +304,10 @@ pub struct Tracked {
     timer: Option<Pin<Box<Sleep>>>,
     last_read: Instant,
     reg: Option<Registration>,
+    /// Told once, when the connection falls idle.
+    idle_notice: Arc<Notify>,
+    /// Whether `idle_notice` has been told: the grace to close is running.
+    noticed: bool,
 }
 
 impl Tracked {
@@ -325,7 +318,21 @@ impl Tracked {
             timer: (!idle.is_zero()).then(|| Box::pin(tokio::time::sleep(idle))),
             last_read: Instant::now(),
             reg: None,
+            idle_notice: Arc::new(Notify::new()),
+            noticed: false,
         }
+    }
+
+    /// What the server waits on to end the connection gracefully (GOAWAY) once it is idle: a
+    /// client then opens a new connection for its next call, instead of racing an abrupt close
+    /// with a call the closing connection would never answer.
+    pub fn idle_notice(&self) -> Arc<Notify> {
+        self.idle_notice.clone()
+    }
+
+    /// The connection's state as its calls see it (open calls, cap refusal, identity).
+    pub fn state(&self) -> Option<Arc<ConnState>> {
+        self.reg.as_ref().map(|r| r.state.clone())
     }
 
     fn attach(&mut self, reg: Registration) {
@@ -349,12 +356,28 @@ impl Tracked {
                 .reg
                 .as_ref()
                 .is_some_and(|r| r.state.active.load(Ordering::Relaxed) > 0);
-            let quiet_until = self.last_read + self.idle;
-            if refused || (!busy && quiet_until <= Instant::now()) {
+            if refused || (self.noticed && !busy) {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "connection idle",
                 )));
+            }
+            if self.noticed {
+                // A call that came in before the client saw the GOAWAY is still open: it
+                // finishes first.
+                timer
+                    .as_mut()
+                    .reset(Instant::now() + self.idle.min(IDLE_CLOSE_GRACE));
+                continue;
+            }
+            let quiet_until = self.last_read + self.idle;
+            if !busy && quiet_until <= Instant::now() {
+                self.noticed = true;
+                self.idle_notice.notify_one();
+                timer
+                    .as_mut()
+                    .reset(Instant::now() + self.idle.min(IDLE_CLOSE_GRACE));
+                continue;
             }
             let next = if busy {
                 Instant::now() + self.idle
@@ -483,14 +506,14 @@ pub fn incoming(
                             identity,
                         }))
                     });
-                let reg = conns.admit(peer, identity, limits.per_node);
+                let reg = conns.admit(identity, limits.per_node);
                 if reg.state.refused.is_some() {
                     let node = reg.node_id();
                     tracing::info!(%peer, node = %node, "connection over the per-node cap");
                     refused("node_connection_cap");
                 }
                 stream.get_mut().0.attach(reg);
-                // Full backlog means tonic is not taking connections (shutting down).
+                // Full backlog means the serving loop is not taking connections (shutting down).
                 let _ = tx.send(Ok(stream)).await;
             });
         }
@@ -507,76 +530,101 @@ fn refused(reason: &'static str) {
     metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }
 
-/// Counts calls per connection (so idle means no call open), answers every call on a
-/// connection over its node's cap with `RESOURCE_EXHAUSTED`, and caps status messages.
-#[derive(Debug, Clone)]
-pub struct ConnLayer {
-    conns: Arc<Conns>,
-}
-
-impl ConnLayer {
-    /// A layer over the connections `conns` tracks.
-    pub fn new(conns: Arc<Conns>) -> Self {
-        Self { conns }
-    }
-}
-
-impl<S> tower::Layer<S> for ConnLayer {
-    type Service = ConnSvc<S>;
-
-    fn layer(&self, inner: S) -> ConnSvc<S> {
-        ConnSvc {
-            inner,
-            conns: self.conns.clone(),
-        }
-    }
-}
-
-/// The service [`ConnLayer`] wraps around the broker's routes.
+/// One connection's calls, as the serving loop hands them to the broker's routes: each is
+/// counted open on its connection (so idle means no call open), answered `RESOURCE_EXHAUSTED`
+/// when the connection is over its node's cap, given the connection's TLS info and parsed
+/// identity, held to its `grpc-timeout`, and its status message capped.
 #[derive(Debug, Clone)]
 pub struct ConnSvc<S> {
     inner: S,
-    conns: Arc<Conns>,
+    state: Option<Arc<ConnState>>,
+    info: TlsConnectInfo<TcpConnectInfo>,
+}
+
+impl<S> ConnSvc<S> {
+    /// The service for the calls of connection `io`.
+    pub fn new(inner: S, io: &TlsStream<Tracked>) -> Self {
+        Self {
+            inner,
+            state: io.get_ref().0.state(),
+            info: io.connect_info(),
+        }
+    }
 }
 
 type HttpRequest = http::Request<tonic::body::Body>;
 type HttpResponse = http::Response<tonic::body::Body>;
 
-impl<S> tower::Service<HttpRequest> for ConnSvc<S>
+impl<S> hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnSvc<S>
 where
-    S: tower::Service<HttpRequest, Response = HttpResponse> + Clone + Send + 'static,
+    S: tower::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = HttpResponse;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = std::result::Result<HttpResponse, S::Error>> + Send>>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn Future<Output = std::result::Result<HttpResponse, Self::Error>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
-        let state = req
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|i| i.get_ref().remote_addr())
-            .and_then(|a| self.conns.state(&a));
-        if let Some(why) = state.as_ref().and_then(|s| s.refused.clone()) {
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let mut req = req.map(tonic::body::Body::new);
+        if let Some(why) = self.state.as_ref().and_then(|s| s.refused.clone()) {
             return Box::pin(async move { Ok(tonic::Status::resource_exhausted(why).into_http()) });
         }
-        if let Some(id) = state.as_ref().and_then(|s| s.identity.clone()) {
+        // Where `Request::peer_certs` and `remote_addr` look.
+        req.extensions_mut().insert(self.info.clone());
+        if let Some(id) = self.state.as_ref().and_then(|s| s.identity.clone()) {
             req.extensions_mut().insert(id);
         }
-        let _open = state.map(OpenCall::new);
-        // The clone polled ready is the one called; a fresh clone waits for its next turn.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let open = self.state.clone().map(OpenCall::new);
+        let timeout = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout);
+        let mut inner = self.inner.clone();
         Box::pin(async move {
-            let mut resp = inner.call(req).await?;
+            let call = async move {
+                std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+                inner.call(req).await
+            };
+            // As tonic's own server does: the handler is dropped when the caller's deadline
+            // passes (a streamed response's body is not held to it).
+            let mut resp = match timeout {
+                Some(d) => match tokio::time::timeout(d, call).await {
+                    Ok(r) => r?,
+                    Err(_) => tonic::Status::cancelled("Timeout expired").into_http(),
+                },
+                None => call.await?,
+            };
             cap_status_message(resp.headers_mut());
-            Ok(resp.map(|body| tonic::body::Body::new(CallBody { body, _open })))
+            Ok(resp.map(|body| tonic::body::Body::new(CallBody { body, _open: open })))
         })
     }
+}
+
+/// A `grpc-timeout` header's value as a duration: a positive integer of at most 8 digits,
+/// then its unit (the gRPC spec); `None` when malformed.
+pub fn grpc_timeout(v: &str) -> Option<Duration> {
+    if !v.is_ascii() {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// A call counted open on its connection until its response ends.
@@ -667,5 +715,38 @@ impl http_body::Body for CallBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_timeout;
+    use std::time::Duration;
+
+    #[test]
+    fn a_grpc_timeout_is_read_in_each_unit_and_a_malformed_one_is_none() {
+        assert_eq!(grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(grpc_timeout("4S"), Some(Duration::from_secs(4)));
+        assert_eq!(grpc_timeout("5m"), Some(Duration::from_millis(5)));
+        assert_eq!(grpc_timeout("6u"), Some(Duration::from_micros(6)));
+        assert_eq!(
+            grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in [
+            "",
+            "S",
+            "1",
+            "123456789S",
+            "-1S",
+            "1.5S",
+            "1s",
+            "1 S",
+            "１S",
+            "1é",
+        ] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

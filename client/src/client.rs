@@ -727,12 +727,19 @@ fn endpoint(cfg: &ClientConfig, identity: &Identity) -> Result<Endpoint> {
 }
 
 /// Whether a failed call never reached the broker: hyper cancels a request still waiting for
-/// its connection when that connection closes, before any of it is written.
+/// its connection when that connection closes, before any of it is written; and a request that
+/// meets a connection the broker has told to go away (GOAWAY without error, as an idle
+/// connection is) was not processed, by HTTP/2's own rule.
 fn never_sent(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            return h.is_canceled();
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        if let Some(h) = e.downcast_ref::<h2::Error>() {
+            return h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR);
         }
         source = e.source();
     }
@@ -795,5 +802,9 @@ mod tests {
         let status = tonic::Status::from_error(Box::new(reset));
         assert!(std::error::Error::source(&status).is_some());
         assert!(!never_sent(&status));
+        // A stream reset, even without error, may have been processed.
+        let reset = tonic::Status::from_error(Box::new(h2::Error::from(h2::Reason::NO_ERROR)));
+        assert!(std::error::Error::source(&reset).is_some());
+        assert!(!never_sent(&reset));
     }
 }

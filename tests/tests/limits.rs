@@ -170,6 +170,52 @@ async fn an_idle_connection_is_closed_but_one_with_an_open_call_is_not() -> Resu
 }
 
 #[tokio::test]
+async fn an_idle_connection_is_told_to_go_away_before_it_closes() -> Result<()> {
+    let broker = TestBroker::start_with("330000/hub", |c| {
+        c.limits.idle_timeout_secs = 1;
+    })
+    .await?;
+    let (addr, admin) = (broker.addr, broker.admin_dir());
+    // A client that speaks HTTP/2 and answers pings, as every gRPC library does: told to go
+    // away (so that it opens a new connection for its next call), and then closed properly.
+    let closed = tokio::task::spawn_blocking(move || {
+        govshare_tests::tlsprobe::Probe::connect(addr, &admin)?.h2_until_closed(true)
+    })
+    .await??;
+    ensure!(
+        !closed.goaways.is_empty() && closed.goaways.iter().all(|&code| code == 0),
+        "an idle connection gets GOAWAY without error before it closes: {closed:?}"
+    );
+    ensure!(
+        closed.clean,
+        "the broker ends TLS properly once the client has seen the GOAWAY: {closed:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_idle_client_that_ignores_the_goaway_is_cut_off() -> Result<()> {
+    let broker = TestBroker::start_with("330000/hub", |c| {
+        c.limits.idle_timeout_secs = 1;
+    })
+    .await?;
+    let (addr, admin) = (broker.addr, broker.admin_dir());
+    // The GOAWAY's ping goes unanswered, so the broker never learns the client saw it: after
+    // a grace (as long as the idle timeout here) it cuts the connection.
+    let closed = tokio::task::spawn_blocking(move || {
+        govshare_tests::tlsprobe::Probe::connect(addr, &admin)?.h2_until_closed(false)
+    })
+    .await??;
+    ensure!(
+        closed.goaways == [0] && !closed.clean,
+        "one GOAWAY, then the connection cut: {closed:?}"
+    );
+    // The broker still serves everyone else.
+    broker.client_for("330000/polite").await?.whoami().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_message_over_the_size_limit_is_refused() -> Result<()> {
     let broker = TestBroker::start_with("330000/hub", |c| {
         c.limits.max_message_bytes = 64 * 1024;

@@ -29,21 +29,7 @@ const HELLO_WAIT: Duration = Duration::from_secs(10);
 /// The call's deadline from its `grpc-timeout` header, as Unix ms.
 pub fn call_deadline_ms<B>(req: &Request<B>) -> Option<i64> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    // The gRPC spec: a positive integer of at most 8 digits, then the unit.
-    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: i64 = num.parse().ok()?;
-    let ms = match unit {
-        "H" => n.saturating_mul(3_600_000),
-        "M" => n.saturating_mul(60_000),
-        "S" => n.saturating_mul(1000),
-        "m" => n,
-        "u" => n / 1000,
-        "n" => n / 1_000_000,
-        _ => return None,
-    };
+    let ms = i64::try_from(crate::tls::grpc_timeout(v)?.as_millis()).unwrap_or(i64::MAX);
     Some(now_ms().saturating_add(ms))
 }
 
