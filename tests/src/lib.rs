@@ -469,14 +469,50 @@ pub fn on_path(name: &str) -> Option<PathBuf> {
 /// message naming the Debian package; an error instead of the skip when
 /// `GOVSHARE_REQUIRE_EXTERNAL=1` (which `.ci/run` sets after installing the packages).
 pub fn external(tool: &str, package: &str, test: &str) -> Result<Option<PathBuf>> {
-    use std::io::Write;
     if let Some(p) = on_path(tool) {
         return Ok(Some(p));
     }
-    let why = format!(
-        "`{tool}` is not on PATH: install the Debian package `{package}` \
-         (apt-get install {package})"
-    );
+    skip(
+        test,
+        &format!(
+            "`{tool}` is not on PATH: install the Debian package `{package}` \
+             (apt-get install {package})"
+        ),
+    )
+}
+
+/// A `python3` on PATH that imports every module in `modules`: its path, or None after a loud
+/// skip message saying how to install them (`install`); an error instead of the skip when
+/// `GOVSHARE_REQUIRE_EXTERNAL=1`.
+pub fn python_with(modules: &[&str], install: &str, test: &str) -> Result<Option<PathBuf>> {
+    let Some(python) = on_path("python3") else {
+        return skip(test, "`python3` is not on PATH (Debian package `python3`)");
+    };
+    let imports = format!("import {}", modules.join(", "));
+    let out = Command::new(&python)
+        .args(["-c", &imports])
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if out.status.success() {
+        return Ok(Some(python));
+    }
+    skip(
+        test,
+        &format!(
+            "{} cannot `{imports}` ({}): {install}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim()
+        ),
+    )
+}
+
+/// Skips `test` loudly for `why`, or fails it when `GOVSHARE_REQUIRE_EXTERNAL=1`.
+fn skip<T>(test: &str, why: &str) -> Result<Option<T>> {
+    use std::io::Write;
     if std::env::var("GOVSHARE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
         bail!("{test}: {why}; GOVSHARE_REQUIRE_EXTERNAL=1 makes this a failure");
     }
