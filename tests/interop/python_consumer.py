@@ -10,54 +10,19 @@ line on stdin (the test lets the broker's idle timeout end the connection meanwh
 a second Request on the same channel. Exit status 0 only if every step did what it should.
 """
 
-import os
 import sys
-import tempfile
 import time
 
-import grpc
-import grpc_tools
-from grpc_tools import protoc
-
-
-def compile_protos(proto_dir, out):
-    """Generates the Python modules for every govshare .proto file into out."""
-    well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-    files = sorted(
-        os.path.join("govshare", "v1", f)
-        for f in os.listdir(os.path.join(proto_dir, "govshare", "v1"))
-        if f.endswith(".proto")
-    )
-    args = ["protoc", "-I", proto_dir, "-I", well_known,
-            "--python_out", out, "--grpc_python_out", out] + files
-    if protoc.main(args) != 0:
-        sys.exit("protoc failed on the govshare .proto files")
-
-
-def step(what, value):
-    print(what, value, flush=True)
+from govshare_py import channel as connect, compile_protos, step
 
 
 def main():
     proto_dir, addr, identity, dataset = sys.argv[1:5]
-    out = tempfile.mkdtemp(prefix="govshare-py-")
-    compile_protos(proto_dir, out)
-    sys.path.insert(0, out)
+    compile_protos(proto_dir)
     from govshare.v1 import common_pb2, exchange_pb2, exchange_pb2_grpc
     from govshare.v1 import node_pb2, node_pb2_grpc, sharing_pb2, sharing_pb2_grpc
 
-    def read(name):
-        with open(os.path.join(identity, name), "rb") as f:
-            return f.read()
-
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=read("ca.pem"),
-        private_key=read("node.key"),
-        certificate_chain=read("node.pem"),
-    )
-    # The broker's development certificate names localhost; the test dials 127.0.0.1.
-    channel = grpc.secure_channel(
-        addr, creds, options=[("grpc.ssl_target_name_override", "localhost")])
+    channel = connect(addr, identity)
 
     who = node_pb2_grpc.NodeServiceStub(channel).WhoAmI(node_pb2.WhoAmIRequest(), timeout=10)
     step("whoami", who.node_id)
