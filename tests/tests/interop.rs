@@ -33,6 +33,8 @@ impl Python {
     ) -> Result<Self> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut cmd = tokio::process::Command::new(python);
+        // Nothing written into the source tree.
+        cmd.env("PYTHONDONTWRITEBYTECODE", "1");
         cmd.arg(dir.join("interop").join(script))
             .arg(dir.join("../proto"));
         for a in args {
