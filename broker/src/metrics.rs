@@ -80,6 +80,10 @@ pub const TLS_RELOADS: &str = "govshare_tls_reloads_total";
 /// `node_connection_cap`).
 pub const CONNECTIONS_REFUSED: &str = "govshare_connections_refused_total";
 
+/// Connections ended for being idle (`[limits] idle_timeout_secs`), by how (`goaway`: told to
+/// go away; `cut`: closed after ignoring that).
+pub const CONNECTIONS_IDLE_CLOSED: &str = "govshare_connections_idle_closed_total";
+
 /// Every metric name the broker exports (for tests that check dashboards and alerts).
 pub const ALL: &[&str] = &[
     EXCHANGES,
@@ -114,6 +118,7 @@ pub const ALL: &[&str] = &[
     RATE_LIMITED,
     TLS_RELOADS,
     CONNECTIONS_REFUSED,
+    CONNECTIONS_IDLE_CLOSED,
 ];
 
 /// The process-wide Prometheus recorder (one per process: brokers in one test process share it).
@@ -196,6 +201,9 @@ fn zero() {
     ] {
         metrics::counter!(CONNECTIONS_REFUSED, "reason" => r).increment(0);
     }
+    for h in ["goaway", "cut"] {
+        metrics::counter!(CONNECTIONS_IDLE_CLOSED, "how" => h).increment(0);
+    }
     for c in [
         REDELIVERIES,
         FLUSHES,
@@ -223,6 +231,10 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Connections closed before serving: handshake_failed, handshake_timeout, node_connection_cap."
+    );
+    describe_counter!(
+        CONNECTIONS_IDLE_CLOSED,
+        "Connections ended for being idle: goaway (told to go away), cut (closed after ignoring that)."
     );
     describe_counter!(
         RATE_LIMITED,

@@ -357,6 +357,10 @@ impl Tracked {
                 .as_ref()
                 .is_some_and(|r| r.state.active.load(Ordering::Relaxed) > 0);
             if refused || (self.noticed && !busy) {
+                if !refused {
+                    metrics::counter!(crate::metrics::CONNECTIONS_IDLE_CLOSED, "how" => "cut")
+                        .increment(1);
+                }
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "connection idle",
@@ -374,6 +378,8 @@ impl Tracked {
             if !busy && quiet_until <= Instant::now() {
                 self.noticed = true;
                 self.idle_notice.notify_one();
+                metrics::counter!(crate::metrics::CONNECTIONS_IDLE_CLOSED, "how" => "goaway")
+                    .increment(1);
                 timer
                     .as_mut()
                     .reset(Instant::now() + self.idle.min(IDLE_CLOSE_GRACE));

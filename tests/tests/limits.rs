@@ -190,7 +190,25 @@ async fn an_idle_connection_is_told_to_go_away_before_it_closes() -> Result<()> 
         closed.clean,
         "the broker ends TLS properly once the client has seen the GOAWAY: {closed:?}"
     );
+    ensure!(
+        idle_closed(&broker, "goaway").await? >= 1.0,
+        "the idle close is counted"
+    );
     Ok(())
+}
+
+/// `govshare_connections_idle_closed_total{how}` from the broker's `/metrics` (the recorder is
+/// the process's, so it counts the other tests' brokers too: only a lower bound means anything).
+async fn idle_closed(broker: &TestBroker, how: &str) -> Result<f64> {
+    let (code, metrics) =
+        govshare_tests::http_get(&broker.metrics_url().context("metrics")?, "/metrics").await?;
+    ensure!(code == 200, "metrics answer");
+    let line = format!("govshare_connections_idle_closed_total{{how=\"{how}\"}}");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("{line} in /metrics"))
 }
 
 #[tokio::test]
@@ -209,6 +227,10 @@ async fn an_idle_client_that_ignores_the_goaway_is_cut_off() -> Result<()> {
     ensure!(
         closed.goaways == [0] && !closed.clean,
         "one GOAWAY, then the connection cut: {closed:?}"
+    );
+    ensure!(
+        idle_closed(&broker, "cut").await? >= 1.0,
+        "the cut is counted"
     );
     // The broker still serves everyone else.
     broker.client_for("330000/polite").await?.whoami().await?;
