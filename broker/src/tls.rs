@@ -308,6 +308,8 @@ pub struct Tracked {
     idle_notice: Arc<Notify>,
     /// Whether `idle_notice` has been told: the grace to close is running.
     noticed: bool,
+    /// Whether the grace ran out and reads fail now (counted once, however often polled).
+    cut: bool,
 }
 
 impl Tracked {
@@ -320,6 +322,7 @@ impl Tracked {
             reg: None,
             idle_notice: Arc::new(Notify::new()),
             noticed: false,
+            cut: false,
         }
     }
 
@@ -357,7 +360,8 @@ impl Tracked {
                 .as_ref()
                 .is_some_and(|r| r.state.active.load(Ordering::Relaxed) > 0);
             if refused || (self.noticed && !busy) {
-                if !refused {
+                if !refused && !self.cut {
+                    self.cut = true;
                     metrics::counter!(crate::metrics::CONNECTIONS_IDLE_CLOSED, "how" => "cut")
                         .increment(1);
                 }
