@@ -485,27 +485,64 @@ pub fn external(tool: &str, package: &str, test: &str) -> Result<Option<PathBuf>
 /// skip message saying how to install them (`install`); an error instead of the skip when
 /// `GOVSHARE_REQUIRE_EXTERNAL=1`.
 pub fn python_with(modules: &[&str], install: &str, test: &str) -> Result<Option<PathBuf>> {
-    let Some(python) = on_path("python3") else {
-        return skip(test, "`python3` is not on PATH (Debian package `python3`)");
-    };
     let imports = format!("import {}", modules.join(", "));
-    let out = Command::new(&python)
-        .args(["-c", &imports])
-        .output()
-        .with_context(|| format!("running {}", python.display()))?;
-    if out.status.success() {
-        return Ok(Some(python));
+    interpreter("python3", &["-c", &imports], None, install, test)
+}
+
+/// A `node` on PATH that can `require` every module in `modules` from `dir` (its
+/// `node_modules`): its path, or None after a loud skip message saying how to install them;
+/// an error instead of the skip when `GOVSHARE_REQUIRE_EXTERNAL=1`.
+pub fn node_with(
+    modules: &[&str],
+    dir: &Path,
+    install: &str,
+    test: &str,
+) -> Result<Option<PathBuf>> {
+    let requires: String = modules.iter().map(|m| format!("require('{m}');")).collect();
+    interpreter("node", &["-e", &requires], Some(dir), install, test)
+}
+
+/// `name` from PATH if `name CHECK...` (run in `cwd`) succeeds; otherwise the skip.
+fn interpreter(
+    name: &str,
+    check: &[&str],
+    cwd: Option<&Path>,
+    install: &str,
+    test: &str,
+) -> Result<Option<PathBuf>> {
+    let Some(path) = on_path(name) else {
+        return skip(test, &format!("`{name}` is not on PATH: {install}"));
+    };
+    let mut cmd = Command::new(&path);
+    cmd.args(check);
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
     }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", path.display()))?;
+    if out.status.success() {
+        return Ok(Some(path));
+    }
+    // The line naming the error (Python prints it last, Node first), else the last line.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let why = lines
+        .iter()
+        .find(|l| l.contains("Error"))
+        .or(lines.last())
+        .copied()
+        .unwrap_or("");
     skip(
         test,
         &format!(
-            "{} cannot `{imports}` ({}): {install}",
-            python.display(),
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim()
+            "{} cannot `{}` ({why}): {install}",
+            path.display(),
+            check.join(" ")
         ),
     )
 }

@@ -1,12 +1,13 @@
-//! Other languages: department systems in Python (grpcio), built from the `.proto` files as the
-//! README says. A Python provider serves a dataset on its `Serve` stream, and a Python consumer
-//! files a demand and exchanges through the broker over mutual TLS; the consumer keeps working
-//! on the same channel after the broker ends its idle connection (GOAWAY; `limits.rs` checks the
-//! frames themselves).
+//! Other languages: department systems in Python (grpcio, on grpc-core) and Node.js (grpc-js),
+//! built from the `.proto` files as the README says. A Python provider serves a dataset on its
+//! `Serve` stream; a Python consumer and a Node.js consumer each file a demand and exchange
+//! through the broker over mutual TLS, and keep working on the same channel after the broker
+//! ends their idle connection (GOAWAY; `limits.rs` checks the frames themselves).
 
 use anyhow::{bail, ensure, Context, Result};
 use govshare_client::proto::{NodeRole, ShareType};
-use govshare_tests::cascade::publish;
+use govshare_tests::cascade::{alive_rows, publish};
+use govshare_tests::provider::TestProvider;
 use govshare_tests::{register, wait_until, TestBroker};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,25 +15,25 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-/// How long a Python program may take over one step (compiling the protos is the longest).
+/// How long a program may take over one step (compiling the protos is the longest).
 const STEP: Duration = Duration::from_secs(60);
 
-/// One of the Python programs in `tests/interop`, running.
-struct Python {
+/// One of the programs in `tests/interop`, running under its interpreter.
+struct Program {
     child: Child,
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
     name: &'static str,
 }
 
-impl Python {
+impl Program {
     fn start(
-        python: &Path,
+        interpreter: &Path,
         script: &'static str,
         args: &[&dyn AsRef<std::ffi::OsStr>],
     ) -> Result<Self> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut cmd = tokio::process::Command::new(python);
+        let mut cmd = tokio::process::Command::new(interpreter);
         // Nothing written into the source tree.
         cmd.env("PYTHONDONTWRITEBYTECODE", "1");
         cmd.arg(dir.join("interop").join(script))
@@ -66,6 +67,56 @@ impl Python {
             Err(_) => bail!("{name} said nothing for {STEP:?}"),
         }
     }
+
+    /// Follows a consumer script (`*_consumer.*`) step by step: who it is, its demand approved,
+    /// a first answer; then, once the broker has closed its idle connection (GOAWAY, then the
+    /// close), a second answer on the same channel, and a clean exit. A provider program, when
+    /// given, must report answering each.
+    async fn consumer_steps(
+        mut self,
+        broker: &TestBroker,
+        consumer: &str,
+        mut provider: Option<&mut Program>,
+    ) -> Result<()> {
+        ensure!(self.next().await? == format!("whoami {consumer}"), "WhoAmI");
+        ensure!(self.next().await?.starts_with("approved "), "the demand");
+        for round in ["the first Request", "the Request after the idle close"] {
+            if round != "the first Request" {
+                ensure!(self.next().await?.starts_with("waiting"), "waiting");
+                wait_until(
+                    Duration::from_secs(20),
+                    "the idle connection to close",
+                    || async {
+                        let open = broker.running().map(|b| b.connections_of(consumer));
+                        Ok((open == Some(0)).then_some(()))
+                    },
+                )
+                .await?;
+                self.stdin.write_all(b"go\n").await?;
+            }
+            ensure!(
+                self.next().await? == "answered EXCHANGE_STATE_ANSWERED",
+                "{round}, on the same channel"
+            );
+            if let Some(p) = provider.as_deref_mut() {
+                ensure!(
+                    p.next().await?.starts_with("answered "),
+                    "the provider answered {round}"
+                );
+            }
+        }
+        let status = tokio::time::timeout(STEP, self.child.wait()).await??;
+        ensure!(status.success(), "the consumer exited with {status}");
+        Ok(())
+    }
+}
+
+/// A broker that ends connections idle for a second, so that the tests see it happen.
+async fn idle_broker() -> Result<TestBroker> {
+    TestBroker::start_with("330000/hub", |c| {
+        c.limits.idle_timeout_secs = 1;
+    })
+    .await
 }
 
 /// Issues and registers a department's identity; returns its directory.
@@ -88,10 +139,7 @@ async fn a_python_provider_and_a_python_consumer_exchange_and_call_again_after_a
     else {
         return Ok(());
     };
-    let broker = TestBroker::start_with("330000/hub", |c| {
-        c.limits.idle_timeout_secs = 1;
-    })
-    .await?;
+    let broker = idle_broker().await?;
     let addr = broker.addr.to_string();
     let civil = department(&broker, "330000/civil").await?;
     let ds = publish(
@@ -100,7 +148,7 @@ async fn a_python_provider_and_a_python_consumer_exchange_and_call_again_after_a
         ShareType::Unconditional,
     )
     .await?;
-    let mut provider = Python::start(&python, "python_provider.py", &[&addr, &civil])?;
+    let mut provider = Program::start(&python, "python_provider.py", &[&addr, &civil])?;
     ensure!(
         provider.next().await? == "ready 330000/hub",
         "the provider's stream was accepted"
@@ -108,42 +156,40 @@ async fn a_python_provider_and_a_python_consumer_exchange_and_call_again_after_a
 
     let consumer = "330000/pension";
     let pension = department(&broker, consumer).await?;
-    let mut py = Python::start(&python, "python_consumer.py", &[&addr, &pension, &ds])?;
-    ensure!(py.next().await? == format!("whoami {consumer}"), "WhoAmI");
-    ensure!(py.next().await?.starts_with("approved "), "the demand");
-    ensure!(
-        py.next().await? == "answered EXCHANGE_STATE_ANSWERED",
-        "the first Request"
-    );
-    ensure!(
-        provider.next().await?.starts_with("answered "),
-        "the provider answered it"
-    );
-    ensure!(py.next().await?.starts_with("waiting"), "waiting");
-    // Its connection falls idle and the broker ends it (GOAWAY, then the close); the provider's
-    // is held open by its stream.
-    wait_until(
-        Duration::from_secs(20),
-        "the idle connection to close",
-        || async {
-            Ok((broker.running().map(|b| b.connections_of(consumer)) == Some(0)).then_some(()))
-        },
-    )
-    .await?;
-    py.stdin.write_all(b"go\n").await?;
-    ensure!(
-        py.next().await? == "answered EXCHANGE_STATE_ANSWERED",
-        "the Request after the idle close, on the same channel"
-    );
-    ensure!(
-        provider.next().await?.starts_with("answered "),
-        "the provider answered it"
-    );
-    let status = tokio::time::timeout(STEP, py.child.wait()).await??;
-    ensure!(status.success(), "the consumer exited with {status}");
+    Program::start(&python, "python_consumer.py", &[&addr, &pension, &ds])?
+        .consumer_steps(&broker, consumer, Some(&mut provider))
+        .await?;
     ensure!(
         broker.running().map(|b| b.connections_of("330000/civil")) == Some(1),
         "the provider's connection outlived the idle timeout"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_grpc_js_consumer_exchanges_and_calls_again_after_an_idle_close() -> Result<()> {
+    let test = "interop::a_node_grpc_js_consumer_exchanges_and_calls_again_after_an_idle_close";
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop");
+    let Some(node) = govshare_tests::node_with(
+        &["@grpc/grpc-js", "@grpc/proto-loader"],
+        &dir,
+        "install Node.js (Debian packages nodejs, npm) and then the pinned modules: \
+         npm ci --prefix tests/interop",
+        test,
+    )?
+    else {
+        return Ok(());
+    };
+    let broker = idle_broker().await?;
+    let addr = broker.addr.to_string();
+    let civil = broker.client_for("330000/civil").await?;
+    let ds = publish(&civil, "death-registration", ShareType::Unconditional).await?;
+    let _provider = TestProvider::start(&civil, &[&ds], 2, "p", alive_rows()).await?;
+
+    let consumer = "330000/pension";
+    let pension = department(&broker, consumer).await?;
+    Program::start(&node, "node_consumer.js", &[&addr, &pension, &ds])?
+        .consumer_steps(&broker, consumer, None)
+        .await?;
     Ok(())
 }
