@@ -6,7 +6,7 @@
 //! connection instead of racing an abrupt close that would lose it, whatever language the
 //! client is written in. It also lets shutdown cut connections that outlive its grace.
 
-use crate::tls::{ConnSvc, Tracked};
+use crate::tls::{ConnSvc, HttpRequest, HttpResponse, Tracked};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,11 +15,6 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::StreamExt;
-
-/// A request as the broker's routes take it.
-type HttpRequest = http::Request<tonic::body::Body>;
-/// A response as the broker's routes give it.
-type HttpResponse = http::Response<tonic::body::Body>;
 
 /// What the loop serves on each connection: the broker's routes.
 pub trait Routes:

@@ -370,12 +370,11 @@ impl Tracked {
                     "connection idle",
                 )));
             }
+            let grace_ends = Instant::now() + self.idle.min(IDLE_CLOSE_GRACE);
             if self.noticed {
                 // A call that came in before the client saw the GOAWAY is still open: it
                 // finishes first.
-                timer
-                    .as_mut()
-                    .reset(Instant::now() + self.idle.min(IDLE_CLOSE_GRACE));
+                timer.as_mut().reset(grace_ends);
                 continue;
             }
             let quiet_until = self.last_read + self.idle;
@@ -384,9 +383,7 @@ impl Tracked {
                 self.idle_notice.notify_one();
                 metrics::counter!(crate::metrics::CONNECTIONS_IDLE_CLOSED, "how" => "goaway")
                     .increment(1);
-                timer
-                    .as_mut()
-                    .reset(Instant::now() + self.idle.min(IDLE_CLOSE_GRACE));
+                timer.as_mut().reset(grace_ends);
                 continue;
             }
             let next = if busy {
@@ -562,8 +559,10 @@ impl<S> ConnSvc<S> {
     }
 }
 
-type HttpRequest = http::Request<tonic::body::Body>;
-type HttpResponse = http::Response<tonic::body::Body>;
+/// A request as the broker's routes take it.
+pub(crate) type HttpRequest = http::Request<tonic::body::Body>;
+/// A response as the broker's routes give it.
+pub(crate) type HttpResponse = http::Response<tonic::body::Body>;
 
 impl<S> hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnSvc<S>
 where

@@ -171,17 +171,9 @@ async fn an_idle_connection_is_closed_but_one_with_an_open_call_is_not() -> Resu
 
 #[tokio::test]
 async fn an_idle_connection_is_told_to_go_away_before_it_closes() -> Result<()> {
-    let broker = TestBroker::start_with("330000/hub", |c| {
-        c.limits.idle_timeout_secs = 1;
-    })
-    .await?;
-    let (addr, admin) = (broker.addr, broker.admin_dir());
     // A client that speaks HTTP/2 and answers pings, as every gRPC library does: told to go
     // away (so that it opens a new connection for its next call), and then closed properly.
-    let closed = tokio::task::spawn_blocking(move || {
-        govshare_tests::tlsprobe::Probe::connect(addr, &admin)?.h2_until_closed(true)
-    })
-    .await??;
+    let (broker, closed) = idle_h2_probe(true).await?;
     ensure!(
         !closed.goaways.is_empty() && closed.goaways.iter().all(|&code| code == 0),
         "an idle connection gets GOAWAY without error before it closes: {closed:?}"
@@ -195,6 +187,23 @@ async fn an_idle_connection_is_told_to_go_away_before_it_closes() -> Result<()> 
         "the idle close is counted"
     );
     Ok(())
+}
+
+/// A broker with a 1 s idle timeout, and how an HTTP/2 connection to it that makes no call
+/// ended (answering the broker's pings or not).
+async fn idle_h2_probe(
+    answer_pings: bool,
+) -> Result<(TestBroker, govshare_tests::tlsprobe::H2Close)> {
+    let broker = TestBroker::start_with("330000/hub", |c| {
+        c.limits.idle_timeout_secs = 1;
+    })
+    .await?;
+    let (addr, admin) = (broker.addr, broker.admin_dir());
+    let closed = tokio::task::spawn_blocking(move || {
+        govshare_tests::tlsprobe::Probe::connect(addr, &admin)?.h2_until_closed(answer_pings)
+    })
+    .await??;
+    Ok((broker, closed))
 }
 
 /// `govshare_connections_idle_closed_total{how}` from the broker's `/metrics` (the recorder is
@@ -213,17 +222,9 @@ async fn idle_closed(broker: &TestBroker, how: &str) -> Result<f64> {
 
 #[tokio::test]
 async fn an_idle_client_that_ignores_the_goaway_is_cut_off() -> Result<()> {
-    let broker = TestBroker::start_with("330000/hub", |c| {
-        c.limits.idle_timeout_secs = 1;
-    })
-    .await?;
-    let (addr, admin) = (broker.addr, broker.admin_dir());
     // The GOAWAY's ping goes unanswered, so the broker never learns the client saw it: after
     // a grace (as long as the idle timeout here) it cuts the connection.
-    let closed = tokio::task::spawn_blocking(move || {
-        govshare_tests::tlsprobe::Probe::connect(addr, &admin)?.h2_until_closed(false)
-    })
-    .await??;
+    let (broker, closed) = idle_h2_probe(false).await?;
     ensure!(
         closed.goaways == [0] && !closed.clean,
         "one GOAWAY, then the connection cut: {closed:?}"
