@@ -1,7 +1,9 @@
 """What the Python interop programs share: compiling govshare's .proto files with grpcio-tools
 and opening a mutual-TLS channel with a node's identity directory."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -14,6 +16,8 @@ def compile_protos(proto_dir):
     """Generates the Python modules for every govshare .proto file and makes them importable
     (as govshare.v1.*_pb2 and *_pb2_grpc)."""
     out = tempfile.mkdtemp(prefix="govshare-py-")
+    # The modules are loaded once imported; the files are not needed after the program ends.
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     files = sorted(
         os.path.join("govshare", "v1", f)

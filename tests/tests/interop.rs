@@ -24,6 +24,8 @@ struct Program {
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
     name: &'static str,
+    /// The program's TMPDIR (Python's generated modules go there), removed with it.
+    _tmp: tempfile::TempDir,
 }
 
 impl Program {
@@ -33,9 +35,12 @@ impl Program {
         args: &[&dyn AsRef<std::ffi::OsStr>],
     ) -> Result<Self> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let tmp = tempfile::tempdir()?;
         let mut cmd = tokio::process::Command::new(interpreter);
-        // Nothing written into the source tree.
-        cmd.env("PYTHONDONTWRITEBYTECODE", "1");
+        // Nothing written into the source tree, and nothing left in the machine's temp dir
+        // (a program killed at the end of a test cannot clean up after itself).
+        cmd.env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("TMPDIR", tmp.path());
         cmd.arg(dir.join("interop").join(script))
             .arg(dir.join("../proto"));
         for a in args {
@@ -54,6 +59,7 @@ impl Program {
             stdin,
             lines,
             name: script,
+            _tmp: tmp,
         })
     }
 
