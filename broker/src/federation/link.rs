@@ -325,7 +325,7 @@ async fn session(
     // The state goes out while this end reads: with more state each way than the link's
     // buffers hold, two ends that each send all of theirs before reading would wait for each
     // other forever.
-    let state = std::pin::pin!(send_state(&app, &peer, session, &tx));
+    let state = std::pin::pin!(send_state(&app, &peer, &tx));
     let mut state = Some(state);
     let label = super::peer_label(&peer.key);
     let mut check = tokio::time::interval(ping_every);
@@ -744,20 +744,10 @@ async fn pump(
 
 /// The whole state a peer gets when a link opens: keys, revocations, the catalog it does not
 /// have from its own side, and (toward the parent) every node this broker reaches.
-async fn send_state(
-    app: &Arc<App>,
-    peer: &Peer,
-    session: u64,
-    tx: &mpsc::Sender<LinkFrame>,
-) -> Result<usize> {
+async fn send_state(app: &Arc<App>, peer: &Peer, tx: &mpsc::Sender<LinkFrame>) -> Result<usize> {
     let a = app.clone();
     let p = peer.clone();
-    let frames = store::blocking(move || {
-        // Right before the read: what waits now is in it, what is posted from now on follows.
-        a.fed.state_reading(&p.key, session);
-        state_frames(&a, &p)
-    })
-    .await?;
+    let frames = store::blocking(move || state_frames(&a, &p)).await?;
     let n = frames.len();
     for body in frames {
         tx.send(LinkFrame {

@@ -130,19 +130,6 @@ impl LinkHandle {
     }
 }
 
-impl LinkHandle {
-    /// The link's whole state is about to be read. Every update waiting now was posted after
-    /// its own write, so the state read next already holds it: dropped rather than sent twice,
-    /// so that a link opening under heavy publishing does not count copies of its own state
-    /// against its bound (and get closed to resync, again and again, for a slow peer).
-    fn state_reading(&mut self) {
-        if !self.state_sent {
-            self.updates = VecDeque::new();
-            self.updates_bytes = 0;
-        }
-    }
-}
-
 /// A link as `/status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LinkStatus {
@@ -428,16 +415,6 @@ impl Fed {
         (session, wake)
     }
 
-    /// The link's whole state is about to be read (see [`LinkHandle::state_reading`]).
-    fn state_reading(&self, peer: &str, session: u64) {
-        if let Some(h) = lock(&self.inner.links)
-            .get_mut(peer)
-            .filter(|h| h.session == session)
-        {
-            h.state_reading();
-        }
-    }
-
     /// The link's whole state has been queued: the updates that waited meanwhile follow it.
     fn state_sent(&self, peer: &str, session: u64) {
         if let Some(h) = lock(&self.inner.links)
@@ -561,8 +538,10 @@ mod tests {
         })
     }
 
-    fn handle(task: &tokio::task::JoinHandle<()>, state_sent: bool) -> LinkHandle {
-        LinkHandle {
+    #[tokio::test]
+    async fn a_link_behind_is_closed_once_and_then_takes_nothing() {
+        let task = tokio::spawn(std::future::pending::<()>());
+        let mut h = LinkHandle {
             session: 1,
             peer_id: "330000/hub".into(),
             wake: Arc::new(Notify::new()),
@@ -572,15 +551,9 @@ mod tests {
             updates: VecDeque::new(),
             updates_bytes: 0,
             updates_ready: Arc::new(Notify::new()),
-            state_sent,
+            state_sent: true,
             behind: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_link_behind_is_closed_once_and_then_takes_nothing() {
-        let task = tokio::spawn(std::future::pending::<()>());
-        let mut h = handle(&task, true);
+        };
         let one = update("330000/civil").encoded_len();
         assert!(!h.post(update("330000/civil"), 2 * one));
         assert!(!h.post(update("330000/civil"), 2 * one));
@@ -591,27 +564,6 @@ mod tests {
         // Until the session ends, later updates are dropped without asking for another close.
         assert!(!h.post(update("330000/civil"), 2 * one));
         assert!(h.updates.is_empty());
-        task.abort();
-    }
-
-    #[tokio::test]
-    async fn updates_waiting_when_the_state_is_read_are_dropped_and_later_ones_kept() {
-        let task = tokio::spawn(std::future::pending::<()>());
-        let mut h = handle(&task, false);
-        let one = update("330000/civil").encoded_len();
-        // While the link opens, a burst that alone would fill its bound.
-        assert!(!h.post(update("330000/civil"), 2 * one));
-        assert!(!h.post(update("330000/civil"), 2 * one));
-        h.state_reading();
-        assert_eq!((h.updates.len(), h.updates_bytes), (0, 0));
-        // What comes after the read is not in the state: it waits, and counts.
-        assert!(!h.post(update("330000/civil"), 2 * one));
-        assert!(!h.post(update("330000/civil"), 2 * one));
-        assert_eq!((h.updates.len(), h.updates_bytes), (2, 2 * one));
-        // Once the state is out, a second read (there is none) would not drop anything.
-        h.state_sent = true;
-        h.state_reading();
-        assert_eq!(h.updates.len(), 2);
         task.abort();
     }
 }
