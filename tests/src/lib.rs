@@ -548,7 +548,7 @@ fn interpreter(
 }
 
 /// Skips `test` loudly for `why`, or fails it when `GOVSHARE_REQUIRE_EXTERNAL=1`.
-fn skip<T>(test: &str, why: &str) -> Result<Option<T>> {
+pub fn skip<T>(test: &str, why: &str) -> Result<Option<T>> {
     use std::io::Write;
     if std::env::var("GOVSHARE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
         bail!("{test}: {why}; GOVSHARE_REQUIRE_EXTERNAL=1 makes this a failure");

@@ -1,8 +1,8 @@
-//! Other languages: department systems in Python (grpcio, on grpc-core) and Node.js (grpc-js),
-//! built from the `.proto` files as the README says. A Python provider serves a dataset on its
-//! `Serve` stream; a Python consumer and a Node.js consumer each file a demand and exchange
-//! through the broker over mutual TLS, and keep working on the same channel after the broker
-//! ends their idle connection (GOAWAY; `limits.rs` checks the frames themselves).
+//! Other languages: department systems in Python (grpcio, on grpc-core), Node.js (grpc-js) and
+//! Go (grpc-go), built from the `.proto` files as the README says. A Python provider serves a
+//! dataset on its `Serve` stream; a Python, a Node.js and a Go consumer each file a demand and
+//! exchange through the broker over mutual TLS, and keep working on the same channel after the
+//! broker ends their idle connection (GOAWAY; `limits.rs` checks the frames themselves).
 
 use anyhow::{bail, ensure, Context, Result};
 use govshare_client::proto::{NodeRole, ShareType};
@@ -29,23 +29,43 @@ struct Program {
 }
 
 impl Program {
+    /// Runs `script` (a file in `tests/interop`) under `interpreter`, with the `.proto`
+    /// directory and then `args` as its arguments.
     fn start(
         interpreter: &Path,
         script: &'static str,
         args: &[&dyn AsRef<std::ffi::OsStr>],
     ) -> Result<Self> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let tmp = tempfile::tempdir()?;
         let mut cmd = tokio::process::Command::new(interpreter);
-        // Nothing written into the source tree, and nothing left in the machine's temp dir
-        // (a program killed at the end of a test cannot clean up after itself).
-        cmd.env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("TMPDIR", tmp.path());
+        // Nothing written into the source tree.
+        cmd.env("PYTHONDONTWRITEBYTECODE", "1");
         cmd.arg(dir.join("interop").join(script))
             .arg(dir.join("../proto"));
         for a in args {
             cmd.arg(a);
         }
+        Self::spawn(cmd, script)
+    }
+
+    /// Runs a built program with `args`.
+    fn run(
+        program: &Path,
+        name: &'static str,
+        args: &[&dyn AsRef<std::ffi::OsStr>],
+    ) -> Result<Self> {
+        let mut cmd = tokio::process::Command::new(program);
+        for a in args {
+            cmd.arg(a);
+        }
+        Self::spawn(cmd, name)
+    }
+
+    fn spawn(mut cmd: tokio::process::Command, script: &'static str) -> Result<Self> {
+        // Nothing left in the machine's temp dir (a program killed at the end of a test cannot
+        // clean up after itself).
+        let tmp = tempfile::tempdir()?;
+        cmd.env("TMPDIR", tmp.path());
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -186,6 +206,18 @@ async fn a_node_grpc_js_consumer_exchanges_and_calls_again_after_an_idle_close()
     else {
         return Ok(());
     };
+    consumer_with_test_provider(|addr, pension, ds| {
+        Program::start(&node, "node_consumer.js", &[&addr, &pension, &ds])
+    })
+    .await
+}
+
+/// A broker with a Rust test provider serving one dataset, and a consumer program started by
+/// `start` (given the broker's address, the consumer's identity directory and the dataset id)
+/// taken through [`Program::consumer_steps`].
+async fn consumer_with_test_provider(
+    start: impl FnOnce(&str, &Path, &str) -> Result<Program>,
+) -> Result<()> {
     let broker = idle_broker().await?;
     let addr = broker.addr.to_string();
     let civil = broker.client_for("330000/civil").await?;
@@ -194,8 +226,122 @@ async fn a_node_grpc_js_consumer_exchanges_and_calls_again_after_an_idle_close()
 
     let consumer = "330000/pension";
     let pension = department(&broker, consumer).await?;
-    Program::start(&node, "node_consumer.js", &[&addr, &pension, &ds])?
+    start(&addr, &pension, &ds)?
         .consumer_steps(&broker, consumer, None)
-        .await?;
-    Ok(())
+        .await
+}
+
+/// The Debian packages the Go consumer is built from, offline: Go in GOPATH mode with the
+/// packaged sources of grpc-go and protobuf-go under `/usr/share/gocode`.
+const GO_PACKAGES: &str =
+    "golang-go golang-google-grpc-dev golang-google-protobuf-dev protoc-gen-go-grpc protobuf-compiler";
+
+/// Where Debian's golang-*-dev packages put their sources.
+const GOCODE: &str = "/usr/share/gocode";
+
+/// Builds `go_consumer.go` in `dir`: protoc-gen-go from its packaged source, the Go code of
+/// the `.proto` files (protoc with protoc-gen-go and protoc-gen-go-grpc), then the consumer.
+/// None after a loud skip when a package is missing; an error when a build step fails, for
+/// that would be the `.proto` files or the consumer failing Go.
+fn build_go_consumer(dir: &Path, test: &str) -> Result<Option<PathBuf>> {
+    let install = format!("install the Debian packages {GO_PACKAGES}");
+    for tool in ["go", "protoc", "protoc-gen-go-grpc"] {
+        if govshare_tests::on_path(tool).is_none() {
+            return govshare_tests::skip(test, &format!("`{tool}` is not on PATH: {install}"));
+        }
+    }
+    for pkg in [
+        "google.golang.org/grpc",
+        "google.golang.org/protobuf/cmd/protoc-gen-go",
+    ] {
+        if !Path::new(GOCODE).join("src").join(pkg).is_dir() {
+            return govshare_tests::skip(
+                test,
+                &format!("{GOCODE}/src/{pkg} is missing: {install}"),
+            );
+        }
+    }
+    let gopath = dir.join("gopath");
+    let bin = dir.join("bin");
+    let run = |cmd: &mut std::process::Command, what: &str| -> Result<()> {
+        let out = cmd.output().with_context(|| format!("running {what}"))?;
+        ensure!(
+            out.status.success(),
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let go = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut cmd = std::process::Command::new("go");
+        for a in args {
+            cmd.arg(a);
+        }
+        // Offline, from the packaged sources only, whatever the user's Go settings say.
+        cmd.env("GO111MODULE", "off")
+            .env("GOENV", "off")
+            .env("GOFLAGS", "")
+            .env("GOPROXY", "off")
+            .env(
+                "GOPATH",
+                std::env::join_paths([gopath.as_path(), Path::new(GOCODE)])?,
+            )
+            .env("GOCACHE", dir.join("cache"))
+            .env("TMPDIR", dir);
+        anyhow::Ok(cmd)
+    };
+    let protoc_gen_go = bin.join("protoc-gen-go");
+    run(
+        &mut go(&[
+            &"build",
+            &"-o",
+            &protoc_gen_go,
+            &"google.golang.org/protobuf/cmd/protoc-gen-go",
+        ])?,
+        "go build protoc-gen-go",
+    )?;
+    let src = gopath.join("src");
+    std::fs::create_dir_all(&src)?;
+    let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let mut protoc = std::process::Command::new("protoc");
+    protoc
+        .arg("-I")
+        .arg(&protos)
+        .arg(format!(
+            "--plugin=protoc-gen-go={}",
+            protoc_gen_go.display()
+        ))
+        .arg("--go_out")
+        .arg(&src)
+        .arg("--go-grpc_out")
+        .arg(&src);
+    for f in std::fs::read_dir(protos.join("govshare/v1"))? {
+        let f = f?.path();
+        if f.extension().is_some_and(|e| e == "proto") {
+            protoc.arg(f);
+        }
+    }
+    run(&mut protoc, "protoc --go_out --go-grpc_out")?;
+    let consumer = bin.join("go_consumer");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/go_consumer.go");
+    run(
+        &mut go(&[&"build", &"-o", &consumer, &source])?,
+        "go build go_consumer.go",
+    )?;
+    Ok(Some(consumer))
+}
+
+#[tokio::test]
+async fn a_go_grpc_consumer_exchanges_and_calls_again_after_an_idle_close() -> Result<()> {
+    let test = "interop::a_go_grpc_consumer_exchanges_and_calls_again_after_an_idle_close";
+    // Built before the broker starts: the build blocks this test's thread for seconds.
+    let build = tempfile::tempdir()?;
+    let Some(go_consumer) = build_go_consumer(build.path(), test)? else {
+        return Ok(());
+    };
+    consumer_with_test_provider(|addr, pension, ds| {
+        Program::run(&go_consumer, "go_consumer", &[&addr, &pension, &ds])
+    })
+    .await
 }
