@@ -1,14 +1,16 @@
-//! Other languages: department systems in Python (grpcio, on grpc-core), Node.js (grpc-js) and
-//! Go (grpc-go), built from the `.proto` files as the README says. A Python provider serves a
-//! dataset on its `Serve` stream; a Python, a Node.js and a Go consumer each file a demand and
-//! exchange through the broker over mutual TLS, and keep working on the same channel after the
-//! broker ends their idle connection (GOAWAY; `limits.rs` checks the frames themselves).
+//! Other languages: department systems in Python (grpcio, on grpc-core), Node.js (grpc-js), Go
+//! (grpc-go) and Java (grpc-java), built from the `.proto` files as the README says. A Python
+//! provider serves a dataset on its `Serve` stream; a Python, a Node.js, a Go and a Java
+//! consumer each file a demand and exchange through the broker over mutual TLS, and keep
+//! working on the same channel after the broker ends their idle connection (GOAWAY;
+//! `limits.rs` checks the frames themselves).
 
 use anyhow::{bail, ensure, Context, Result};
 use govshare_client::proto::{NodeRole, ShareType};
 use govshare_tests::cascade::{alive_rows, publish};
 use govshare_tests::provider::TestProvider;
 use govshare_tests::{register, wait_until, TestBroker};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -231,6 +233,35 @@ async fn consumer_with_test_provider(
         .await
 }
 
+/// Runs one build step; its stderr is the error when it fails.
+fn run(cmd: &mut std::process::Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `protoc -I proto OPTIONS... proto/govshare/v1/*.proto`.
+fn protoc(options: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<()> {
+    let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let mut cmd = std::process::Command::new("protoc");
+    cmd.arg("-I").arg(&protos);
+    for o in options {
+        cmd.arg(o);
+    }
+    for f in std::fs::read_dir(protos.join("govshare/v1"))? {
+        let f = f?.path();
+        if f.extension().is_some_and(|e| e == "proto") {
+            cmd.arg(f);
+        }
+    }
+    run(&mut cmd, "protoc")
+}
+
 /// The Debian packages the Go consumer is built from, offline: Go in GOPATH mode with the
 /// packaged sources of grpc-go and protobuf-go under `/usr/share/gocode`.
 const GO_PACKAGES: &str =
@@ -263,16 +294,6 @@ fn build_go_consumer(dir: &Path, test: &str) -> Result<Option<PathBuf>> {
     }
     let gopath = dir.join("gopath");
     let bin = dir.join("bin");
-    let run = |cmd: &mut std::process::Command, what: &str| -> Result<()> {
-        let out = cmd.output().with_context(|| format!("running {what}"))?;
-        ensure!(
-            out.status.success(),
-            "{what} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
     let go = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
         let mut cmd = std::process::Command::new("go");
         for a in args {
@@ -303,26 +324,13 @@ fn build_go_consumer(dir: &Path, test: &str) -> Result<Option<PathBuf>> {
     )?;
     let src = gopath.join("src");
     std::fs::create_dir_all(&src)?;
-    let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
-    let mut protoc = std::process::Command::new("protoc");
-    protoc
-        .arg("-I")
-        .arg(&protos)
-        .arg(format!(
-            "--plugin=protoc-gen-go={}",
-            protoc_gen_go.display()
-        ))
-        .arg("--go_out")
-        .arg(&src)
-        .arg("--go-grpc_out")
-        .arg(&src);
-    for f in std::fs::read_dir(protos.join("govshare/v1"))? {
-        let f = f?.path();
-        if f.extension().is_some_and(|e| e == "proto") {
-            protoc.arg(f);
-        }
-    }
-    run(&mut protoc, "protoc --go_out --go-grpc_out")?;
+    protoc(&[
+        &format!("--plugin=protoc-gen-go={}", protoc_gen_go.display()),
+        &"--go_out",
+        &src,
+        &"--go-grpc_out",
+        &src,
+    ])?;
     let consumer = bin.join("go_consumer");
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/go_consumer.go");
     run(
@@ -342,6 +350,147 @@ async fn a_go_grpc_consumer_exchanges_and_calls_again_after_an_idle_close() -> R
     };
     consumer_with_test_provider(|addr, pension, ds| {
         Program::run(&go_consumer, "go_consumer", &[&addr, &pension, &ds])
+    })
+    .await
+}
+
+/// The Debian packages the Java consumer is built from, offline: a JDK, grpc-java with its
+/// protoc plugin, and the jars grpc-java's Netty transport needs. TLS is OpenSSL's, through
+/// netty-tcnative: Debian's Netty leaves the JDK's ALPN out, and HTTP/2 over TLS needs ALPN.
+const JAVA_PACKAGES: &str = "default-jdk-headless protobuf-compiler \
+     protobuf-compiler-grpc-java-plugin libgrpc-java libprotobuf-java libnetty-java \
+     libnetty-tcnative-java libnetty-tcnative-jni libperfmark-java libgoogle-gson-java \
+     libguava-java libjsr305-java libgeronimo-annotation-1.3-spec-java";
+
+/// The jars in `/usr/share/java` that the Java consumer compiles and runs with. The annotation
+/// jar is for the `@javax.annotation.Generated` that grpc-java 1.41's plugin writes, which the
+/// JDK no longer carries.
+const JAVA_JARS: &[&str] = &[
+    "protobuf",
+    "grpc-api",
+    "grpc-context",
+    "grpc-core",
+    "grpc-netty",
+    "grpc-protobuf",
+    "grpc-protobuf-lite",
+    "grpc-stub",
+    "guava",
+    "perfmark-api",
+    "jsr305",
+    "gson",
+    "netty-buffer",
+    "netty-codec",
+    "netty-codec-http",
+    "netty-codec-http2",
+    "netty-codec-socks",
+    "netty-common",
+    "netty-handler",
+    "netty-handler-proxy",
+    "netty-resolver",
+    "netty-transport",
+    "netty-transport-native-unix-common",
+    "netty-tcnative",
+    "geronimo-annotation-1.3-spec",
+];
+
+/// Builds `JavaConsumer.java` in `dir` with the Java code of the `.proto` files (protoc's
+/// java_out and protoc-gen-grpc-java); returns `java` and the options to run it with (class
+/// path, native library path). None after a loud skip when a package is missing; an error when
+/// a build step fails.
+fn build_java_consumer(dir: &Path, test: &str) -> Result<Option<(PathBuf, Vec<OsString>)>> {
+    let install = format!("install the Debian packages {JAVA_PACKAGES}");
+    let mut tools = Vec::new();
+    for tool in ["java", "javac", "protoc", "grpc_java_plugin"] {
+        let Some(path) = govshare_tests::on_path(tool) else {
+            return govshare_tests::skip(test, &format!("`{tool}` is not on PATH: {install}"));
+        };
+        tools.push(path);
+    }
+    let mut jars = Vec::new();
+    for jar in JAVA_JARS {
+        let path = Path::new("/usr/share/java").join(format!("{jar}.jar"));
+        if !path.is_file() {
+            return govshare_tests::skip(
+                test,
+                &format!("{} is missing: {install}", path.display()),
+            );
+        }
+        jars.push(path);
+    }
+    // Netty looks for `libnetty_tcnative.so`, Debian installs `libnetty-tcnative.so`, and the
+    // library refuses to load through a link that names it otherwise: a copy, then.
+    let Some(tcnative) = std::fs::read_dir("/usr/lib")?
+        .filter_map(|d| Some(d.ok()?.path().join("jni/libnetty-tcnative.so")))
+        .find(|p| p.is_file())
+    else {
+        return govshare_tests::skip(test, &format!("libnetty-tcnative.so is missing: {install}"));
+    };
+    let jni = dir.join("jni");
+    std::fs::create_dir_all(&jni)?;
+    std::fs::copy(&tcnative, jni.join("libnetty_tcnative.so"))?;
+    let gen = dir.join("gen");
+    let classes = dir.join("classes");
+    std::fs::create_dir_all(&gen)?;
+    std::fs::create_dir_all(&classes)?;
+    protoc(&[
+        &format!("--plugin=protoc-gen-grpc-java={}", tools[3].display()),
+        &"--java_out",
+        &gen,
+        &"--grpc-java_out",
+        &gen,
+    ])?;
+    let mut javac = std::process::Command::new(&tools[1]);
+    javac
+        .arg("-nowarn")
+        .arg("-d")
+        .arg(&classes)
+        .arg("-cp")
+        .arg(std::env::join_paths(&jars)?)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/JavaConsumer.java"));
+    let mut sources = vec![gen];
+    while let Some(d) = sources.pop() {
+        for f in std::fs::read_dir(d)? {
+            let f = f?.path();
+            if f.is_dir() {
+                sources.push(f);
+            } else if f.extension().is_some_and(|e| e == "java") {
+                javac.arg(f);
+            }
+        }
+    }
+    run(&mut javac, "javac JavaConsumer.java")?;
+    let mut class_path = vec![classes];
+    class_path.extend(jars);
+    let mut library_path = OsString::from("-Djava.library.path=");
+    library_path.push(&jni);
+    let options = vec![
+        "-cp".into(),
+        std::env::join_paths(class_path)?,
+        library_path,
+    ];
+    Ok(Some((tools[0].clone(), options)))
+}
+
+#[tokio::test]
+async fn a_java_grpc_consumer_exchanges_and_calls_again_after_an_idle_close() -> Result<()> {
+    let test = "interop::a_java_grpc_consumer_exchanges_and_calls_again_after_an_idle_close";
+    // Built before the broker starts: the build blocks this test's thread for seconds.
+    let build = tempfile::tempdir()?;
+    let Some((java, options)) = build_java_consumer(build.path(), test)? else {
+        return Ok(());
+    };
+    consumer_with_test_provider(|addr, pension, ds| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = Vec::new();
+        for o in &options {
+            args.push(o);
+        }
+        args.extend([
+            &"JavaConsumer" as &dyn AsRef<std::ffi::OsStr>,
+            &addr,
+            &pension,
+            &ds,
+        ]);
+        Program::run(&java, "JavaConsumer", &args)
     })
     .await
 }
