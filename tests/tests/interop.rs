@@ -10,7 +10,7 @@ use govshare_client::proto::{NodeRole, ShareType};
 use govshare_tests::cascade::{alive_rows, publish};
 use govshare_tests::provider::TestProvider;
 use govshare_tests::{register, wait_until, TestBroker};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -33,11 +33,7 @@ struct Program {
 impl Program {
     /// Runs `script` (a file in `tests/interop`) under `interpreter`, with the `.proto`
     /// directory and then `args` as its arguments.
-    fn start(
-        interpreter: &Path,
-        script: &'static str,
-        args: &[&dyn AsRef<std::ffi::OsStr>],
-    ) -> Result<Self> {
+    fn start(interpreter: &Path, script: &'static str, args: &[&dyn AsRef<OsStr>]) -> Result<Self> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut cmd = tokio::process::Command::new(interpreter);
         // Nothing written into the source tree.
@@ -51,11 +47,7 @@ impl Program {
     }
 
     /// Runs a built program with `args`.
-    fn run(
-        program: &Path,
-        name: &'static str,
-        args: &[&dyn AsRef<std::ffi::OsStr>],
-    ) -> Result<Self> {
+    fn run(program: &Path, name: &'static str, args: &[&dyn AsRef<OsStr>]) -> Result<Self> {
         let mut cmd = tokio::process::Command::new(program);
         for a in args {
             cmd.arg(a);
@@ -63,7 +55,7 @@ impl Program {
         Self::spawn(cmd, name)
     }
 
-    fn spawn(mut cmd: tokio::process::Command, script: &'static str) -> Result<Self> {
+    fn spawn(mut cmd: tokio::process::Command, name: &'static str) -> Result<Self> {
         // Nothing left in the machine's temp dir (a program killed at the end of a test cannot
         // clean up after itself).
         let tmp = tempfile::tempdir()?;
@@ -73,14 +65,14 @@ impl Program {
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {script}"))?;
+            .with_context(|| format!("starting {name}"))?;
         let stdin = child.stdin.take().context("no stdin")?;
         let lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
         Ok(Self {
             child,
             stdin,
             lines,
-            name: script,
+            name,
             _tmp: tmp,
         })
     }
@@ -246,7 +238,7 @@ fn run(cmd: &mut std::process::Command, what: &str) -> Result<()> {
 }
 
 /// `protoc -I proto OPTIONS... proto/govshare/v1/*.proto`.
-fn protoc(options: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<()> {
+fn protoc(options: &[&dyn AsRef<OsStr>]) -> Result<()> {
     let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
     let mut cmd = std::process::Command::new("protoc");
     cmd.arg("-I").arg(&protos);
@@ -260,6 +252,19 @@ fn protoc(options: &[&dyn AsRef<std::ffi::OsStr>]) -> Result<()> {
         }
     }
     run(&mut cmd, "protoc")
+}
+
+/// The paths of `tools` on PATH, in order; None after a loud skip naming the first one missing
+/// and how to `install` it.
+fn tools_or_skip(tools: &[&str], install: &str, test: &str) -> Result<Option<Vec<PathBuf>>> {
+    let mut found = Vec::new();
+    for tool in tools {
+        let Some(path) = govshare_tests::on_path(tool) else {
+            return govshare_tests::skip(test, &format!("`{tool}` is not on PATH: {install}"));
+        };
+        found.push(path);
+    }
+    Ok(Some(found))
 }
 
 /// The Debian packages the Go consumer is built from, offline: Go in GOPATH mode with the
@@ -276,10 +281,8 @@ const GOCODE: &str = "/usr/share/gocode";
 /// that would be the `.proto` files or the consumer failing Go.
 fn build_go_consumer(dir: &Path, test: &str) -> Result<Option<PathBuf>> {
     let install = format!("install the Debian packages {GO_PACKAGES}");
-    for tool in ["go", "protoc", "protoc-gen-go-grpc"] {
-        if govshare_tests::on_path(tool).is_none() {
-            return govshare_tests::skip(test, &format!("`{tool}` is not on PATH: {install}"));
-        }
+    if tools_or_skip(&["go", "protoc", "protoc-gen-go-grpc"], &install, test)?.is_none() {
+        return Ok(None);
     }
     for pkg in [
         "google.golang.org/grpc",
@@ -294,7 +297,7 @@ fn build_go_consumer(dir: &Path, test: &str) -> Result<Option<PathBuf>> {
     }
     let gopath = dir.join("gopath");
     let bin = dir.join("bin");
-    let go = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+    let go = |args: &[&dyn AsRef<OsStr>]| {
         let mut cmd = std::process::Command::new("go");
         for a in args {
             cmd.arg(a);
@@ -399,13 +402,17 @@ const JAVA_JARS: &[&str] = &[
 /// a build step fails.
 fn build_java_consumer(dir: &Path, test: &str) -> Result<Option<(PathBuf, Vec<OsString>)>> {
     let install = format!("install the Debian packages {JAVA_PACKAGES}");
-    let mut tools = Vec::new();
-    for tool in ["java", "javac", "protoc", "grpc_java_plugin"] {
-        let Some(path) = govshare_tests::on_path(tool) else {
-            return govshare_tests::skip(test, &format!("`{tool}` is not on PATH: {install}"));
-        };
-        tools.push(path);
-    }
+    let Some(tools) = tools_or_skip(
+        &["java", "javac", "protoc", "grpc_java_plugin"],
+        &install,
+        test,
+    )?
+    else {
+        return Ok(None);
+    };
+    let [java, javac, _, plugin] = tools.as_slice() else {
+        bail!("four tools asked for, {} found", tools.len());
+    };
     let mut jars = Vec::new();
     for jar in JAVA_JARS {
         let path = Path::new("/usr/share/java").join(format!("{jar}.jar"));
@@ -433,14 +440,14 @@ fn build_java_consumer(dir: &Path, test: &str) -> Result<Option<(PathBuf, Vec<Os
     std::fs::create_dir_all(&gen)?;
     std::fs::create_dir_all(&classes)?;
     protoc(&[
-        &format!("--plugin=protoc-gen-grpc-java={}", tools[3].display()),
+        &format!("--plugin=protoc-gen-grpc-java={}", plugin.display()),
         &"--java_out",
         &gen,
         &"--grpc-java_out",
         &gen,
     ])?;
-    let mut javac = std::process::Command::new(&tools[1]);
-    javac
+    let mut compile = std::process::Command::new(javac);
+    compile
         .arg("-nowarn")
         .arg("-d")
         .arg(&classes)
@@ -454,11 +461,11 @@ fn build_java_consumer(dir: &Path, test: &str) -> Result<Option<(PathBuf, Vec<Os
             if f.is_dir() {
                 sources.push(f);
             } else if f.extension().is_some_and(|e| e == "java") {
-                javac.arg(f);
+                compile.arg(f);
             }
         }
     }
-    run(&mut javac, "javac JavaConsumer.java")?;
+    run(&mut compile, "javac JavaConsumer.java")?;
     let mut class_path = vec![classes];
     class_path.extend(jars);
     let mut library_path = OsString::from("-Djava.library.path=");
@@ -468,7 +475,7 @@ fn build_java_consumer(dir: &Path, test: &str) -> Result<Option<(PathBuf, Vec<Os
         std::env::join_paths(class_path)?,
         library_path,
     ];
-    Ok(Some((tools[0].clone(), options)))
+    Ok(Some((java.clone(), options)))
 }
 
 #[tokio::test]
@@ -480,16 +487,12 @@ async fn a_java_grpc_consumer_exchanges_and_calls_again_after_an_idle_close() ->
         return Ok(());
     };
     consumer_with_test_provider(|addr, pension, ds| {
-        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = Vec::new();
-        for o in &options {
-            args.push(o);
-        }
-        args.extend([
-            &"JavaConsumer" as &dyn AsRef<std::ffi::OsStr>,
-            &addr,
-            &pension,
-            &ds,
-        ]);
+        let tail: [&dyn AsRef<OsStr>; 4] = [&"JavaConsumer", &addr, &pension, &ds];
+        let args: Vec<&dyn AsRef<OsStr>> = options
+            .iter()
+            .map(|o| o as &dyn AsRef<OsStr>)
+            .chain(tail)
+            .collect();
         Program::run(&java, "JavaConsumer", &args)
     })
     .await
