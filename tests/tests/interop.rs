@@ -237,13 +237,19 @@ fn run(cmd: &mut std::process::Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// `protoc -I proto OPTIONS... proto/govshare/v1/*.proto`.
-fn protoc(options: &[&dyn AsRef<OsStr>]) -> Result<()> {
+/// `protoc -I proto --plugin=protoc-gen-NAME=PATH --LANG_out=OUT... proto/govshare/v1/*.proto`:
+/// the code of every `.proto` file, in each of `langs`, written under `out`.
+fn protoc(plugin: (&str, &Path), langs: &[&str], out: &Path) -> Result<()> {
     let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
     let mut cmd = std::process::Command::new("protoc");
     cmd.arg("-I").arg(&protos);
-    for o in options {
-        cmd.arg(o);
+    cmd.arg(format!(
+        "--plugin=protoc-gen-{}={}",
+        plugin.0,
+        plugin.1.display()
+    ));
+    for lang in langs {
+        cmd.arg(format!("--{lang}_out")).arg(out);
     }
     for f in std::fs::read_dir(protos.join("govshare/v1"))? {
         let f = f?.path();
@@ -327,13 +333,7 @@ fn build_go_consumer(dir: &Path, test: &str) -> Result<Option<PathBuf>> {
     )?;
     let src = gopath.join("src");
     std::fs::create_dir_all(&src)?;
-    protoc(&[
-        &format!("--plugin=protoc-gen-go={}", protoc_gen_go.display()),
-        &"--go_out",
-        &src,
-        &"--go-grpc_out",
-        &src,
-    ])?;
+    protoc(("go", &protoc_gen_go), &["go", "go-grpc"], &src)?;
     let consumer = bin.join("go_consumer");
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/go_consumer.go");
     run(
@@ -439,13 +439,7 @@ fn build_java_consumer(dir: &Path, test: &str) -> Result<Option<(PathBuf, Vec<Os
     let classes = dir.join("classes");
     std::fs::create_dir_all(&gen)?;
     std::fs::create_dir_all(&classes)?;
-    protoc(&[
-        &format!("--plugin=protoc-gen-grpc-java={}", plugin.display()),
-        &"--java_out",
-        &gen,
-        &"--grpc-java_out",
-        &gen,
-    ])?;
+    protoc(("grpc-java", plugin), &["java", "grpc-java"], &gen)?;
     let mut compile = std::process::Command::new(javac);
     compile
         .arg("-nowarn")
