@@ -322,6 +322,11 @@ impl RunningBroker {
         self.conns.of_node(node)
     }
 
+    /// Connections `node` has opened to this broker since it started.
+    pub fn connections_opened_by(&self, node: &str) -> u64 {
+        self.conns.opened_by(node)
+    }
+
     /// The broker's storage, for tests and for a program embedding the broker.
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()

@@ -183,10 +183,20 @@ const REFUSED_LINGER: Duration = Duration::from_secs(2);
 /// Handshaken connections waiting for the serving loop to take them.
 const ACCEPTED_BACKLOG: usize = 64;
 
-/// The connections open now, counted by node (for the cap).
+/// The connections of each node: open now (for the cap) and opened since start.
 #[derive(Debug, Default)]
 pub struct Conns {
-    per_node: Mutex<HashMap<String, usize>>,
+    per_node: Mutex<HashMap<String, NodeConns>>,
+}
+
+/// One node's connections. Kept when none is open, so that `opened` only grows: one small
+/// entry per node that ever connected.
+#[derive(Debug, Default, Clone, Copy)]
+struct NodeConns {
+    /// Open now, within the cap.
+    open: usize,
+    /// Admitted since the broker started.
+    opened: u64,
 }
 
 /// One connection as calls on it see it.
@@ -215,7 +225,13 @@ pub struct ConnIdentity {
 impl Conns {
     /// Open connections of `node` (for tests and `/status`).
     pub fn of_node(&self, node: &str) -> usize {
-        lock(&self.per_node).get(node).copied().unwrap_or(0)
+        lock(&self.per_node).get(node).map_or(0, |n| n.open)
+    }
+
+    /// Connections `node` has opened since the broker started (refused ones not counted): a
+    /// client that reconnects at once after a GOAWAY never shows zero open, but this grows.
+    pub fn opened_by(&self, node: &str) -> u64 {
+        lock(&self.per_node).get(node).map_or(0, |n| n.opened)
     }
 
     /// Counts a new connection of `node`; the state says whether it is over the cap.
@@ -226,13 +242,15 @@ impl Conns {
             .unwrap_or_default();
         let refused = {
             let mut per_node = lock(&self.per_node);
-            let n = per_node.entry(node.clone()).or_insert(0);
-            if cap > 0 && *n >= cap {
+            let n = per_node.entry(node.clone()).or_default();
+            if cap > 0 && n.open >= cap {
                 Some(format!(
-                    "{node} already holds {n} connections to this broker, the most [limits] max_connections_per_node allows; reuse a connection (one channel carries many calls)"
+                    "{node} already holds {} connections to this broker, the most [limits] max_connections_per_node allows; reuse a connection (one channel carries many calls)",
+                    n.open
                 ))
             } else {
-                *n += 1;
+                n.open += 1;
+                n.opened += 1;
                 None
             }
         };
@@ -281,10 +299,7 @@ impl Drop for Registration {
         if let Some(node) = &self.node {
             let mut per_node = lock(&self.conns.per_node);
             if let Some(n) = per_node.get_mut(node) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    per_node.remove(node);
-                }
+                n.open = n.open.saturating_sub(1);
             }
         }
     }

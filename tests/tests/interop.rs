@@ -103,12 +103,24 @@ impl Program {
         for round in ["the first Request", "the Request after the idle close"] {
             if round != "the first Request" {
                 ensure!(self.next().await?.starts_with("waiting"), "waiting");
+                let opened = |b: &govshare_broker::RunningBroker| {
+                    (
+                        b.connections_of(consumer),
+                        b.connections_opened_by(consumer),
+                    )
+                };
+                let (_, before) = broker.running().map(opened).context("broker stopped")?;
+                // Closed, and either not reopened yet (grpcio, grpc-js, grpc-java open the next
+                // connection for the next call) or already replaced (grpc-go 1.33 reconnects at
+                // once on GOAWAY, so its count of open connections hardly ever shows zero).
                 wait_until(
                     Duration::from_secs(20),
                     "the idle connection to close",
                     || async {
-                        let open = broker.running().map(|b| b.connections_of(consumer));
-                        Ok((open == Some(0)).then_some(()))
+                        let now = broker.running().map(opened);
+                        Ok(now
+                            .is_some_and(|(open, n)| open == 0 || n > before)
+                            .then_some(()))
                     },
                 )
                 .await?;
