@@ -26,12 +26,6 @@ const HEARTBEAT_MS: i64 = 15_000;
 const DEDUP_SWEEP_MS: i64 = 60_000;
 /// Most commands handled before pending notifications are flushed together.
 const BATCH: usize = 256;
-/// How many exchange records the dispatcher keeps in memory between the writes it makes
-/// itself: the record an accept wrote, and then the one its delivery wrote, so that neither the
-/// delivery nor the end reads it back from the store (three reads and decodes of the whole
-/// record per exchange were about 8% of a `sync` exchange's CPU). Bounded, so that a backlog
-/// of a million stays on disk; past the bound, records are read as before.
-const KEPT_RECORDS: usize = 1024;
 
 /// A provider instance asking to serve.
 #[derive(Debug)]
@@ -61,9 +55,6 @@ pub enum Cmd {
         dataset: String,
         /// Deadline, Unix ms.
         deadline_ms: i64,
-        /// The record just written, so that delivery need not read it back (see
-        /// [`KEPT_RECORDS`]).
-        record: Option<Arc<StoredExchange>>,
     },
     /// A provider instance connected.
     Connect {
@@ -413,10 +404,6 @@ struct Ending {
     /// transaction: signed inside it, a batch of ends held the store's writer (and every
     /// accept waiting to write) for about 20 µs per end.
     receipt: Option<govshare_proto::v1::HopReceipt>,
-    /// The record as the end was decided, taken by the transaction that writes the end (a
-    /// cell, since [`Store::write`] takes an `Fn`); read there when absent, or when a delivery
-    /// of the same batch writes it first.
-    rec: std::cell::RefCell<Option<StoredExchange>>,
 }
 
 /// This broker's hop number in a trail (0 at the consumer's home broker).
@@ -567,10 +554,6 @@ struct Actor {
     written_seq: u64,
     last_heartbeat: i64,
     last_sweep: i64,
-    /// Records of pending exchanges as they are in the store, at most [`KEPT_RECORDS`]. Each is
-    /// taken out by [`Actor::load`] before the dispatcher changes it, and put back only once
-    /// the change is written, so that an entry never differs from the store.
-    kept: HashMap<Box<str>, Arc<StoredExchange>>,
 }
 
 impl Actor {
@@ -596,7 +579,6 @@ impl Actor {
             written_seq: 0,
             last_heartbeat: now_ms(),
             last_sweep: now_ms(),
-            kept: HashMap::new(),
         }
     }
 
@@ -689,7 +671,7 @@ impl Actor {
         let id = result.exchange_id.clone();
         // A read that fails is not an exchange that is gone: acknowledging it would let the
         // link drop a result that was never kept. Dropping `done` makes the link resend it.
-        let rec = match self.take(&id) {
+        let rec = match self.engine.store().get::<StoredExchange>(T::Exchanges, &id) {
             Ok(Some(rec)) => rec,
             Ok(None) => {
                 let _ = done.send(()); // acknowledged and gone: nothing to keep
@@ -763,7 +745,7 @@ impl Actor {
             }
         };
         end.trail = Some(result.trail);
-        self.end_loaded(&id, end, Some(rec));
+        self.end(&id, end);
         if self.ending.iter().any(|e| e.id == id) {
             self.after_commit.push(done);
         } // else: not staged (storage trouble); dropping `done` makes the link resend it
@@ -777,14 +759,8 @@ impl Actor {
                 dest,
                 dataset,
                 deadline_ms,
-                record,
             } => {
-                let id: Id = id.into();
-                if self.queue(id.clone(), &dest, &dataset, deadline_ms, false) {
-                    if let Some(r) = record {
-                        self.keep(&id, r);
-                    }
-                }
+                self.queue(id.into(), &dest, &dataset, deadline_ms, false);
                 self.dispatch(&dest);
             }
             Cmd::Connect { spec, reply } => {
@@ -851,13 +827,11 @@ impl Actor {
         true
     }
 
-    /// Adds an exchange to its queue (at the back, or the front when it is being retried);
-    /// true when it was not pending before.
-    fn queue(&mut self, id: Id, dest: &str, dataset: &str, deadline_ms: i64, front: bool) -> bool {
+    /// Adds an exchange to its queue (at the back, or the front when it is being retried).
+    fn queue(&mut self, id: Id, dest: &str, dataset: &str, deadline_ms: i64, front: bool) {
         let lane = self.lanes.get(dest, dataset);
-        let mut new = false;
         let id = match self.pending.get_key_value(&id) {
-            Some(_) if !front => return false, // already queued
+            Some(_) if !front => return, // already queued
             // The id the other indexes hold already, not a second copy.
             Some((held, _)) => held.clone(),
             None => {
@@ -867,12 +841,10 @@ impl Actor {
                     deadline_ms,
                 };
                 self.pending.insert(id.clone(), p);
-                new = true;
                 id
             }
         };
         self.lane_queue(&lane, id, front);
-        new
     }
 
     /// Puts an id in its lane's queue (nothing else).
@@ -992,31 +964,13 @@ impl Actor {
         Some(candidates[(self.instance_turn as usize) % candidates.len()])
     }
 
-    /// An exchange's record, taken out of [`Actor::kept`] or read from the store; logs a
-    /// failed read and gives none.
-    fn load(&mut self, id: &str) -> Option<StoredExchange> {
-        match self.take(id) {
+    fn load(&self, id: &str) -> Option<StoredExchange> {
+        match self.engine.store().get::<StoredExchange>(T::Exchanges, id) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(exchange = id, error = %e, "cannot read exchange");
                 None
             }
-        }
-    }
-
-    /// An exchange's record, taken out of [`Actor::kept`] or read from the store.
-    fn take(&mut self, id: &str) -> Result<Option<StoredExchange>> {
-        match self.kept.remove(id) {
-            // A copy only while the accept's write still holds its own reference.
-            Some(r) => Ok(Some(Arc::unwrap_or_clone(r))),
-            None => self.engine.store().get::<StoredExchange>(T::Exchanges, id),
-        }
-    }
-
-    /// Keeps a pending exchange's record, as just written, for its next step.
-    fn keep(&mut self, id: &str, rec: Arc<StoredExchange>) {
-        if self.kept.len() < KEPT_RECORDS && self.pending.contains_key(id) {
-            self.kept.insert(id.into(), rec);
         }
     }
 
@@ -1066,14 +1020,13 @@ impl Actor {
             return true;
         }
         let now = now_ms();
-        let deadline_ms = rec.envelope.as_ref().map_or(0, |e| ms(&e.deadline));
-        if now > deadline_ms {
-            self.keep(id, Arc::new(rec));
+        let env = rec.envelope.clone().unwrap_or_default();
+        if now > ms(&env.deadline) {
             self.expire(id);
             return true;
         }
         if let Err(d) = self.recheck(&rec) {
-            self.end_loaded(id, End::denied(&d), Some(rec));
+            self.end(id, End::denied(&d));
             return true;
         }
         let max = self.engine.cfg().max_deliveries;
@@ -1087,11 +1040,10 @@ impl Actor {
             e.dead_letter = Some(format!(
                 "max deliveries ({max}) exhausted without an answer"
             ));
-            self.end_loaded(id, e, Some(rec));
+            self.end(id, e);
             return true;
         }
         let Some(inst) = self.instances.get(&instance) else {
-            self.keep(id, Arc::new(rec));
             self.requeue_front(id);
             return true;
         };
@@ -1104,12 +1056,10 @@ impl Actor {
                 if let Some(inst) = self.instances.get_mut(&instance) {
                     inst.credit = 0;
                 }
-                self.keep(id, Arc::new(rec));
                 self.requeue_front(id);
                 return true;
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.keep(id, Arc::new(rec));
                 self.requeue_front(id);
                 self.disconnect(instance);
                 return true;
@@ -1118,11 +1068,7 @@ impl Actor {
         rec.deliveries += 1;
         rec.state = ExchangeState::InFlight as i32;
         let delivery_id = uuid::Uuid::now_v7().to_string();
-        // Borrowed from the record, which the delivery writes as it is: no copy of the envelope.
-        let default_env = ExchangeEnvelope::default();
-        let env = rec.envelope.as_ref().unwrap_or(&default_env);
-        let default_req = ExchangeRequest::default();
-        let req = env.request.as_ref().unwrap_or(&default_req);
+        let req = env.request.clone().unwrap_or_default();
         let msg = BrokerMessage {
             body: Some(broker_message::Body::Request(ProviderRequest {
                 delivery_id: delivery_id.clone(),
@@ -1146,7 +1092,7 @@ impl Actor {
             attempt: rec.deliveries,
             since_ms: now,
         };
-        let mut audit = exchange_entry("exchange_delivered", store.broker_id(), env);
+        let mut audit = exchange_entry("exchange_delivered", store.broker_id(), &env);
         audit.reason = format!("attempt {} to instance {label}", rec.deliveries);
         tracing::debug!(exchange = id, trace_id = %req.trace_id, instance = %label, attempt = rec.deliveries, "delivering");
         if rec.deliveries == 1 {
@@ -1227,7 +1173,6 @@ impl Actor {
             None => {
                 for s in staged {
                     s.permit.send(Ok(s.msg));
-                    self.keep(&s.id, Arc::new(s.rec));
                 }
             }
             Some(e) => {
@@ -1259,7 +1204,6 @@ impl Actor {
     }
 
     fn forget(&mut self, id: &str) {
-        self.kept.remove(id);
         if let Some((held, p)) = self.pending.remove_entry(id) {
             self.deadlines.remove(&(p.deadline_ms, held));
             if let Some(d) = self.delivered.remove(id) {
@@ -1298,7 +1242,7 @@ impl Actor {
         match self.load(&id) {
             Some(rec) if !rec.finished() => {
                 let end = self.shape(&rec, answer);
-                self.end_loaded(&id, end, Some(rec));
+                self.end_loaded(&id, end, Some(&rec));
             }
             _ => self.forget(&id),
         }
@@ -1380,19 +1324,16 @@ impl Actor {
             return; // already ending in this batch
         }
         let rec = self.load(id);
-        self.end_loaded(id, end, rec);
+        self.end_loaded(id, end, rec.as_ref());
     }
 
-    /// [`Actor::end`] with the exchange's record as the caller just took it (see
-    /// [`Actor::load`]).
-    fn end_loaded(&mut self, id: &str, end: End, rec: Option<StoredExchange>) {
+    /// [`Actor::end`] with the exchange's record as the caller just read it.
+    fn end_loaded(&mut self, id: &str, end: End, rec: Option<&StoredExchange>) {
         // A staged delivery of this exchange is written before its end: `commit` writes the
         // batch's deliveries first, in the same transaction.
         if self.ending.iter().any(|e| e.id == id) {
             return; // already ending in this batch
         }
-        self.kept.remove(id);
-        let rec_ref = rec.as_ref();
         let store = self.engine.store().clone();
         let result_seq = match store.next_id() {
             Ok(s) => s,
@@ -1403,7 +1344,7 @@ impl Actor {
         };
         // Where a result for a consumer on another broker goes; looked up before the
         // transaction, which holds the store's writer and should be short.
-        let back = match rec_ref.and_then(|r| r.envelope.as_ref()) {
+        let back = match rec.and_then(|r| r.envelope.as_ref()) {
             Some(env) if env.origin_broker != store.broker_id() => {
                 self.engine.fed().route(&env.consumer).ok().flatten()
             }
@@ -1417,12 +1358,10 @@ impl Actor {
             }
             p
         });
-        let hop = rec_ref.and_then(|r| r.envelope.as_ref()).map(|env| {
+        let hop = rec.and_then(|r| r.envelope.as_ref()).map(|env| {
             let trail = end.trail.as_deref().unwrap_or(&env.trail);
             own_hop(trail, store.broker_id())
         });
-        // A delivery staged in this batch changes the record first: the end reads it then.
-        let rec = rec.filter(|_| !self.staged.iter().any(|s| s.id == id));
         self.ending.push(Ending {
             id: id.to_string(),
             end,
@@ -1432,7 +1371,6 @@ impl Actor {
             at_ms: now_ms(),
             hop,
             receipt: None,
-            rec: std::cell::RefCell::new(rec),
         });
     }
 
@@ -1457,12 +1395,7 @@ impl Actor {
     ) -> Result<(Released, Vec<govshare_proto::v1::AuditEntry>)> {
         let store = self.engine.store();
         let (id, end, result_seq, back) = (x.id.as_str(), &x.end, x.result_seq, &x.back);
-        let taken = x.rec.borrow_mut().take();
-        let rec = match taken {
-            Some(r) => Some(r),
-            None => tx.get::<StoredExchange>(T::Exchanges, id)?,
-        };
-        let Some(mut rec) = rec else {
+        let Some(mut rec) = tx.get::<StoredExchange>(T::Exchanges, id)? else {
             return Ok((None, vec![]));
         };
         if rec.finished() {
@@ -1664,10 +1597,11 @@ impl Actor {
             }
         }
         // A refusal outranks an expiry: a grant revoked meanwhile makes it a denial.
-        let rec = self.load(id);
-        if let Some(Err(d)) = rec.as_ref().map(|r| self.recheck(r)) {
-            self.end_loaded(id, End::denied(&d), rec);
-            return;
+        if let Some(rec) = self.load(id) {
+            if let Err(d) = self.recheck(&rec) {
+                self.end(id, End::denied(&d));
+                return;
+            }
         }
         let stage = if in_flight.is_some() {
             "in flight at the provider"
@@ -1681,7 +1615,7 @@ impl Actor {
             "exchange_expired",
         );
         e.dead_letter = Some(format!("expired while {stage}"));
-        self.end_loaded(id, e, rec);
+        self.end(id, e);
     }
 
     fn disconnect(&mut self, instance: u64) {
@@ -1797,12 +1731,7 @@ impl Actor {
             .map(|(id, _)| id.clone())
             .collect();
         for id in queued {
-            // Looked at, not taken: most are under other grants and stay as they are.
-            let rec = match self.kept.get(&*id) {
-                Some(r) => Some(r.clone()),
-                None => self.load(&id).map(Arc::new),
-            };
-            let Some(rec) = rec else { continue };
+            let Some(rec) = self.load(&id) else { continue };
             let under = rec
                 .envelope
                 .as_ref()
@@ -1818,7 +1747,6 @@ impl Actor {
 
     fn replay(&mut self, id: &str, actor: &str) -> Result<()> {
         self.commit();
-        self.kept.remove(id);
         let store = self.engine.store().clone();
         let dl: DeadLetter = store.get(T::DeadLetters, id)?.ok_or_else(|| {
             BrokerError::not_found(format!("exchange {id} is not in the dead-letter queue"))

@@ -388,7 +388,6 @@ impl Engine {
         };
         record.bytes = record.encoded_len() as u64;
         let bytes = record.bytes;
-        let record = std::sync::Arc::new(record);
         let quota_key = super::quota_key(&grant.id, now);
         let mut accepted = exchange_entry("exchange_accepted", &me, env);
         accepted.reason = format!(
@@ -400,7 +399,6 @@ impl Engine {
             dest: dest.clone(),
             dataset: req.dataset_id.clone(),
             deadline_ms: ms(&env.deadline),
-            record: record.clone(),
         };
         let write = move |tx: &Tx<'_>| {
             if taken(tx, &id)? {
@@ -409,7 +407,7 @@ impl Engine {
             if let Some(d) = super::take_quota(tx, &grant, &quota_key)? {
                 return Ok((Written::QuotaSpent(d), vec![]));
             }
-            tx.put(T::Exchanges, &id, &*record)?;
+            tx.put(T::Exchanges, &id, &record)?;
             Ok((
                 Written::Effects(vec![enqueue.clone()]),
                 vec![accepted.clone()],

@@ -98,8 +98,6 @@ enum Accepted {
         deadline_ms: i64,
         /// Resolves once it is on disk; taken by `accept_and_queue`.
         flushed: Option<store::Flushed>,
-        /// The record written, handed to the dispatcher; taken by `accept_and_queue`.
-        record: Option<Arc<StoredExchange>>,
     },
     /// The idempotency key matched an earlier exchange.
     Duplicate {
@@ -309,18 +307,8 @@ impl Engine {
     }
 
     /// Queues an exchange this broker took custody of from a link.
-    pub async fn enqueue_forwarded(
-        &self,
-        id: &str,
-        dest: &str,
-        dataset: &str,
-        deadline_ms: i64,
-        record: Arc<StoredExchange>,
-    ) {
-        if let Err(e) = self
-            .enqueue(id, dest, dataset, deadline_ms, Some(record))
-            .await
-        {
+    pub async fn enqueue_forwarded(&self, id: &str, dest: &str, dataset: &str, deadline_ms: i64) {
+        if let Err(e) = self.enqueue(id, dest, dataset, deadline_ms).await {
             tracing::warn!(exchange = id, error = %e, "cannot queue a forwarded exchange now; it is queued again at restart");
         }
     }
@@ -740,13 +728,11 @@ impl Engine {
         });
         let window_ms = self.window_ms();
         let fed = self.inner.fed.clone();
-        let record = Arc::new(record);
-        let (consumer_w, exchange_id_w, next_hop_w, dedup_key_w, record_w) = (
+        let (consumer_w, exchange_id_w, next_hop_w, dedup_key_w) = (
             consumer.clone(),
             exchange_id.clone(),
             next_hop.clone(),
             dedup_key.clone(),
-            record.clone(),
         );
         // Grouped with other accepts: one transaction and one flush for many exchanges.
         let outcome = store
@@ -775,7 +761,7 @@ impl Engine {
                         govshare_proto::v1::link_frame::Body::Exchange(outgoing.clone()),
                     )?;
                 }
-                tx.put(T::Exchanges, exchange_id, &*record_w)?;
+                tx.put(T::Exchanges, exchange_id, &record)?;
                 if let Some(k) = dedup_key {
                     let d = DedupRecord {
                         exchange_id: exchange_id.clone(),
@@ -809,7 +795,6 @@ impl Engine {
                     dataset: req.dataset_id,
                     deadline_ms: deadline,
                     flushed: Some(flushed),
-                    record: Some(record),
                 })
             }
             Ok((Ok(Some(denial)), _)) => {
@@ -924,7 +909,6 @@ impl Engine {
                     deadline_ms,
                     next_hop,
                     flushed,
-                    record,
                     ..
                 } = &mut accepted
                 {
@@ -938,8 +922,7 @@ impl Engine {
                     // Queue it whatever the flush said: it is in the store, and the next flush (or
                     // a restart's recovery) covers it. The caller learns of a failed flush and
                     // retries with its idempotency key.
-                    me.enqueue(id, dest, dataset, *deadline_ms, record.take())
-                        .await?;
+                    me.enqueue(id, dest, dataset, *deadline_ms).await?;
                     if let Some(peer) = next_hop {
                         me.inner.fed.wake(peer);
                     }
@@ -989,14 +972,7 @@ impl Engine {
         })
     }
 
-    async fn enqueue(
-        &self,
-        id: &str,
-        dest: &str,
-        dataset: &str,
-        deadline_ms: i64,
-        record: Option<Arc<StoredExchange>>,
-    ) -> Result<()> {
+    async fn enqueue(&self, id: &str, dest: &str, dataset: &str, deadline_ms: i64) -> Result<()> {
         self.inner
             .cmd
             .send(Cmd::Enqueue {
@@ -1004,7 +980,6 @@ impl Engine {
                 dest: dest.to_string(),
                 dataset: dataset.to_string(),
                 deadline_ms,
-                record,
             })
             .await
             .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))

@@ -1221,10 +1221,9 @@ pub async fn apply(app: &App, effects: Vec<Effect>) -> Result<()> {
                 dest,
                 dataset,
                 deadline_ms,
-                record,
             } => {
                 app.engine
-                    .enqueue_forwarded(&id, &dest, &dataset, deadline_ms, record)
+                    .enqueue_forwarded(&id, &dest, &dataset, deadline_ms)
                     .await
             }
             Effect::Result(r) => kept.push(app.engine.remote_result(r).await?),

@@ -61,8 +61,6 @@ pub enum Effect {
         dataset: String,
         /// Deadline, Unix ms.
         deadline_ms: i64,
-        /// The record written, handed to the dispatcher with it.
-        record: std::sync::Arc<crate::exchange::record::StoredExchange>,
     },
     /// An exchange of a local consumer came back with its outcome.
     Result(ExchangeResult),
