@@ -203,6 +203,11 @@ pub struct LoadArgs {
     /// microseconds (the broker's `[storage] flush_linger_us`, default 5000; 0: never waits).
     #[arg(long, value_name = "MICROSECONDS", conflicts_with = "broker")]
     pub flush_linger_us: Option<u64>,
+    /// Ask without naming the grant (an empty `grant_id`), as the CLI and most department
+    /// systems do: the broker then finds the consumer's active grant on the dataset among all
+    /// the grants it holds (with --provider-nodes N, each consumer holds N).
+    #[arg(long)]
+    pub without_grant_id: bool,
     /// No progress display.
     #[arg(long, short)]
     pub quiet: bool,

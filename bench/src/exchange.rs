@@ -85,6 +85,16 @@ pub(crate) async fn fixture(load: &LoadArgs, consumers: usize) -> Result<Fixture
 }
 
 async fn fixture_for(mode: Mode, load: &LoadArgs, consumers: usize) -> Result<Fixture> {
+    let mut fx = fixture_granted(mode, load, consumers).await?;
+    if load.without_grant_id {
+        for g in fx.grants.iter_mut().flatten() {
+            g.clear();
+        }
+    }
+    Ok(fx)
+}
+
+async fn fixture_granted(mode: Mode, load: &LoadArgs, consumers: usize) -> Result<Fixture> {
     if mode == Mode::Cascade {
         if load.broker.is_some() {
             bail!(

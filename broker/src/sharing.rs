@@ -531,7 +531,13 @@ impl Sharing {
 
     fn put_grant(&self, tx: &crate::store::Tx<'_>, g: &Grant) -> Result<()> {
         tx.put(T::Grants, &g.id, g)?;
-        tx.mark(T::GrantsByConsumer, &index_key(&g.consumer, &g.id))?;
+        // The dataset, so that finding a consumer's grant on one dataset decodes no other
+        // (see `Engine::resolve_grant`).
+        tx.put_raw(
+            T::GrantsByConsumer,
+            &index_key(&g.consumer, &g.id),
+            g.dataset_id.as_bytes(),
+        )?;
         tx.mark(T::GrantsByProvider, &index_key(&g.provider, &g.id))
     }
 

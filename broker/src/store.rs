@@ -909,10 +909,19 @@ fn kv_options() -> kv::Options {
         // revocations, routes): a read from the segment file was a `pread` each, about 5% of a
         // `sync` exchange's CPU. They hold one record per node, grant, key, revocation and
         // route, so keeping them in memory costs what those records weigh (a grant about
-        // 0.5 KB). The catalog (every dataset of the cascade) is left on disk.
-        memory_trees: [T::Nodes, T::Grants, T::Keys, T::Revoked, T::Routes]
-            .map(|t| t as usize)
-            .to_vec(),
+        // 0.5 KB). The catalog (every dataset of the cascade) is left on disk. The consumers'
+        // grant index is read for every exchange that names no grant, each entry holding the
+        // grant's dataset id.
+        memory_trees: [
+            T::Nodes,
+            T::Grants,
+            T::Keys,
+            T::Revoked,
+            T::Routes,
+            T::GrantsByConsumer,
+        ]
+        .map(|t| t as usize)
+        .to_vec(),
         ..kv::Options::default()
     }
 }

@@ -872,3 +872,77 @@ async fn watch_streams_an_end_only_once_it_is_on_disk() -> Result<()> {
     );
     s.broker.shutdown().await
 }
+
+/// A consumer holding grants on several datasets asks without naming one: each exchange runs
+/// under the grant on its own dataset (the broker's index of a consumer's grants names each
+/// grant's dataset, and the others are skipped), and a dataset it holds no grant on is refused.
+#[tokio::test]
+async fn an_exchange_naming_no_grant_runs_under_the_grant_on_its_dataset() -> Result<()> {
+    let s = setup().await?;
+    let mut grants = vec![(DS.to_string(), s.grant.id.clone())];
+    for code in ["death-record", "residence"] {
+        s.hrss
+            .publish_dataset(Dataset {
+                code: code.into(),
+                name: format!("dataset {code}"),
+                share_type: ShareType::Unconditional as i32,
+                items: vec![item("id_number", ""), item("status", "")],
+                ..Default::default()
+            })
+            .await?;
+        let dataset = format!("330000/hrss/{code}");
+        let d = s
+            .civil
+            .file_demand(FileDemandRequest {
+                dataset_id: dataset.clone(),
+                fields: vec!["id_number".into(), "status".into()],
+                purpose: "check recipients are alive".into(),
+                ..Default::default()
+            })
+            .await?
+            .demand
+            .unwrap_or_default();
+        ensure!(
+            !d.grant_id.is_empty(),
+            "unconditional, so granted at once: {d:?}"
+        );
+        grants.push((dataset, d.grant_id));
+    }
+    for (dataset, grant) in &grants {
+        let sub = s
+            .civil
+            .submit(ExchangeRequest {
+                dataset_id: dataset.clone(),
+                ..ask("1")
+            })
+            .await?;
+        let r = s.civil.get_exchange(&sub.exchange_id, false).await?;
+        ensure!(
+            &r.grant_id == grant,
+            "{dataset}: ran under {}, not {grant}",
+            r.grant_id
+        );
+    }
+    s.hrss
+        .publish_dataset(Dataset {
+            code: "not-asked".into(),
+            name: "a dataset civil holds no grant on".into(),
+            share_type: ShareType::Unconditional as i32,
+            items: vec![item("id_number", "")],
+            ..Default::default()
+        })
+        .await?;
+    let refused = s
+        .civil
+        .submit(ExchangeRequest {
+            dataset_id: "330000/hrss/not-asked".into(),
+            ..ask("1")
+        })
+        .await;
+    let (code, msg) = code_of(&refused).unwrap_or((Code::Ok, String::new()));
+    ensure!(
+        code == Code::PermissionDenied && msg.contains("grant_missing"),
+        "{code:?}: {msg}"
+    );
+    s.broker.shutdown().await
+}

@@ -107,6 +107,12 @@ enum Accepted {
     },
 }
 
+/// Whether an entry of a consumer's grant index may be a grant on `dataset`: each entry holds
+/// its grant's dataset id, except those written before it did (empty), whose grant is read.
+fn may_be_on(entry: &[u8], dataset: &str) -> bool {
+    entry.is_empty() || entry == dataset.as_bytes()
+}
+
 /// The quota counter of a grant for the day of `now`.
 fn quota_key(grant_id: &str, now: i64) -> Vec<u8> {
     let mut k = index_key(grant_id, "");
@@ -527,7 +533,11 @@ impl Engine {
         let prefix = index_key(consumer, "");
         let mut best: Option<Grant> = None;
         for kv in store.tree(T::GrantsByConsumer).scan_prefix(&prefix) {
-            let (k, _) = kv?;
+            let (k, v) = kv?;
+            // A consumer holding hundreds of grants has only this dataset's decoded.
+            if !may_be_on(&v, dataset) {
+                continue;
+            }
             let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
             if let Some(g) = store.get::<Grant>(T::Grants, &id)? {
                 let live = g.state() == GrantState::Active
@@ -1502,3 +1512,30 @@ pub(crate) fn pending_result(r: &StoredExchange) -> ExchangeResult {
 
 /// A message for a provider's stream.
 pub type ProviderTx = mpsc::Sender<std::result::Result<BrokerMessage, tonic::Status>>;
+
+#[cfg(test)]
+mod tests {
+    use super::may_be_on;
+
+    // Entries written before the index named the dataset are empty: their grant is read, so
+    // that a data dir from before still finds its grants.
+    #[test]
+    fn a_grant_index_entry_is_skipped_only_when_it_names_another_dataset() {
+        assert!(may_be_on(
+            b"330000/hrss/pension-status",
+            "330000/hrss/pension-status"
+        ));
+        assert!(
+            may_be_on(b"", "330000/hrss/pension-status"),
+            "written before"
+        );
+        assert!(!may_be_on(
+            b"330000/hrss/death-record",
+            "330000/hrss/pension-status"
+        ));
+        assert!(!may_be_on(
+            b"330000/hrss/pension",
+            "330000/hrss/pension-status"
+        ));
+    }
+}
