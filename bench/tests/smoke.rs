@@ -208,6 +208,23 @@ fn sync_with_three_provider_nodes() {
     check_provider_nodes(&s, 3);
 }
 
+/// Asked without naming grants, the broker finds each consumer's grant on each provider's
+/// dataset among the three it holds: every exchange is answered.
+#[test]
+fn sync_without_grant_ids() {
+    let s = run_scenario(
+        "sync",
+        &[
+            "--concurrency",
+            "8",
+            "--provider-nodes",
+            "3",
+            "--without-grant-id",
+        ],
+    );
+    check_provider_nodes(&s, 3);
+}
+
 #[test]
 fn cascade_with_two_provider_nodes() {
     let s = run_scenario("cascade", &["--concurrency", "8", "--provider-nodes", "2"]);
