@@ -192,37 +192,24 @@ fn check_provider_nodes(s: &Value, nodes: u64) {
     );
 }
 
+/// `sync` at 8 in flight across three provider nodes, with `extra` flags.
+fn sync_on_three_provider_nodes(extra: &[&str]) {
+    let mut args = vec!["--concurrency", "8", "--provider-nodes", "3"];
+    args.extend_from_slice(extra);
+    let s = run_scenario("sync", &args);
+    check_provider_nodes(&s, 3);
+}
+
 #[test]
 fn sync_with_three_provider_nodes() {
-    let s = run_scenario(
-        "sync",
-        &[
-            "--concurrency",
-            "8",
-            "--provider-nodes",
-            "3",
-            "--providers",
-            "2",
-        ],
-    );
-    check_provider_nodes(&s, 3);
+    sync_on_three_provider_nodes(&["--providers", "2"]);
 }
 
 /// Asked without naming grants, the broker finds each consumer's grant on each provider's
 /// dataset among the three it holds: every exchange is answered.
 #[test]
 fn sync_without_grant_ids() {
-    let s = run_scenario(
-        "sync",
-        &[
-            "--concurrency",
-            "8",
-            "--provider-nodes",
-            "3",
-            "--without-grant-id",
-        ],
-    );
-    check_provider_nodes(&s, 3);
+    sync_on_three_provider_nodes(&["--without-grant-id"]);
 }
 
 #[test]

@@ -891,22 +891,8 @@ async fn an_exchange_naming_no_grant_runs_under_the_grant_on_its_dataset() -> Re
             })
             .await?;
         let dataset = format!("330000/hrss/{code}");
-        let d = s
-            .civil
-            .file_demand(FileDemandRequest {
-                dataset_id: dataset.clone(),
-                fields: vec!["id_number".into(), "status".into()],
-                purpose: "check recipients are alive".into(),
-                ..Default::default()
-            })
-            .await?
-            .demand
-            .unwrap_or_default();
-        ensure!(
-            !d.grant_id.is_empty(),
-            "unconditional, so granted at once: {d:?}"
-        );
-        grants.push((dataset, d.grant_id));
+        let grant = govshare_tests::cascade::granted(&s.civil, &dataset).await?;
+        grants.push((dataset, grant.id));
     }
     for (dataset, grant) in &grants {
         let sub = s
