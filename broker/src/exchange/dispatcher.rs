@@ -2,6 +2,7 @@
 //! deliveries, pushes exchanges to providers under their credit, and ends every exchange
 //! exactly once (answered, failed, denied, expired or dead-lettered).
 
+use super::deadlines::Deadlines;
 use super::enforce::{self, Denial};
 use super::record::StoredExchange;
 use super::{exchange_entry, Engine, ProviderTx};
@@ -322,29 +323,26 @@ fn drop_stale(
     Ok(n)
 }
 
-/// Starts the dispatcher thread.
+/// Starts the dispatcher thread, once it holds every recovered exchange: the broker reports
+/// itself started (and healthy) only when it can deliver what it recovered, and a recovery's
+/// time and memory are the start's, not those of whatever comes next.
 pub fn spawn(
     engine: Engine,
     rx: mpsc::Receiver<Cmd>,
     recovered: Vec<Recovered>,
 ) -> Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BrokerError::internal(format!("cannot start the dispatcher runtime: {e}")))?;
+    // Here, not on the new thread: the memory it frees (the recovered list) stays resident
+    // until the thread that freed it allocates again, and the dispatcher thread is idle until
+    // a provider connects, while this one goes on to start the server.
+    let mut actor = Actor::new(engine);
+    actor.take_over(recovered);
     std::thread::Builder::new()
         .name("govshare-dispatch".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the dispatcher runtime");
-                    return;
-                }
-            };
-            let mut actor = Actor::new(engine);
-            actor.take_over(recovered);
-            rt.block_on(actor.run(rx));
-        })
+        .spawn(move || rt.block_on(actor.run(rx)))
         .map_err(|e| BrokerError::internal(format!("cannot start the dispatcher thread: {e}")))
 }
 
@@ -425,6 +423,12 @@ struct Staged {
     msg: BrokerMessage,
     instance: u64,
     delivery_id: String,
+}
+
+/// Whether a deadline's entry is still that of an exchange in the dispatcher's hands: the
+/// entries of ended exchanges stay in [`Deadlines`] until they come up.
+fn live_under(pending: &HashMap<Id, Pending>) -> impl Fn(i64, &str) -> bool + '_ {
+    |dl, id| pending.get(id).is_some_and(|p| p.deadline_ms == dl)
 }
 
 /// An exchange in the dispatcher's hands (queued or delivered): one per queued exchange, so
@@ -531,7 +535,7 @@ struct Actor {
     /// The delivery id of each pending exchange in a provider's hands. Apart from `pending`,
     /// whose entries (a million for a million queued) it would otherwise make half as big again.
     delivered: HashMap<Id, Box<str>>,
-    deadlines: BTreeSet<(i64, Id)>,
+    deadlines: Deadlines,
     /// The lanes [`Pending`] and the queues share.
     lanes: Lanes,
     /// Ended exchanges whose consumers are told after the next shared flush.
@@ -567,7 +571,7 @@ impl Actor {
             deliveries: HashMap::new(),
             pending: HashMap::new(),
             delivered: HashMap::new(),
-            deadlines: BTreeSet::new(),
+            deadlines: Deadlines::default(),
             lanes: Lanes::default(),
             done: Vec::new(),
             wake: BTreeSet::new(),
@@ -835,7 +839,7 @@ impl Actor {
             // The id the other indexes hold already, not a second copy.
             Some((held, _)) => held.clone(),
             None => {
-                self.deadlines.insert((deadline_ms, id.clone()));
+                self.deadlines.push(deadline_ms, id.clone());
                 let p = Pending {
                     lane: lane.clone(),
                     deadline_ms,
@@ -865,16 +869,34 @@ impl Actor {
 
     /// Queues what [`recover`] found, in its order, before anything else reaches the
     /// dispatcher. It does what [`Actor::queue`] does for each, in an order that keeps the
-    /// peak low at a million queued: the pending map is sized once (grown by doubling, it
-    /// would briefly need its old table and its new one); the list's memory is given back as
-    /// it empties (48 MB at a million, which otherwise stays until its last entry is in); and
-    /// the deadlines come last, built in one go from a sorted list (full B-tree nodes, about
-    /// 26 MB, where inserting in order leaves them half full), once the recovered list is gone.
+    /// peak low at a million queued. Memory freed meanwhile is returned to the system only
+    /// some time later (mimalloc's purge delay), so what is allocated at all counts, not only
+    /// what is kept. The pending map and each lane's queue are sized once (grown by doubling,
+    /// each would briefly need its old table and its new one: 16 MB more for a lane of a
+    /// million); the list's memory is given back as it empties (48 MB at a million, which
+    /// otherwise stays until its last entry is in); and the deadlines are built in place,
+    /// without sorting (see [`Deadlines`]), once the recovered list is gone.
     fn take_over(&mut self, mut recovered: Vec<Recovered>) {
         if recovered.is_empty() {
             return;
         }
         self.pending.reserve(recovered.len());
+        // Lanes are few (one per destination and dataset); each is counted by the address of
+        // the recovered list's own lane, which all of its entries share.
+        let mut per_lane: HashMap<*const Lane, (Arc<Lane>, usize)> = HashMap::new();
+        for r in &recovered {
+            per_lane
+                .entry(Arc::as_ptr(&r.lane))
+                .or_insert_with(|| (r.lane.clone(), 0))
+                .1 += 1;
+        }
+        for (lane, n) in per_lane.into_values() {
+            let dq = self.dests.entry(lane.dest.to_string()).or_default();
+            dq.queues
+                .entry(lane.dataset.clone())
+                .or_default()
+                .reserve_exact(n);
+        }
         recovered.reverse();
         while let Some(r) = recovered.pop() {
             let lane = self.lanes.get(&r.lane.dest, &r.lane.dataset);
@@ -892,15 +914,12 @@ impl Actor {
             }
         }
         drop(recovered);
-        let mut deadlines: Vec<(i64, Id)> = self
+        let deadlines: Vec<(i64, Id)> = self
             .pending
             .iter()
             .map(|(id, p)| (p.deadline_ms, id.clone()))
             .collect();
-        // Sorted here, in place: the set's own (stable) sort then finds a single run and leaves
-        // its scratch space untouched, so it costs no memory.
-        deadlines.sort_unstable();
-        self.deadlines = deadlines.into_iter().collect();
+        self.deadlines = Deadlines::from_vec(deadlines);
     }
 
     /// Delivers as much of a destination's queue as its instances have credit for.
@@ -1204,8 +1223,8 @@ impl Actor {
     }
 
     fn forget(&mut self, id: &str) {
-        if let Some((held, p)) = self.pending.remove_entry(id) {
-            self.deadlines.remove(&(p.deadline_ms, held));
+        // Its deadline's entry goes when it comes up, or at the next compaction.
+        if self.pending.remove(id).is_some() {
             if let Some(d) = self.delivered.remove(id) {
                 self.deliveries.remove(&*d);
             }
@@ -1351,13 +1370,13 @@ impl Actor {
             _ => None,
         };
         // Out of the dispatcher's hands now; written with the batch by `commit`.
-        let pending = self.pending.remove_entry(id).map(|(held, p)| {
-            self.deadlines.remove(&(p.deadline_ms, held));
+        // Its deadline's entry goes when it comes up, or at the next compaction.
+        let pending = self.pending.remove(id);
+        if pending.is_some() {
             if let Some(d) = self.delivered.remove(id) {
                 self.deliveries.remove(&*d);
             }
-            p
-        });
+        }
         let hop = rec.and_then(|r| r.envelope.as_ref()).map(|env| {
             let trail = end.trail.as_deref().unwrap_or(&env.trail);
             own_hop(trail, store.broker_id())
@@ -1646,21 +1665,16 @@ impl Actor {
             return;
         }
         let now = now_ms();
-        // Ending an exchange removes its deadline; one that cannot end now (storage trouble)
-        // keeps it and is tried again at the next tick.
-        let due: Vec<(i64, Id)> = self
-            .deadlines
-            .iter()
-            .take_while(|(dl, _)| *dl < now)
-            .cloned()
-            .collect();
+        let due = self.deadlines.due(now, live_under(&self.pending));
         for (dl, id) in due {
-            if self.pending.contains_key(&id) {
-                self.expire(&id);
-            } else {
-                self.deadlines.remove(&(dl, id));
+            self.expire(&id);
+            // Not ended (storage trouble): tried again at the next tick.
+            if live_under(&self.pending)(dl, &id) {
+                self.deadlines.push(dl, id);
             }
         }
+        self.deadlines
+            .compact(self.pending.len(), live_under(&self.pending));
         let overdue: Vec<String> = self
             .deliveries
             .iter()

@@ -7,6 +7,7 @@
 //! its own thread, which owns the in-memory queues, provider instances and deliveries: no
 //! locks on that state, and its short storage writes never stall the async workers.
 
+mod deadlines;
 pub mod dispatcher;
 pub mod enforce;
 pub mod hop;
