@@ -13,6 +13,9 @@ use std::collections::BinaryHeap;
 
 /// Ended entries tolerated beyond the live ones before [`Deadlines::compact`] sweeps them.
 const SLACK: usize = 1024;
+/// Unused room (entries) kept after a sweep: below it, shrinking and growing again at every
+/// sweep of a busy broker's few live entries would only churn the allocator.
+const KEEP: usize = 1 << 16;
 
 /// Deadlines, Unix ms, of the exchanges in the dispatcher's hands (and of some that ended).
 #[derive(Debug, Default)]
@@ -57,7 +60,7 @@ impl Deadlines {
             return;
         }
         self.heap.retain(|Reverse((dl, id))| live(*dl, id));
-        if self.heap.capacity() > self.heap.len().saturating_mul(4).saturating_add(SLACK) {
+        if self.heap.capacity() > self.heap.len().saturating_mul(4).saturating_add(KEEP) {
             self.heap.shrink_to(self.heap.len().saturating_mul(2));
         }
     }
@@ -107,7 +110,7 @@ mod tests {
 
     #[test]
     fn compaction_waits_for_ended_entries_to_outnumber_live_ones_then_drops_them() {
-        let n = 3 * SLACK;
+        let n = 2 * KEEP;
         let mut d = Deadlines::from_vec((0..n).map(|i| (i as i64, id(&i.to_string()))).collect());
         // All but the first ten ended.
         let is_live = |dl: i64, _: &str| dl < 10;
@@ -115,7 +118,7 @@ mod tests {
         assert_eq!(d.len(), n, "as many live as held: nothing to do");
         d.compact(10, is_live);
         assert_eq!(d.len(), 10);
-        assert!(d.heap.capacity() <= 4 * 10 + SLACK, "memory given back");
+        assert!(d.heap.capacity() < 4 * 10 + KEEP, "memory given back");
         let due = d.due(i64::MAX, is_live);
         assert_eq!(due.len(), 10);
         assert!(due.windows(2).all(|w| w[0].0 < w[1].0));
